@@ -1,0 +1,676 @@
+"""The executable form of MATH.md: config and a float64 NumPy reference.
+
+Every backend (PyTorch, Triton, MLX, Metal) is tested against the functions here.
+They are written for clarity, not speed: float64 throughout, loops over time where
+the math is a recurrence. Layout everywhere is ``[B, T, H, D]``; states are
+``[B, H, K, V]``; gates are passed in log space (``g = log(alpha) <= 0``).
+
+This module imports only NumPy (and the standard library), so the CLI and both
+backends can use the config without pulling in a framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+MODEL_TYPES = ("regla", "gla", "gsa")
+FEATURE_MAPS = ("safe_exp", "identity", "elu", "relu", "softmax", "swish")
+ATTN_NORMS = ("rmsnorm", "layernorm", "none")
+
+# Per-model-type defaults for the fields whose default depends on the layer type
+# (MATH.md sections 2-4). A field left at None in ModelArgs takes these.
+_TYPE_DEFAULTS = {
+    "regla": dict(feature_map="safe_exp", gate_logit_normalizer=1.0, use_refining_gate=True,
+                  use_output_gate=True, expand_k=0.5),
+    "gla": dict(feature_map="identity", gate_logit_normalizer=16.0, use_refining_gate=False,
+                use_output_gate=True, expand_k=0.5),
+    "gsa": dict(feature_map="swish", gate_logit_normalizer=8.0, use_refining_gate=False,
+                use_output_gate=False, expand_k=1.0),
+}
+
+# Config keys older fla checkpoints carry that mean nothing here (ANCHORS.md).
+_IGNORED_KEYS = {
+    "rms_norm_eps", "share_conv_kernel", "use_rope", "attn", "use_cache", "fuse_swiglu",
+    "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp", "elementwise_affine",
+    "use_gk", "use_gv", "conv_size", "conv_bias", "transformers_version", "architectures",
+    "torch_dtype", "dtype", "auto_map", "_name_or_path", "quantization", "model_file",
+    "use_norm", "norm_first", "expand_ratio", "max_sequence_length", "initializer_range_",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model; the message names the field and the fix."""
+
+
+@dataclass
+class ModelArgs:
+    """Every field of MATH.md with its default.
+
+    Fields left at ``None`` take the default of ``model_type`` (regla: safe-exp map,
+    refining gate, gate normalizer 1; gla: identity map, normalizer 16; gsa: swish map,
+    normalizer 8, 64 slots, scale 1). ``qk_scale=None`` means the variance-reduction
+    scale ``1/(e*sqrt(K*(e^2-1)))`` for safe-exp, 1 for gsa, and ``K**-0.5`` otherwise.
+    """
+
+    model_type: str = "regla"
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    expand_k: Optional[float] = None
+    expand_v: float = 1.0
+    hidden_ratio: float = 4.0
+    intermediate_size: Optional[int] = None
+    hidden_act: str = "swish"
+    feature_map: Optional[str] = None
+    attn_norm: str = "rmsnorm"
+    use_output_gate: Optional[bool] = None
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: Optional[float] = None
+    use_refining_gate: Optional[bool] = None
+    qk_scale: Optional[float] = None
+    clamp_min: Optional[float] = None
+    num_slots: int = 64
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    softmax_layers: list = field(default_factory=list)
+    softmax_num_heads: Optional[int] = None
+    softmax_num_kv_heads: Optional[int] = None
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    fuse_norm: bool = True
+    use_short_conv: bool = False
+    attn_mode: str = "chunk"
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"unknown model_type {self.model_type!r}: regla knows {', '.join(MODEL_TYPES)}. "
+                "Set config.json's model_type to one of them.")
+        for name, value in _TYPE_DEFAULTS[self.model_type].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.softmax_num_heads is None:
+            self.softmax_num_heads = self.num_heads
+        if self.softmax_num_kv_heads is None:
+            self.softmax_num_kv_heads = min(self.num_kv_heads, self.softmax_num_heads)
+        if self.attn_mode in ("fused_chunk", "fused_recurrent"):
+            self.attn_mode = "chunk"  # old fla configs; same math
+        self.softmax_layers = sorted(int(i) for i in (self.softmax_layers or []))
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self):
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if self.feature_map not in FEATURE_MAPS:
+            bad(f"unknown feature_map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
+        if self.attn_norm not in ATTN_NORMS:
+            bad(f"unknown attn_norm {self.attn_norm!r}; choose one of {', '.join(ATTN_NORMS)}")
+        if self.feature_map == "safe_exp" and self.attn_norm == "none":
+            bad("feature_map='safe_exp' needs a scale-invariant attn_norm (rmsnorm or layernorm): "
+                "its causal running-max form is exact only up to a per-head scale that the norm "
+                "removes (MATH.md section 2). Set attn_norm='rmsnorm' or pick another feature_map.")
+        if self.model_type == "gsa":
+            if self.feature_map not in ("swish", "relu", "identity"):
+                bad(f"gsa layers take feature_map swish, relu or identity, not {self.feature_map!r}")
+            if self.use_refining_gate:
+                bad("use_refining_gate applies to regla layers only; gsa has per-slot gates")
+        if self.use_short_conv:
+            bad("use_short_conv=True checkpoints are not supported: regla has no short "
+                "convolution. Use a checkpoint trained without it.")
+        for name in ("hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads", "vocab_size"):
+            if int(getattr(self, name)) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            bad(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
+            bad(f"hidden_size*expand_k ({self.key_dim}) and hidden_size*expand_v ({self.value_dim}) "
+                f"must both divide into num_heads ({self.num_heads}) heads")
+        if self.model_type == "gsa" and self.value_dim != self.hidden_size:
+            bad("gsa layers normalise over hidden_size, so expand_v must be 1")
+        if self.gate_low_rank_dim < 0:
+            bad("gate_low_rank_dim must be >= 0 (0 means one full-rank projection)")
+        if self.gate_logit_normalizer <= 0:
+            bad("gate_logit_normalizer must be positive")
+        for i in self.softmax_layers:
+            if not 0 <= i < self.num_hidden_layers:
+                bad(f"softmax_layers index {i} is outside 0..{self.num_hidden_layers - 1}")
+        if self.softmax_layers:
+            if self.hidden_size % self.softmax_num_heads:
+                bad(f"hidden_size ({self.hidden_size}) must divide into softmax_num_heads "
+                    f"({self.softmax_num_heads}) heads")
+            if self.softmax_num_heads % self.softmax_num_kv_heads:
+                bad("softmax_num_heads must be a multiple of softmax_num_kv_heads")
+            if (self.hidden_size // self.softmax_num_heads) % 2:
+                bad("softmax head dim must be even for RoPE")
+
+    # --------------------------------------------------------------- sizes
+    @property
+    def key_dim(self) -> int:
+        return int(self.hidden_size * self.expand_k)
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.hidden_size * self.expand_v)
+
+    @property
+    def head_k_dim(self) -> int:
+        return self.key_dim // self.num_heads
+
+    @property
+    def head_v_dim(self) -> int:
+        return self.value_dim // self.num_heads
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        if self.intermediate_size is not None:
+            return int(self.intermediate_size)
+        d = int(self.hidden_size * self.hidden_ratio * 2 / 3)
+        return 256 * ((d + 255) // 256)
+
+    @property
+    def softmax_head_dim(self) -> int:
+        return self.hidden_size // self.softmax_num_heads
+
+    @property
+    def scale(self) -> float:
+        if self.qk_scale is not None:
+            return float(self.qk_scale)
+        if self.feature_map == "safe_exp":
+            return safe_exp_scale(self.head_k_dim)
+        if self.model_type == "gsa":
+            return 1.0
+        return self.head_k_dim ** -0.5
+
+    @property
+    def norm_name(self) -> str:
+        """fla names the GLA head norm ``g_norm_swish_gate`` when it is fused with the gate."""
+        if self.model_type == "gla" and self.fuse_norm and self.use_output_gate:
+            return "g_norm_swish_gate"
+        return "g_norm"
+
+    def layer_type(self, i: int) -> str:
+        return "softmax" if i in self.softmax_layers else self.model_type
+
+    # --------------------------------------------------------- (de)serialise
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+        """Build from a HF-style config.json dict; legacy fla spellings are accepted."""
+        d = dict(d)
+        for old, new in (("exapnd_k", "expand_k"), ("exapnd_v", "expand_v")):
+            if old in d:
+                d.setdefault(new, d.pop(old))
+        if d.get("model_type") in MODEL_TYPES and d.get("feature_map") is None:
+            d.pop("feature_map", None)  # fla writes null for "no map": take the type default
+        if d.get("model_type") == "gla" and d.get("feature_map") is None:
+            d.pop("feature_map", None)
+        if "num_slots" in d and d["num_slots"] is None:
+            d.pop("num_slots")
+        known = {f.name for f in dataclasses.fields(cls)}
+        args = {k: v for k, v in d.items() if k in known}
+        return cls(**args)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def safe_exp_scale(head_k_dim: int) -> float:
+    """MATH.md section 2, Theorem 3.1: 1 / (e * sqrt(K * (e^2 - 1)))."""
+    return 1.0 / (math.e * math.sqrt(head_k_dim * (math.e ** 2 - 1.0)))
+
+
+# ============================================================ GLA recurrence
+def _f64(x):
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def recurrent_gla(q, k, v, g, scale=None, initial_state=None, cu_seqlens=None):
+    """MATH.md section 1, token by token. Returns ``(o [B,T,H,V], S [B or N,H,K,V])``.
+
+    With ``cu_seqlens`` (B == 1) each segment starts from its own initial state
+    (``initial_state[n]``, or zeros) and the returned state has one row per segment.
+    """
+    q, k, v, g, h0 = map(_f64, (q, k, v, g, initial_state))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        assert B == 1, "cu_seqlens needs B == 1"
+        outs, states = [], []
+        for n, (a, b) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+            h = None if h0 is None else h0[n:n + 1]
+            o, s = recurrent_gla(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale, h)
+            outs.append(o)
+            states.append(s)
+        return np.concatenate(outs, 1), np.concatenate(states, 0)
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        S = np.exp(g[:, t])[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = scale * np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o, S
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, chunk_size=64):
+    """MATH.md section 1, chunked. Any T (the last chunk may be short), any chunk size.
+
+    Every exponent is a difference ``b_i - b_j`` with ``j <= i`` or ``b_last - b_j``,
+    so all are ``<= 0``: safe for any finite log gate.
+    """
+    q, k, v, g, h0 = map(_f64, (q, k, v, g, initial_state))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        qc, kc, vc = q[:, s:e], k[:, s:e], v[:, s:e]
+        b = np.cumsum(g[:, s:e], axis=1)  # [B,C,H,K]
+        C = e - s
+        # A[i,j] = sum_k q_ik k_jk exp(b_ik - b_jk), j <= i: exponents masked before exp
+        diff = b[:, :, None] - b[:, None, :]  # [B,Ci,Cj,H,K]
+        causal = np.tril(np.ones((C, C), dtype=bool))[None, :, :, None, None]
+        decay = np.exp(np.where(causal, diff, -np.inf))
+        A = np.einsum("bihk,bjhk,bijhk->bhij", qc, kc, decay)
+        intra = np.einsum("bhij,bjhv->bihv", A, vc)
+        inter = np.einsum("bihk,bhkv->bihv", qc * np.exp(b), S)
+        o[:, s:e] = scale * (inter + intra)
+        b_last = b[:, -1]  # [B,H,K]
+        S = np.exp(b_last)[..., None] * S + np.einsum(
+            "bjhk,bjhv->bhkv", kc * np.exp(b_last[:, None] - b), vc)
+    return o, S
+
+
+# ============================================================ feature maps
+def feature_map(x, name):
+    """The per-token maps (queries always; keys for every map except safe-exp)."""
+    x = _f64(x)
+    if name == "safe_exp":
+        return np.exp(x - x.max(-1, keepdims=True))
+    if name == "identity":
+        return x
+    if name == "elu":
+        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "softmax":
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    if name == "swish":
+        return x / (1.0 + np.exp(-x))
+    raise ConfigError(f"unknown feature_map {name!r}")
+
+
+def safe_exp_keys_causal(k, m_prev=None):
+    """Causal safe-exp key map (MATH.md section 2).
+
+    ``m_t = max(m_{t-1}, max_j k_t[j])`` per head, ``phi(k_t) = exp(k_t - m_t)`` and the
+    log-gate term ``-(m_t - m_{t-1})`` (with ``m_0 = m_1`` unless ``m_prev`` [B,H] is
+    carried in). Returns ``(phi_k, gate_term [B,T,H], m_last [B,H])``.
+    """
+    k = _f64(k)
+    tok_max = k.max(-1)  # [B,T,H]
+    if m_prev is not None:
+        tok_max = np.concatenate([_f64(m_prev)[:, None], tok_max], 1)
+    m = np.maximum.accumulate(tok_max, axis=1)
+    if m_prev is None:
+        m_before = np.concatenate([m[:, :1], m[:, :-1]], 1)
+    else:
+        m_before, m = m[:, :-1], m[:, 1:]
+    return np.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+
+
+def safe_exp_keys_global(k):
+    """The paper's literal key map: one max over all positions and channels per head."""
+    k = _f64(k)
+    M = k.max(axis=(1, 3), keepdims=True)
+    return np.exp(k - M)
+
+
+# ============================================================ gates
+def logsigmoid(x):
+    x = _f64(x)
+    return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
+
+
+def refined_log_gate(log_f, z_r):
+    """log alpha for alpha = r(1-(1-f)^2) + (1-r) f^2, r = sigmoid(z_r) (MATH.md section 2.4).
+
+    Equal to MATH.md's ``log1p(-(1-f)(1+f(1-2r)))``; written in two branches so that it is
+    exact in floating point everywhere: near f = 1 that log1p form (its factor
+    ``1 + f(1-2r)`` written as ``(1-f) + 2f(1-r)``), and for small f the
+    factored form ``log f + log(f + 2r(1-f))``, a sum of positive terms, which the log1p
+    form would round to log(0).
+    """
+    log_f, z_r = _f64(log_f), _f64(z_r)
+    big = np.maximum(log_f, -1.0)
+    one_minus_f = -np.expm1(big)
+    # 1 + f(1-2r) == (1-f) + 2f(1-r): two positive terms, no cancellation as r -> 1
+    near_one = np.log1p(-one_minus_f * (one_minus_f + 2.0 * np.exp(big) * sigmoid(-z_r)))
+    small = np.minimum(log_f, -1.0)
+    far = small + np.logaddexp(small, math.log(2.0) + logsigmoid(z_r) + np.log1p(-np.exp(small)))
+    return np.where(log_f > -1.0, near_one, far)
+
+
+# ============================================================ norms and layers
+def rms_norm(x, w=None, eps=1e-6):
+    x = _f64(x)
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return y if w is None else y * _f64(w)
+
+
+def layer_norm(x, w=None, b=None, eps=1e-6):
+    x = _f64(x)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps)
+    if w is not None:
+        y = y * _f64(w)
+    if b is not None:
+        y = y + _f64(b)
+    return y
+
+
+def silu(x):
+    x = _f64(x)
+    return x / (1.0 + np.exp(-x))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-_f64(x)))
+
+
+def linear(x, w, b=None):
+    y = _f64(x) @ _f64(w).T
+    return y if b is None else y + _f64(b)
+
+
+def gate_proj(x, w, name):
+    """The low-rank (or, with rank 0, full-rank) gate projection: fla's ``gk_proj``."""
+    if f"{name}.0.weight" in w:
+        return linear(linear(x, w[f"{name}.0.weight"]), w[f"{name}.1.weight"], w.get(f"{name}.1.bias"))
+    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def _heads(x, d):
+    return x.reshape(*x.shape[:-1], -1, d)
+
+
+def _repeat_kv(x, groups):
+    return x if groups == 1 else np.repeat(x, groups, axis=2)
+
+
+def head_norm(o, w, cfg: ModelArgs, eps=None):
+    """The per-head norm of step 6 (weights of head dim, shared by every head)."""
+    eps = cfg.norm_eps if eps is None else eps
+    name = cfg.norm_name
+    if cfg.attn_norm == "rmsnorm":
+        return rms_norm(o, w.get(f"{name}.weight"), eps)
+    if cfg.attn_norm == "layernorm":
+        return layer_norm(o, w.get(f"{name}.weight"), w.get(f"{name}.bias"), eps)
+    return o
+
+
+def linear_attention(x, w, cfg: ModelArgs, state=None, key_map="causal", norm_eps=None,
+                     chunk_size=None):
+    """A regla or gla layer (MATH.md sections 2-3) from a dict of its weights.
+
+    ``w`` holds the layer's attention weights without the ``model.layers.{i}.attn.`` prefix.
+    ``state`` is ``(S [B,H,K,V], m [B,Hkv])`` (m is None unless the key map is safe-exp).
+    ``key_map="global"`` runs the paper's literal whole-sequence key max instead of the
+    causal running max (no state in or out then). Returns ``(y, (S, m))``.
+    """
+    x = _f64(x)
+    B, T, _ = x.shape
+    Kd, Vd, G = cfg.head_k_dim, cfg.head_v_dim, cfg.num_kv_groups
+    q = _heads(linear(x, w["q_proj.weight"]), Kd)
+    k = _heads(linear(x, w["k_proj.weight"]), Kd)
+    v = _heads(linear(x, w["v_proj.weight"]), Vd)
+    z_f = _heads(gate_proj(x, w, "gk_proj"), Kd)
+    log_f = logsigmoid(z_f) / cfg.gate_logit_normalizer
+    if cfg.use_refining_gate:
+        g = refined_log_gate(log_f, _heads(gate_proj(x, w, "gr_proj"), Kd))
+    else:
+        g = log_f
+    if cfg.clamp_min is not None:
+        g = np.maximum(g, cfg.clamp_min)
+    S0, m0 = (None, None) if state is None else state
+    m_last = None
+    q = feature_map(q, cfg.feature_map)
+    if cfg.feature_map == "safe_exp":
+        if key_map == "global":
+            assert state is None, "the literal key map looks at the whole sequence: no state"
+            k = safe_exp_keys_global(k)
+        else:
+            k, term, m_last = safe_exp_keys_causal(k, m0)
+            g = g + term[..., None]
+    else:
+        k = feature_map(k, cfg.feature_map)
+    k, v, g = (_repeat_kv(t, G) for t in (k, v, g))
+    if chunk_size is None:
+        o, S = recurrent_gla(q, k, v, g, cfg.scale, S0)
+    else:
+        o, S = chunk_gla(q, k, v, g, cfg.scale, S0, chunk_size)
+    o = head_norm(o, w, cfg, norm_eps)
+    o = o.reshape(B, T, -1)
+    if cfg.use_output_gate:
+        o = o * silu(linear(x, w["g_proj.weight"]))
+    return linear(o, w["o_proj.weight"]), (S, m_last)
+
+
+def gsa_attention(x, w, cfg: ModelArgs, state=None):
+    """A gsa layer (MATH.md section 4, fla's GatedSlotAttention) from its weights.
+
+    ``state`` is ``(Kt [B,H,K,m], Vt [B,H,m,V])``: the slot keys (key-major, as fla keeps
+    them) and slot values. Returns ``(y, (Kt, Vt))``.
+    """
+    x = _f64(x)
+    B, T, _ = x.shape
+    Kd, Vd, G, M = cfg.head_k_dim, cfg.head_v_dim, cfg.num_kv_groups, cfg.num_slots
+    q = feature_map(_heads(linear(x, w["q_proj.weight"]), Kd), cfg.feature_map)
+    k = feature_map(_heads(linear(x, w["k_proj.weight"]), Kd), cfg.feature_map)
+    v = silu(_heads(linear(x, w["v_proj.weight"]), Vd))
+    g = logsigmoid(_heads(linear(x, w["f_proj.weight"]), M)) / cfg.gate_logit_normalizer
+    s = 1.0 - np.exp(g)
+    k, v, g, s = (_repeat_kv(t, G) for t in (k, v, g, s))
+    H = cfg.num_heads
+    if state is None:
+        Kt, Vt = np.zeros((B, H, Kd, M)), np.zeros((B, H, M, Vd))
+    else:
+        Kt, Vt = (_f64(t).copy() for t in state)
+    o = np.zeros((B, T, H, Vd))
+    for t in range(T):
+        a = np.exp(g[:, t])  # [B,H,M]
+        Kt = Kt * a[:, :, None, :] + k[:, t, :, :, None] * s[:, t, :, None, :]
+        Vt = Vt * a[..., None] + s[:, t, :, :, None] * v[:, t, :, None, :]
+        scores = cfg.scale * np.einsum("bhk,bhkm->bhm", q[:, t], Kt)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o[:, t] = np.einsum("bhm,bhmv->bhv", p, Vt)
+    o = silu(o.reshape(B, T, -1))
+    o = rms_norm(o, w.get("g_norm.weight"), cfg.norm_eps)
+    return linear(o, w["o_proj.weight"]), (Kt, Vt)
+
+
+def rope(x, positions, theta):
+    """Llama's rotary embedding (rotate-half form) on ``[B,T,H,D]``."""
+    D = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None]  # [T, D/2]
+    cos = np.concatenate([np.cos(ang)] * 2, -1)[None, :, None]
+    sin = np.concatenate([np.sin(ang)] * 2, -1)[None, :, None]
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return x * cos + np.concatenate([-x2, x1], -1) * sin
+
+
+def softmax_attention(x, w, cfg: ModelArgs, state=None):
+    """Causal softmax attention with RoPE and grouped kv heads (hybrid stacks).
+
+    ``state`` is ``(keys, values)`` [B,T',Hkv,D] after RoPE. Returns ``(y, (keys, values))``.
+    """
+    x = _f64(x)
+    B, T, _ = x.shape
+    D = cfg.softmax_head_dim
+    q = _heads(linear(x, w["q_proj.weight"]), D)
+    k = _heads(linear(x, w["k_proj.weight"]), D)
+    v = _heads(linear(x, w["v_proj.weight"]), D)
+    past = 0 if state is None else state[0].shape[1]
+    pos = np.arange(past, past + T)
+    q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
+    if state is not None:
+        k = np.concatenate([state[0], k], 1)
+        v = np.concatenate([state[1], v], 1)
+    G = cfg.softmax_num_heads // cfg.softmax_num_kv_heads
+    kr, vr = _repeat_kv(k, G), _repeat_kv(v, G)
+    s = np.einsum("bihd,bjhd->bhij", q, kr) * D ** -0.5
+    mask = (np.arange(past + T)[None, :] <= pos[:, None])  # [T, T']
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("bhij,bjhd->bihd", p, vr).reshape(B, T, -1)
+    return linear(o, w["o_proj.weight"]), (k, v)
+
+
+def mlp(x, w):
+    return linear(silu(linear(x, w["gate_proj.weight"])) * linear(x, w["up_proj.weight"]),
+                  w["down_proj.weight"])
+
+
+def sub_dict(weights, prefix):
+    n = len(prefix)
+    return {k[n:]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def model_forward(weights, cfg: ModelArgs, input_ids, cache=None):
+    """Whole-model logits from the HF-format state dict (NumPy arrays).
+
+    ``cache`` is a list with one entry per layer (the state each layer function returns),
+    or None. Returns ``(logits [B,T,vocab], cache)``.
+    """
+    ids = np.asarray(input_ids)
+    h = _f64(weights["model.embeddings.weight"])[ids]
+    new_cache = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        st = None if cache is None else cache[i]
+        a = rms_norm(h, weights[p + "attn_norm.weight"], cfg.norm_eps)
+        aw = sub_dict(weights, p + "attn.")
+        kind = cfg.layer_type(i)
+        if kind == "softmax":
+            y, st = softmax_attention(a, aw, cfg, st)
+        elif kind == "gsa":
+            y, st = gsa_attention(a, aw, cfg, st)
+        else:
+            y, st = linear_attention(a, aw, cfg, st)
+        new_cache.append(st)
+        h = h + y
+        h = h + mlp(rms_norm(h, weights[p + "mlp_norm.weight"], cfg.norm_eps), sub_dict(weights, p + "mlp."))
+    h = rms_norm(h, weights["model.norm.weight"], cfg.norm_eps)
+    head = weights["model.embeddings.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
+    return linear(h, head), new_cache
+
+
+# ============================================================ weights
+def expected_shapes(cfg: ModelArgs) -> dict[str, tuple]:
+    """Every tensor a checkpoint of this config holds, with its shape (HF/fla names)."""
+    d, V = cfg.hidden_size, cfg.vocab_size
+    Kkv = cfg.key_dim // cfg.num_kv_groups
+    Vkv = cfg.value_dim // cfg.num_kv_groups
+    r = cfg.gate_low_rank_dim
+    shapes = {"model.embeddings.weight": (V, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+
+    def low_rank(prefix, out):
+        if r > 0:
+            return {f"{prefix}.0.weight": (r, d), f"{prefix}.1.weight": (out, r), f"{prefix}.1.bias": (out,)}
+        return {f"{prefix}.weight": (out, d), f"{prefix}.bias": (out,)}
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a = p + "attn."
+        shapes[p + "attn_norm.weight"] = (d,)
+        shapes[p + "mlp_norm.weight"] = (d,)
+        shapes[p + "mlp.gate_proj.weight"] = (cfg.mlp_dim, d)
+        shapes[p + "mlp.up_proj.weight"] = (cfg.mlp_dim, d)
+        shapes[p + "mlp.down_proj.weight"] = (d, cfg.mlp_dim)
+        kind = cfg.layer_type(i)
+        if kind == "softmax":
+            D = cfg.softmax_head_dim
+            shapes[a + "q_proj.weight"] = (cfg.softmax_num_heads * D, d)
+            shapes[a + "k_proj.weight"] = (cfg.softmax_num_kv_heads * D, d)
+            shapes[a + "v_proj.weight"] = (cfg.softmax_num_kv_heads * D, d)
+            shapes[a + "o_proj.weight"] = (d, cfg.softmax_num_heads * D)
+            continue
+        shapes[a + "q_proj.weight"] = (cfg.key_dim, d)
+        shapes[a + "k_proj.weight"] = (Kkv, d)
+        shapes[a + "v_proj.weight"] = (Vkv, d)
+        shapes[a + "o_proj.weight"] = (d, cfg.value_dim)
+        if kind == "gsa":
+            shapes[a + "f_proj.weight"] = (cfg.num_kv_heads * cfg.num_slots, d)
+            shapes[a + "g_norm.weight"] = (d,)
+            continue
+        shapes.update({a + k: s for k, s in low_rank("gk_proj", Kkv).items()})
+        if cfg.use_refining_gate:
+            shapes.update({a + k: s for k, s in low_rank("gr_proj", Kkv).items()})
+        if cfg.use_output_gate:
+            shapes[a + "g_proj.weight"] = (cfg.value_dim, d)
+        if cfg.attn_norm != "none":
+            shapes[a + cfg.norm_name + ".weight"] = (cfg.head_v_dim,)
+        if cfg.attn_norm == "layernorm":
+            shapes[a + cfg.norm_name + ".bias"] = (cfg.head_v_dim,)
+    return shapes
+
+
+def check_weights(weights: dict, cfg: ModelArgs) -> None:
+    """Raise ConfigError naming every missing, unexpected or mis-shaped tensor."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(weights))
+    extra = sorted(set(weights) - set(want))
+    wrong = sorted(k for k in set(want) & set(weights) if tuple(np.shape(weights[k])) != tuple(want[k]))
+    if not (missing or extra or wrong):
+        return
+    lines = []
+    if missing:
+        lines.append(f"missing {len(missing)}: " + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+    if extra:
+        lines.append(f"unexpected {len(extra)}: " + ", ".join(extra[:6]) + (" ..." if len(extra) > 6 else ""))
+    for k in wrong[:6]:
+        lines.append(f"{k}: checkpoint has shape {tuple(np.shape(weights[k]))}, config expects {tuple(want[k])}")
+    raise ConfigError("the weights do not match the config (" + cfg.model_type + "):\n  " + "\n  ".join(lines)
+                      + "\nCheck that config.json belongs to these weights (hidden_size, num_heads, "
+                        "expand_k/expand_v, gate_low_rank_dim, num_hidden_layers, softmax_layers).")
+
+
+def init_weights(cfg: ModelArgs, seed: int = 0, std: float | None = None) -> dict[str, np.ndarray]:
+    """Random float32 weights of the right names and shapes (norm weights near 1)."""
+    rng = np.random.default_rng(seed)
+    std = cfg.initializer_range if std is None else std
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1 and ("norm" in name):
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif len(shape) == 1:
+            out[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (std * rng.standard_normal(shape)).astype(np.float32)
+    return out
