@@ -33,16 +33,6 @@ _TYPE_DEFAULTS = {
                 use_output_gate=False, expand_k=1.0),
 }
 
-# Config keys older fla checkpoints carry that mean nothing here (ANCHORS.md).
-_IGNORED_KEYS = {
-    "rms_norm_eps", "share_conv_kernel", "use_rope", "attn", "use_cache", "fuse_swiglu",
-    "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp", "elementwise_affine",
-    "use_gk", "use_gv", "conv_size", "conv_bias", "transformers_version", "architectures",
-    "torch_dtype", "dtype", "auto_map", "_name_or_path", "quantization", "model_file",
-    "use_norm", "norm_first", "expand_ratio", "max_sequence_length", "initializer_range_",
-}
-
-
 class ConfigError(ValueError):
     """A config that cannot describe a model; the message names the field and the fix."""
 
@@ -51,13 +41,14 @@ class ConfigError(ValueError):
 class ModelArgs:
     """Every field of MATH.md with its default.
 
-    Fields left at ``None`` take the default of ``model_type`` (regla: safe-exp map,
+    ``attn_type`` is the layer type of every layer not in ``softmax_layers``.
+    Fields left at ``None`` take the default of ``attn_type`` (regla: safe-exp map,
     refining gate, gate normalizer 1; gla: identity map, normalizer 16; gsa: swish map,
     normalizer 8, 64 slots, scale 1). ``qk_scale=None`` means the variance-reduction
     scale ``1/(e*sqrt(K*(e^2-1)))`` for safe-exp, 1 for gsa, and ``K**-0.5`` otherwise.
     """
 
-    model_type: str = "regla"
+    attn_type: str = "regla"
     vocab_size: int = 32000
     hidden_size: int = 1024
     num_hidden_layers: int = 24
@@ -93,11 +84,11 @@ class ModelArgs:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self):
-        if self.model_type not in MODEL_TYPES:
+        if self.attn_type not in MODEL_TYPES:
             raise ConfigError(
-                f"unknown model_type {self.model_type!r}: regla knows {', '.join(MODEL_TYPES)}. "
-                "Set config.json's model_type to one of them.")
-        for name, value in _TYPE_DEFAULTS[self.model_type].items():
+                f"unknown attention type {self.attn_type!r}: regla knows {', '.join(MODEL_TYPES)}. "
+                "Set config.json's model_type (or attn_type) to one of them.")
+        for name, value in _TYPE_DEFAULTS[self.attn_type].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.num_kv_heads is None:
@@ -124,7 +115,7 @@ class ModelArgs:
             bad("feature_map='safe_exp' needs a scale-invariant attn_norm (rmsnorm or layernorm): "
                 "its causal running-max form is exact only up to a per-head scale that the norm "
                 "removes (MATH.md section 2). Set attn_norm='rmsnorm' or pick another feature_map.")
-        if self.model_type == "gsa":
+        if self.attn_type == "gsa":
             if self.feature_map not in ("swish", "relu", "identity"):
                 bad(f"gsa layers take feature_map swish, relu or identity, not {self.feature_map!r}")
             if self.use_refining_gate:
@@ -140,7 +131,7 @@ class ModelArgs:
         if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
             bad(f"hidden_size*expand_k ({self.key_dim}) and hidden_size*expand_v ({self.value_dim}) "
                 f"must both divide into num_heads ({self.num_heads}) heads")
-        if self.model_type == "gsa" and self.value_dim != self.hidden_size:
+        if self.attn_type == "gsa" and self.value_dim != self.hidden_size:
             bad("gsa layers normalise over hidden_size, so expand_v must be 1")
         if self.gate_low_rank_dim < 0:
             bad("gate_low_rank_dim must be >= 0 (0 means one full-rank projection)")
@@ -196,32 +187,41 @@ class ModelArgs:
             return float(self.qk_scale)
         if self.feature_map == "safe_exp":
             return safe_exp_scale(self.head_k_dim)
-        if self.model_type == "gsa":
+        if self.attn_type == "gsa":
             return 1.0
         return self.head_k_dim ** -0.5
 
     @property
     def norm_name(self) -> str:
         """fla names the GLA head norm ``g_norm_swish_gate`` when it is fused with the gate."""
-        if self.model_type == "gla" and self.fuse_norm and self.use_output_gate:
+        if self.attn_type == "gla" and self.fuse_norm and self.use_output_gate:
             return "g_norm_swish_gate"
         return "g_norm"
 
     def layer_type(self, i: int) -> str:
-        return "softmax" if i in self.softmax_layers else self.model_type
+        return "softmax" if i in self.softmax_layers else self.attn_type
 
     # --------------------------------------------------------- (de)serialise
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
-        """Build from a HF-style config.json dict; legacy fla spellings are accepted."""
+        """Build from a HF-style config.json dict; legacy fla spellings are accepted.
+
+        Our checkpoints say ``model_type: regla`` with the layer type in ``attn_type``;
+        fla-hub ones say ``model_type: gla`` / ``gsa``, which becomes the attn_type.
+        """
         d = dict(d)
+        mt = d.pop("model_type", None)
+        if mt is not None and mt != "regla":
+            if mt not in MODEL_TYPES:
+                raise ConfigError(
+                    f"unknown model_type {mt!r}: regla loads regla, gla and gsa checkpoints "
+                    "(fla-hub gla/gsa, or its own). Check the config.json of this checkpoint.")
+            d["attn_type"] = mt
         for old, new in (("exapnd_k", "expand_k"), ("exapnd_v", "expand_v")):
             if old in d:
                 d.setdefault(new, d.pop(old))
-        if d.get("model_type") in MODEL_TYPES and d.get("feature_map") is None:
+        if d.get("feature_map") is None:
             d.pop("feature_map", None)  # fla writes null for "no map": take the type default
-        if d.get("model_type") == "gla" and d.get("feature_map") is None:
-            d.pop("feature_map", None)
         if "num_slots" in d and d["num_slots"] is None:
             d.pop("num_slots")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -229,7 +229,7 @@ class ModelArgs:
         return cls(**args)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"model_type": "regla", **dataclasses.asdict(self)}
 
 
 def safe_exp_scale(head_k_dim: int) -> float:
@@ -646,7 +646,7 @@ def check_weights(weights: dict, cfg: ModelArgs) -> None:
     want = expected_shapes(cfg)
     missing = sorted(set(want) - set(weights))
     extra = sorted(set(weights) - set(want))
-    wrong = sorted(k for k in set(want) & set(weights) if tuple(np.shape(weights[k])) != tuple(want[k]))
+    wrong = sorted(k for k in set(want) & set(weights) if tuple(weights[k].shape) != tuple(want[k]))
     if not (missing or extra or wrong):
         return
     lines = []
@@ -655,8 +655,8 @@ def check_weights(weights: dict, cfg: ModelArgs) -> None:
     if extra:
         lines.append(f"unexpected {len(extra)}: " + ", ".join(extra[:6]) + (" ..." if len(extra) > 6 else ""))
     for k in wrong[:6]:
-        lines.append(f"{k}: checkpoint has shape {tuple(np.shape(weights[k]))}, config expects {tuple(want[k])}")
-    raise ConfigError("the weights do not match the config (" + cfg.model_type + "):\n  " + "\n  ".join(lines)
+        lines.append(f"{k}: checkpoint has shape {tuple(weights[k].shape)}, config expects {tuple(want[k])}")
+    raise ConfigError("the weights do not match the config (" + cfg.attn_type + "):\n  " + "\n  ".join(lines)
                       + "\nCheck that config.json belongs to these weights (hidden_size, num_heads, "
                         "expand_k/expand_v, gate_low_rank_dim, num_hidden_layers, softmax_layers).")
 

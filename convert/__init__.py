@@ -1,0 +1,1 @@
+"""Checkpoint conversion (installed as ``regla.convert``)."""

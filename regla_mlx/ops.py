@@ -1,0 +1,178 @@
+"""GLA ops for MLX, ``[B, T, H, D]`` layout with a log-space per-key gate (MATH.md section 1).
+
+``chunk_gla`` and ``recurrent_gla`` run the Metal kernels of ``regla_mlx.kernels`` when
+``mx.metal.is_available()`` and the pure-MLX paths below otherwise. Gradients always come
+from the pure-MLX path (``mx.custom_function``), so fine-tuning works on either.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def _f32(x):
+    return None if x is None else x.astype(mx.float32)
+
+
+def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
+                chunk_size=16):
+    """Chunked gated linear attention with key-side ``gk`` and/or value-side ``gv`` log gates.
+
+    The exact form: the decay between positions j <= i of a chunk is ``exp(b_i - b_j)`` per
+    channel, built from the masked difference, so every exponent is <= 0 for any finite gate.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    C = chunk_size
+    pad = (-T) % C
+    xs = [_f32(x) for x in (q, k, v, gk, gv)]
+    if pad:  # zero keys and zero gates past the end: no state update, no decay
+        xs = [None if x is None else mx.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in xs]
+    q_, k_, v_, gk_, gv_ = [None if x is None else x.reshape(B, -1, C, H, x.shape[-1]).transpose(0, 1, 3, 2, 4)
+                            for x in xs]  # [B, N, H, C, D]
+    N = q_.shape[1]
+    causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    neg_inf = mx.array(-mx.inf, dtype=mx.float32)
+    if gk_ is not None:
+        bk = mx.cumsum(gk_, axis=3)
+        dk = mx.exp(mx.where(causal[..., None], bk[..., :, None, :] - bk[..., None, :, :], neg_inf))
+        A = (q_[..., :, None, :] * k_[..., None, :, :] * dk).sum(-1)
+        q_in, k_in = q_ * mx.exp(bk), k_ * mx.exp(bk[..., -1:, :] - bk)
+    else:
+        A = mx.where(causal, q_ @ k_.swapaxes(-1, -2), 0.0)
+        q_in, k_in = q_, k_
+    if gv_ is not None:
+        bv = mx.cumsum(gv_, axis=3)
+        dv = mx.exp(mx.where(causal[..., None], bv[..., :, None, :] - bv[..., None, :, :], neg_inf))
+        intra = (A[..., None] * dv * v_[..., None, :, :]).sum(-2)
+        v_in = v_ * mx.exp(bv[..., -1:, :] - bv)
+    else:
+        intra = A @ v_
+        v_in = v_
+    S = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+    inter = []
+    for n in range(N):
+        o_n = q_in[:, n] @ S
+        if gv_ is not None:
+            o_n = o_n * mx.exp(bv[:, n])
+        inter.append(o_n)
+        if gk_ is not None:
+            S = S * mx.exp(bk[:, n, :, -1, :, None])
+        if gv_ is not None:
+            S = S * mx.exp(bv[:, n, :, -1, None, :])
+        S = S + k_in[:, n].swapaxes(-1, -2) @ v_in[:, n]
+    o = scale * (mx.stack(inter, 1) + intra)  # [B, N, H, C, V]
+    o = o.transpose(0, 1, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
+    return o.astype(dtype), (S if output_final_state else None)
+
+
+def recurrent_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False):
+    """Token-by-token form of ``chunk_gated``: the oracle, and decode off Metal."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    q, k, v, gk, gv = (_f32(x) for x in (q, k, v, gk, gv))
+    S = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+    outs = []
+    for t in range(T):
+        if gk is not None:
+            S = S * mx.exp(gk[:, t])[..., None]
+        if gv is not None:
+            S = S * mx.exp(gv[:, t])[..., None, :]
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(scale * (q[:, t, :, None, :] @ S)[..., 0, :])
+    o = mx.stack(outs, 1) if outs else mx.zeros((B, 0, H, V), mx.float32)
+    return o.astype(dtype), (S if output_final_state else None)
+
+
+def _check(q, k, v, g, initial_state, cu_seqlens):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    if tuple(k.shape) != tuple(q.shape) or tuple(g.shape) != tuple(q.shape):
+        raise ValueError(f"k and g must have q's shape {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(g.shape)}")
+    if tuple(v.shape[:3]) != tuple(q.shape[:3]):
+        raise ValueError(f"v must be [B, T, H, V] matching q's {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {q.shape[0]}")
+    B, _, H, K = q.shape
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be [{N}, {H}, {K}, {v.shape[-1]}], got {tuple(initial_state.shape)}")
+
+
+def _with_metal(pure, kernel_name):
+    """Run the Metal kernel forward when available; the gradient is the pure path's vjp."""
+
+    @mx.custom_function
+    def op(q, k, v, g, h0, scale):
+        if mx.metal.is_available():
+            from . import kernels
+            o, s = getattr(kernels, kernel_name)(q, k, v, g, scale, h0, True)
+            return o, s
+        return pure(q, k, v, g, scale, h0)
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        q, k, v, g, h0, scale = primals
+        _, vjps = mx.vjp(lambda q, k, v, g, h0: pure(q, k, v, g, scale, h0), [q, k, v, g, h0], list(cotangents))
+        return (*vjps, mx.zeros_like(scale))
+
+    return op
+
+
+def _pure_chunk(q, k, v, g, scale, h0):
+    return chunk_gated(q, k, v, g, None, scale, h0, True)
+
+
+def _pure_recurrent(q, k, v, g, scale, h0):
+    return recurrent_gated(q, k, v, g, None, scale, h0, True)
+
+
+_chunk_op = _with_metal(_pure_chunk, "metal_chunk_gla")
+_recurrent_op = _with_metal(_pure_recurrent, "metal_recurrent_gla")
+
+
+def _run(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    _check(q, k, v, g, initial_state, cu_seqlens)
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    sc = mx.array(scale, dtype=mx.float32)
+    if cu_seqlens is None:
+        h0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+        o, s = op(q, k, v, g, h0, sc)
+        return o, (s if output_final_state else None)
+    bounds = [int(x) for x in cu_seqlens]
+    outs, states = [], []
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = mx.zeros((1, H, K, V), mx.float32) if initial_state is None else initial_state[n:n + 1].astype(mx.float32)
+        o, s = op(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], h0, sc)
+        outs.append(o)
+        states.append(s)
+    return mx.concatenate(outs, 1), (mx.concatenate(states, 0) if output_final_state else None)
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """GLA over a whole sequence, chunked: prefill and training. Returns ``(o, final_state)``."""
+    return _run(_chunk_op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """GLA token by token: decode and short prefill. Same contract as ``chunk_gla``."""
+    return _run(_recurrent_op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=False, chunked=True):
+    """Gated slot attention (MATH.md section 4) as two gated passes linked by a softmax over slots.
+
+    States: ``hk [B,H,K,M]`` (slot keys, gated on the slot side) and ``hv [B,H,M,V]``.
+    """
+    hk0, hv0 = (None, None) if initial_state is None else initial_state
+    fn = chunk_gated if chunked else recurrent_gated
+    scores, hk = fn(q, k, s, None, g, scale, hk0, True)
+    p = mx.softmax(scores.astype(mx.float32), axis=-1)
+    o, hv = fn(p, s, v, g, None, 1.0, hv0, True)
+    return o.astype(q.dtype), ((hk, hv) if output_final_state else None)

@@ -1,0 +1,31 @@
+"""Read a checkpoint folder (ours or fla-hub's) into ReGLAForCausalLM without fla installed."""
+
+from __future__ import annotations
+
+import torch
+
+from regla import checkpoint
+from regla.spec import check_weights
+
+from .model import ReGLAConfig, ReGLAForCausalLM
+
+
+def load_checkpoint(path_or_repo, dtype=None, device=None) -> ReGLAForCausalLM:
+    folder = checkpoint.resolve(path_or_repo)
+    args = checkpoint.read_args(folder)
+    weights = checkpoint.read_weights(folder, framework="pt")
+    weights = checkpoint.sanitize(weights, args)
+    check_weights(weights, args)
+    cfg = ReGLAConfig(**args.to_dict())
+    with torch.device("meta"):
+        model = ReGLAForCausalLM(cfg)
+    if args.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embeddings.weight"]
+    model.load_state_dict(weights, strict=True, assign=True)
+    if args.tie_word_embeddings:
+        model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -1,0 +1,426 @@
+"""ReGLA / GLA / GSA decoders as transformers models (MATH.md sections 2-4).
+
+One config class and one causal-LM class; ``attn_type`` picks the layer type of every
+layer not listed in ``softmax_layers``. Weight names are fla's, so fla-hub ``gla`` and
+``gsa`` state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from regla.spec import ModelArgs
+
+from .ops import chunk_gla, chunk_gsa, fused_recurrent_gla
+
+# transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
+# name this version's generate() reads back.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Below this many tokens the recurrent op beats chunking (decode, short prefill), as in fla.
+RECURRENT_MAX_T = 64
+
+
+class ReGLAConfig(PretrainedConfig):
+    """transformers config carrying every field of ``regla.spec.ModelArgs``."""
+
+    model_type = "regla"
+
+    def __init__(self, **kwargs):
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelArgs.__dataclass_fields__}
+        if kwargs.get("model_type") in ("gla", "gsa"):  # an fla config handed over directly
+            own.setdefault("attn_type", kwargs.pop("model_type"))
+        kwargs.pop("model_type", None)
+        args = ModelArgs.from_dict(own)  # fills type defaults, validates
+        for k, v in args.to_dict().items():
+            if k != "model_type":
+                setattr(self, k, v)
+        tie = kwargs.pop("tie_word_embeddings", args.tie_word_embeddings)
+        self.tie_word_embeddings = tie
+        super().__init__(bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id,
+                         pad_token_id=args.pad_token_id, tie_word_embeddings=tie, **kwargs)
+
+    @property
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_dict({k: getattr(self, k) for k in ModelArgs.__dataclass_fields__})
+
+
+class RecurrentCache:
+    """Per-layer decode state. Linear layers keep a fixed-size state (``(S, m)`` for regla,
+    ``(S, None)`` for gla, ``(hk, hv)`` for gsa); softmax layers keep their keys and values."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.states: list = [None] * num_layers
+        self.seen_tokens = 0
+
+    def __len__(self):
+        return len(self.states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx):
+        def pick(x):
+            return None if x is None else x.index_select(0, beam_idx.to(x.device))
+        self.states = [None if s is None else tuple(pick(x) for x in s) for s in self.states]
+
+
+def rms_norm(x, weight, eps):
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def low_rank(d_in, d_out, rank):
+    """fla's gate projection: ``Linear(d, r) -> Linear(r, out, bias)``; rank 0 means full rank."""
+    if rank == 0:
+        return nn.Linear(d_in, d_out, bias=True)
+    return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=True))
+
+
+def refined_log_gate(log_f, z_r):
+    """log alpha of the refining gate (see ``regla.spec.refined_log_gate`` for why two branches).
+
+    Each branch is evaluated on inputs clamped to its own side, so neither produces an inf
+    whose zero-weighted gradient would turn into NaN.
+    """
+    big = log_f.clamp(min=-1.0)
+    one_minus_f = -torch.expm1(big)
+    near_one = torch.log1p(-one_minus_f * (one_minus_f + 2.0 * big.exp() * torch.sigmoid(-z_r)))
+    small = log_f.clamp(max=-1.0)
+    far = small + torch.logaddexp(small, math.log(2.0) + F.logsigmoid(z_r) + torch.log1p(-small.exp()))
+    return torch.where(log_f > -1.0, near_one, far)
+
+
+def feature_map(x, name):
+    if name == "safe_exp":
+        return torch.exp(x - x.amax(-1, keepdim=True))
+    if name == "identity":
+        return x
+    if name == "elu":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    if name == "softmax":
+        return torch.softmax(x, -1)
+    if name == "swish":
+        return F.silu(x)
+    raise ValueError(f"unknown feature_map {name!r}")
+
+
+def safe_exp_keys(k, m_prev=None):
+    """Causal safe-exp key map: ``(exp(k - m_t), log-gate term -(m_t - m_{t-1}), m_T)``.
+
+    ``m`` is a running max over time and channels per head, detached: the normalized output
+    does not depend on it (MATH.md section 2).
+    """
+    tok = k.detach().amax(-1)  # [B,T,H]
+    if m_prev is not None:
+        tok = torch.cat([m_prev[:, None].to(tok.dtype), tok], 1)
+    m = torch.cummax(tok, 1).values
+    if m_prev is None:
+        m_before = torch.cat([m[:, :1], m[:, :-1]], 1)
+    else:
+        m_before, m = m[:, :-1], m[:, 1:]
+    return torch.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+
+
+def segments(cu_seqlens, T):
+    if cu_seqlens is None:
+        return [(0, T)]
+    b = cu_seqlens.tolist()
+    return list(zip(b[:-1], b[1:]))
+
+
+class LinearAttention(nn.Module):
+    """A regla or gla layer: gated linear attention with the chosen feature map and gate."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.args, self.layer_idx = args, layer_idx
+        d, G = args.hidden_size, args.num_kv_groups
+        self.q_proj = nn.Linear(d, args.key_dim, bias=False)
+        self.k_proj = nn.Linear(d, args.key_dim // G, bias=False)
+        self.v_proj = nn.Linear(d, args.value_dim // G, bias=False)
+        self.gk_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
+        if args.use_refining_gate:
+            self.gr_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
+        if args.use_output_gate:
+            self.g_proj = nn.Linear(d, args.value_dim, bias=False)
+        if args.attn_norm == "rmsnorm":
+            setattr(self, args.norm_name, RMSNorm(args.head_v_dim, args.norm_eps))
+        elif args.attn_norm == "layernorm":
+            setattr(self, args.norm_name, nn.LayerNorm(args.head_v_dim, eps=args.norm_eps))
+        self.o_proj = nn.Linear(args.value_dim, d, bias=False)
+
+    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+        a = self.args
+        B, T, _ = x.shape
+        Kd, Vd, G = a.head_k_dim, a.head_v_dim, a.num_kv_groups
+        q = self.q_proj(x).view(B, T, -1, Kd)
+        k = self.k_proj(x).view(B, T, -1, Kd)
+        v = self.v_proj(x).view(B, T, -1, Vd)
+        log_f = F.logsigmoid(self.gk_proj(x).float()).view(B, T, -1, Kd) / a.gate_logit_normalizer
+        if a.use_refining_gate:
+            g = refined_log_gate(log_f, self.gr_proj(x).float().view(B, T, -1, Kd))
+        else:
+            g = log_f
+        if a.clamp_min is not None:
+            g = g.clamp(min=a.clamp_min)
+        S0, m0 = (None, None) if state is None else state
+        q = feature_map(q, a.feature_map)
+        m_last = None
+        if a.feature_map == "safe_exp":
+            parts = []
+            for n, (s, e) in enumerate(segments(cu_seqlens, T)):
+                mp = None if m0 is None else m0[n:n + 1] if cu_seqlens is not None else m0
+                parts.append(safe_exp_keys(k[:, s:e].float(), mp))
+            k = torch.cat([p[0] for p in parts], 1).to(q.dtype)
+            g = g + torch.cat([p[1] for p in parts], 1)[..., None]
+            m_last = torch.cat([p[2] for p in parts], 0)
+        else:
+            k = feature_map(k, a.feature_map)
+        if G > 1:
+            k, v, g = (t.repeat_interleave(G, dim=2) for t in (k, v, g))
+        op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
+        o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
+        if a.attn_norm != "none":
+            o = getattr(self, a.norm_name)(o)
+        o = o.reshape(B, T, -1)
+        if a.use_output_gate:
+            o = o * F.silu(self.g_proj(x))
+        return self.o_proj(o), ((S, m_last) if use_cache else None)
+
+
+class GatedSlotAttention(nn.Module):
+    """A gsa layer, laid out as fla's ``GatedSlotAttention`` (no short convolution)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.args, self.layer_idx = args, layer_idx
+        d, G = args.hidden_size, args.num_kv_groups
+        self.q_proj = nn.Linear(d, args.key_dim, bias=False)
+        self.k_proj = nn.Linear(d, args.key_dim // G, bias=False)
+        self.v_proj = nn.Linear(d, args.value_dim // G, bias=False)
+        self.f_proj = nn.Linear(d, args.num_kv_heads * args.num_slots, bias=False)
+        self.g_norm = RMSNorm(d, args.norm_eps)
+        self.o_proj = nn.Linear(args.value_dim, d, bias=False)
+
+    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+        a = self.args
+        B, T, _ = x.shape
+        G = a.num_kv_groups
+        q = feature_map(self.q_proj(x).view(B, T, -1, a.head_k_dim), a.feature_map)
+        k = feature_map(self.k_proj(x).view(B, T, -1, a.head_k_dim), a.feature_map)
+        v = F.silu(self.v_proj(x).view(B, T, -1, a.head_v_dim))
+        g = F.logsigmoid(self.f_proj(x).float()).view(B, T, -1, a.num_slots) / a.gate_logit_normalizer
+        s = -torch.expm1(g)
+        if G > 1:
+            k, v, g, s = (t.repeat_interleave(G, dim=2) for t in (k, v, g, s))
+        chunked = T > RECURRENT_MAX_T or self.training
+        outs, states = [], []
+        for n, (b, e) in enumerate(segments(cu_seqlens, T)):
+            st = state
+            if state is not None and cu_seqlens is not None:
+                st = tuple(t[n:n + 1] for t in state)
+            o, st = chunk_gsa(q[:, b:e], k[:, b:e], v[:, b:e], s[:, b:e].to(q.dtype), g[:, b:e], a.scale,
+                              st, True, chunked=chunked)
+            outs.append(o)
+            states.append(st)
+        o = torch.cat(outs, 1).reshape(B, T, -1)
+        new_state = tuple(torch.cat([st[i] for st in states], 0) for i in range(2)) if use_cache else None
+        return self.o_proj(self.g_norm(F.silu(o))), new_state
+
+
+def rope(x, positions, theta):
+    D = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = positions.float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[None, :, None], torch.cat([ang.sin()] * 2, -1)[None, :, None]
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return (x.float() * cos + torch.cat([-x2, x1], -1).float() * sin).to(x.dtype)
+
+
+class SoftmaxAttention(nn.Module):
+    """Llama-style causal attention (RoPE, grouped kv heads) for hybrid stacks."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.args, self.layer_idx = args, layer_idx
+        d, D = args.hidden_size, args.softmax_head_dim
+        self.q_proj = nn.Linear(d, args.softmax_num_heads * D, bias=False)
+        self.k_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=False)
+
+    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+        a = self.args
+        B, T, _ = x.shape
+        D = a.softmax_head_dim
+        q = self.q_proj(x).view(B, T, -1, D)
+        k = self.k_proj(x).view(B, T, -1, D)
+        v = self.v_proj(x).view(B, T, -1, D)
+        past = 0 if state is None else state[0].shape[1]
+        if cu_seqlens is None:
+            pos = torch.arange(past, past + T, device=x.device)
+        else:  # positions restart at every packed sequence
+            pos = torch.cat([torch.arange(e - b, device=x.device) for b, e in segments(cu_seqlens, T)])
+        q, k = rope(q, pos, a.rope_theta), rope(k, pos, a.rope_theta)
+        if state is not None:
+            k, v = torch.cat([state[0], k], 1), torch.cat([state[1], v], 1)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        G = a.softmax_num_heads // a.softmax_num_kv_heads
+        if G > 1:
+            kt, vt = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
+        if cu_seqlens is not None:
+            seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=x.device),
+                                          (cu_seqlens[1:] - cu_seqlens[:-1]).to(x.device))
+            mask = (seg[:, None] == seg[None, :]) & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+        elif past == 0:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        else:
+            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(o), ((k, v) if use_cache else None)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, m = args.hidden_size, args.mlp_dim
+        self.gate_proj = nn.Linear(d, m, bias=False)
+        self.up_proj = nn.Linear(d, m, bias=False)
+        self.down_proj = nn.Linear(m, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+ATTENTION = {"regla": LinearAttention, "gla": LinearAttention, "gsa": GatedSlotAttention,
+             "softmax": SoftmaxAttention}
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.attn = ATTENTION[args.layer_type(layer_idx)](args, layer_idx)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, h, state=None, cu_seqlens=None, use_cache=False):
+        y, state = self.attn(self.attn_norm(h), state, cu_seqlens, use_cache)
+        h = h + y
+        return h + self.mlp(self.mlp_norm(h)), state
+
+
+class ReGLAModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+
+
+class ReGLAPreTrainedModel(PreTrainedModel):
+    config_class = ReGLAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: ReGLAConfig):
+        super().__init__(config)
+        self.args = config.args
+        self.model = ReGLAModel(self.args)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new):
+        self.lm_head = new
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # linear layers keep a fixed-size state, not a growing KV cache
+
+    def make_cache(self) -> RecurrentCache:
+        return RecurrentCache(self.config.num_hidden_layers)
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
+                use_cache=None, cu_seqlens=None, logits_to_keep=0, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported by recurrent layers: pack sequences with "
+                             "cu_seqlens, or run prompts of equal length")
+        cache = cache if cache is not None else past_key_values
+        use_cache = (not self.training) if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = self.make_cache()
+        h = self.model.embeddings(input_ids)
+        for i, block in enumerate(self.model.layers):
+            st = cache.states[i] if cache is not None else None
+            h, st = block(h, st, cu_seqlens, use_cache)
+            if use_cache:
+                cache.states[i] = st
+        h = self.model.norm(h)
+        if use_cache:
+            cache.seen_tokens += input_ids.shape[1]
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        head = self.model.embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(h, head)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
+                                      use_cache=True, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and cache.seen_tokens > 0:
+            input_ids = input_ids[:, cache.seen_tokens:]  # the state already holds the prefix: O(1) a token
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache,
+                "logits_to_keep": kwargs.get("logits_to_keep", 1) or 1}

@@ -1,0 +1,83 @@
+"""Chunked GLA (MATH.md section 1): Triton on CUDA, plain torch everywhere else."""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import check_inputs, over_segments, use_triton
+
+
+def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
+                chunk_size=16):
+    """Chunked gated linear attention with key-side (``gk``) and/or value-side (``gv``) log gates.
+
+    Exact form: inside a chunk the decay between positions j <= i is ``exp(b_i - b_j)``
+    per channel, formed from the masked difference, so every exponent is <= 0 and any
+    finite gate is safe. Memory is O(T * C * D), fine for the reference path; the Triton
+    kernels do the same arithmetic with secondary chunking instead.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    C = chunk_size
+    pad = (-T) % C
+    f32 = [None if x is None else x.float() for x in (q, k, v, gk, gv)]
+    if pad:
+        # zero keys and zero gates past the end: no state update, no decay
+        f32 = [None if x is None else torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in f32]
+    q_, k_, v_, gk_, gv_ = [None if x is None else x.reshape(B, -1, C, H, x.shape[-1]).transpose(2, 3)
+                            for x in f32]  # [B, N, H, C, D]
+    N = q_.shape[1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if gk_ is not None:
+        bk = gk_.cumsum(3)
+        dk = torch.where(causal[..., None], bk[..., :, None, :] - bk[..., None, :, :], float("-inf")).exp()
+        A = torch.einsum("bnhik,bnhjk,bnhijk->bnhij", q_, k_, dk)
+        q_in, k_in = q_ * bk.exp(), k_ * (bk[..., -1:, :] - bk).exp()
+    else:
+        A = (q_ @ k_.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        q_in, k_in = q_, k_
+    if gv_ is not None:
+        bv = gv_.cumsum(3)
+        dv = torch.where(causal[..., None], bv[..., :, None, :] - bv[..., None, :, :], float("-inf")).exp()
+        intra = torch.einsum("bnhij,bnhijv,bnhjv->bnhiv", A, dv, v_)
+        v_in = v_ * (bv[..., -1:, :] - bv).exp()
+    else:
+        intra = A @ v_
+        v_in = v_
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    inter = []
+    for n in range(N):
+        o_n = q_in[:, n] @ S
+        if gv_ is not None:
+            o_n = o_n * bv[:, n].exp()
+        inter.append(o_n)
+        if gk_ is not None:
+            S = S * bk[:, n, :, -1, :, None].exp()
+        if gv_ is not None:
+            S = S * bv[:, n, :, -1, None, :].exp()
+        S = S + k_in[:, n].transpose(-1, -2) @ v_in[:, n]
+    o = scale * (torch.stack(inter, 1) + intra)  # [B, N, H, C, V]
+    o = o.transpose(2, 3).reshape(B, N * C, H, V)[:, :T]
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def _torch_chunk_gla(q, k, v, g, scale, initial_state, output_final_state):
+    return chunk_gated(q, k, v, g, None, scale, initial_state, output_final_state)
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """GLA over a whole sequence, chunked. ``[B,T,H,D]`` layout, log-space per-key gate ``g``.
+
+    Returns ``(o, final_state)``; ``final_state`` (float32 ``[B or N, H, K, V]``) is None
+    unless ``output_final_state``. With ``cu_seqlens`` (B == 1) segments do not see each other.
+    """
+    check_inputs(q, k, v, g, initial_state, cu_seqlens)
+    if use_triton(q):
+        from .triton import chunk_gla as triton_chunk_gla
+        return triton_chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return over_segments(_torch_chunk_gla, q, k, v, g, scale, initial_state, output_final_state,
+                             cu_seqlens)
+    return _torch_chunk_gla(q, k, v, g, scale, initial_state, output_final_state)

@@ -1,0 +1,47 @@
+"""Shared pieces of the torch op paths: argument checks and varlen splitting."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_inputs(q, k, v, g, initial_state, cu_seqlens):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape or (g is not None and g.shape != q.shape):
+        raise ValueError(f"k and g must have q's shape {tuple(q.shape)}, got k {tuple(k.shape)}"
+                         + ("" if g is None else f", g {tuple(g.shape)}"))
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {B}, {T}, {H}; got {tuple(v.shape)}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {B}")
+        if int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens must run from 0 to T = {T}, got {cu_seqlens.tolist()}")
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be [{N}, {H}, {K}, {v.shape[-1]}], "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def over_segments(fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """Run a fixed-length op once per varlen segment (pure-torch paths only)."""
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[n:n + 1]
+        o, s = fn(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale, h0, True)
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
