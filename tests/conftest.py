@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+
+def rel_rms(a, b):
+    """fla's measure: ||a - b||_rms / ||b||_rms, in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b ** 2)), 1e-30))
+
+
+GATE_KINDS = ("weak", "strong", "mixed")
+
+
+def make_inputs(B, T, H, K, V, gates="mixed", seed=0, with_state=True):
+    """Random q, k, v, log gates and an initial state (float32 NumPy).
+
+    weak: log gates near 0 (-1e-3..0); strong: -10 down to -1e4; mixed: channels of each kind.
+    """
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, K)).astype(np.float32)
+    k = rng.standard_normal((B, T, H, K)).astype(np.float32)
+    v = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    weak = -1e-3 * rng.random((B, T, H, K))
+    strong = -np.exp(rng.uniform(np.log(10.0), np.log(1e4), (B, T, H, K)))
+    if gates == "weak":
+        g = weak
+    elif gates == "strong":
+        g = strong
+    else:
+        g = np.where(rng.random(K) < 0.5, weak, strong)
+        g = np.where(rng.random(K) < 0.3, np.log(rng.uniform(0.5, 1.0, (B, T, H, K))), g)
+    h0 = rng.standard_normal((B, H, K, V)).astype(np.float32) if with_state else None
+    return q, k, v, g.astype(np.float32), h0
+
+
+@pytest.fixture
+def rel():
+    return rel_rms

@@ -1,0 +1,160 @@
+"""Whole models: the same random weights through the spec, the torch model and the MLX model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from regla import spec
+from regla.checkpoint import CheckpointError
+from regla_torch import ReGLAConfig, ReGLAForCausalLM, load
+from conftest import rel_rms
+
+CONFIGS = {
+    "regla": dict(attn_type="regla"),
+    "gla": dict(attn_type="gla", tie_word_embeddings=True),
+    "gsa": dict(attn_type="gsa", num_slots=8),
+    "regla-hybrid": dict(attn_type="regla", softmax_layers=[1], num_kv_heads=1),
+    "regla-ablation": dict(attn_type="regla", feature_map="elu", use_refining_gate=False,
+                           attn_norm="layernorm", gate_low_rank_dim=0, gate_logit_normalizer=16),
+}
+
+
+def tiny(name):
+    return spec.ModelArgs(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, **CONFIGS[name])
+
+
+def torch_model(cfg, w):
+    m = ReGLAForCausalLM(ReGLAConfig(**cfg.to_dict())).eval()
+    sd = {k: torch.from_numpy(v) for k, v in w.items()}
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embeddings.weight"]
+    m.load_state_dict(sd, strict=True)
+    return m
+
+
+def mlx_model(cfg, w):
+    mx = pytest.importorskip("mlx.core", reason="MLX is not installed")
+    from regla_mlx.model import Model
+
+    m = Model(cfg)
+    m.load_weights([(k, mx.array(v)) for k, v in w.items()], strict=True)
+    return m
+
+
+@pytest.fixture(params=list(CONFIGS))
+def case(request):
+    cfg = tiny(request.param)
+    w = spec.init_weights(cfg, seed=1, std=0.3)
+    ids = np.random.default_rng(2).integers(0, 64, (2, 80))  # 80 > 64: chunked path in both backends
+    ref, _ = spec.model_forward(w, cfg, ids)
+    return cfg, w, ids, ref
+
+
+def test_torch_logits_match_spec(case):
+    cfg, w, ids, ref = case
+    with torch.no_grad():
+        out = torch_model(cfg, w)(torch.from_numpy(ids), use_cache=False).logits
+    assert rel_rms(out, ref) <= 1e-5
+
+
+def test_mlx_logits_match_spec(case):
+    cfg, w, ids, ref = case
+    import mlx.core as mx
+
+    out = np.array(mlx_model(cfg, w)(mx.array(ids)))
+    assert rel_rms(out, ref) <= 1e-5
+
+
+def test_torch_prefill_then_decode_equals_full_forward(case):
+    cfg, w, ids, ref = case
+    m = torch_model(cfg, w)
+    cache = m.make_cache()
+    with torch.no_grad():
+        outs = [m(torch.from_numpy(ids[:, :70]), cache=cache, use_cache=True).logits]
+        outs += [m(torch.from_numpy(ids[:, t:t + 1]), cache=cache, use_cache=True).logits for t in range(70, 80)]
+    assert rel_rms(torch.cat(outs, 1), ref) <= 1e-5
+
+
+def test_mlx_prefill_then_decode_equals_full_forward(case):
+    cfg, w, ids, ref = case
+    import mlx.core as mx
+
+    m = mlx_model(cfg, w)
+    cache = m.make_cache()
+    outs = [m(mx.array(ids[:, :70]), cache)] + [m(mx.array(ids[:, t:t + 1]), cache) for t in range(70, 80)]
+    assert rel_rms(np.array(mx.concatenate(outs, 1)), ref) <= 1e-5
+
+
+def test_linear_state_has_the_same_size_at_every_length():
+    cfg = tiny("regla")
+    m = torch_model(cfg, spec.init_weights(cfg))
+    cache = m.make_cache()
+    sizes = []
+    with torch.no_grad():
+        m(torch.zeros(1, 10, dtype=torch.long), cache=cache, use_cache=True)
+        sizes.append([tuple(t.shape) for st in cache.states for t in st if t is not None])
+        for _ in range(100):
+            m(torch.zeros(1, 1, dtype=torch.long), cache=cache, use_cache=True)
+        sizes.append([tuple(t.shape) for st in cache.states for t in st if t is not None])
+    assert sizes[0] == sizes[1] and cache.seen_tokens == 110
+
+
+def test_hf_generate_uses_the_recurrent_cache_one_token_at_a_time():
+    cfg = tiny("regla")
+    m = torch_model(cfg, spec.init_weights(cfg, std=0.3))
+    seen = []
+    hook = m.model.embeddings.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    prompt = torch.tensor([[3, 4, 5, 6, 7]])
+    out = m.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hook.remove()
+    assert seen == [5, 1, 1, 1, 1, 1]  # prefill, then one token per step: O(1) per token
+    # the same tokens as greedy decoding by full forwards (no cache)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = m(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert out.tolist() == ids.tolist()
+
+
+def test_save_pretrained_round_trip_and_auto_class(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny("regla-hybrid")
+    m = torch_model(cfg, spec.init_weights(cfg, std=0.3))
+    m.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "regla"
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        a = m(ids, use_cache=False).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path)(ids, use_cache=False).logits
+        c = load(tmp_path)(ids, use_cache=False).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_tied_gla_round_trip(tmp_path):
+    cfg = tiny("gla")
+    m = torch_model(cfg, spec.init_weights(cfg, std=0.3))
+    m.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(m(ids, use_cache=False).logits, load(tmp_path)(ids, use_cache=False).logits)
+
+
+def test_checkpoint_with_wrong_shapes_is_refused_clearly(tmp_path):
+    cfg = tiny("regla")
+    torch_model(cfg, spec.init_weights(cfg)).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["hidden_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(spec.ConfigError, match="do not match the config"):
+        load(tmp_path)
+
+
+def test_missing_folder_and_config_are_refused_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        load(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load(tmp_path)

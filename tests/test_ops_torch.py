@@ -1,0 +1,113 @@
+"""regla_torch.ops (the pure-torch paths on CPU) against regla.spec and torch autograd."""
+
+import numpy as np
+import pytest
+import torch
+
+from regla import spec
+from regla_torch.ops import chunk_gla, chunk_gsa, fused_recurrent_gla, naive_recurrent_gla
+from conftest import make_inputs, rel_rms
+
+OPS = {"chunk": chunk_gla, "recurrent": fused_recurrent_gla}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+
+
+def bf16_round(x):
+    return torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gates", ["weak", "strong", "mixed"])
+@pytest.mark.parametrize("T", [1, 63, 65, 130])
+def test_op_matches_spec(op, dtype, gates, T):
+    q, k, v, g, h0 = make_inputs(2, T, 2, 16, 8, gates, seed=T)
+    if dtype == torch.bfloat16:  # the reference sees the same (rounded) inputs
+        q, k, v = bf16_round(q), bf16_round(k), bf16_round(v)
+    ro, rs = spec.recurrent_gla(q, k, v, g, None, h0)
+    t = lambda x: torch.from_numpy(x)
+    o, s = OPS[op](t(q).to(dtype), t(k).to(dtype), t(v).to(dtype), t(g), None, t(h0), True)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert rel_rms(o.float(), ro) <= TOL[dtype]
+    assert rel_rms(s, rs) <= TOL[dtype]
+
+
+def test_final_state_only_when_asked():
+    q, k, v, g, _ = make_inputs(1, 10, 1, 4, 4, with_state=False)
+    for op in OPS.values():
+        o, s = op(*(torch.from_numpy(x) for x in (q, k, v, g)))
+        assert s is None and o.shape == (1, 10, 1, 4)
+
+
+@pytest.mark.parametrize("gates", ["weak", "mixed"])
+def test_chunk_gradients_match_autograd_through_naive_recurrence(gates):
+    q, k, v, g, h0 = make_inputs(1, 37, 2, 8, 4, gates, seed=7)
+    args = [torch.from_numpy(x).double().requires_grad_() for x in (q, k, v, g, h0)]
+    w = torch.randn(1, 37, 2, 4, dtype=torch.float64)
+    ws = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+
+    def loss(fn):
+        o, s = fn(args[0], args[1], args[2], args[3], 0.3, args[4], True)
+        return (o.double() * w).sum() + (s.double() * ws).sum()
+
+    ga = torch.autograd.grad(loss(chunk_gla), args)
+    gb = torch.autograd.grad(loss(naive_recurrent_gla), args)
+    for name, a, b in zip("q k v g h0".split(), ga, gb):
+        assert torch.isfinite(a).all(), name
+        assert rel_rms(a, b.numpy()) <= 1e-5, name
+
+
+def test_strong_gates_give_finite_gradients_in_bf16():
+    q, k, v, g, h0 = make_inputs(1, 300, 2, 16, 16, "strong", seed=8)
+    args = [torch.from_numpy(x).to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    gg = torch.from_numpy(g).requires_grad_()
+    o, s = chunk_gla(*args, gg, None, torch.from_numpy(h0), True)
+    (o.float().sum() + s.sum()).backward()
+    for t in (*args, gg):
+        assert torch.isfinite(t.grad.float()).all()
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_varlen_equals_sequences_one_by_one(op):
+    q, k, v, g, _ = make_inputs(1, 70, 2, 8, 4, seed=9, with_state=False)
+    cu = torch.tensor([0, 5, 64, 70])
+    h0 = torch.randn(3, 2, 8, 4)
+    t = lambda x: torch.from_numpy(x)
+    o, s = OPS[op](t(q), t(k), t(v), t(g), None, h0, True, cu_seqlens=cu)
+    ro, rs = spec.recurrent_gla(q, k, v, g, None, h0.numpy(), cu_seqlens=cu.tolist())
+    assert rel_rms(o, ro) <= 1e-5 and rel_rms(s, rs) <= 1e-5
+
+
+def test_bad_shapes_are_named():
+    q, k, v, g, _ = make_inputs(1, 10, 2, 4, 4, with_state=False)
+    t = lambda x: torch.from_numpy(x)
+    with pytest.raises(ValueError, match="k and g must have q's shape"):
+        chunk_gla(t(q), t(k)[..., :3], t(v), t(g))
+    with pytest.raises(ValueError, match="initial_state must be"):
+        chunk_gla(t(q), t(k), t(v), t(g), initial_state=torch.zeros(1, 2, 4, 5))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunk_gla(t(q), t(k), t(v), t(g), cu_seqlens=torch.tensor([0, 4, 9]))
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_gsa_op_matches_spec_layer_recurrence(chunked):
+    rng = np.random.default_rng(10)
+    B, T, H, K, V, M = 1, 70, 2, 8, 6, 5
+    q, k = rng.standard_normal((2, B, T, H, K))
+    v = rng.standard_normal((B, T, H, V))
+    g = spec.logsigmoid(rng.standard_normal((B, T, H, M))) / 8
+    s = 1 - np.exp(g)
+    # spec form: Kt [K,m], Vt [m,V] updated per token
+    Kt, Vt = np.zeros((B, H, K, M)), np.zeros((B, H, M, V))
+    ref = np.zeros((B, T, H, V))
+    for t in range(T):
+        a = np.exp(g[:, t])
+        Kt = Kt * a[:, :, None, :] + k[:, t, :, :, None] * s[:, t, :, None, :]
+        Vt = Vt * a[..., None] + s[:, t, :, :, None] * v[:, t, :, None, :]
+        sc = np.einsum("bhk,bhkm->bhm", q[:, t], Kt)
+        p = np.exp(sc - sc.max(-1, keepdims=True))
+        ref[:, t] = np.einsum("bhm,bhmv->bhv", p / p.sum(-1, keepdims=True), Vt)
+    T_ = lambda x: torch.from_numpy(x).float()
+    o, (hk, hv) = chunk_gsa(T_(q), T_(k), T_(v), T_(s), T_(g), 1.0, None, True, chunked=chunked)
+    assert rel_rms(o, ref) <= 1e-5 and rel_rms(hk, Kt) <= 1e-5 and rel_rms(hv, Vt) <= 1e-5
