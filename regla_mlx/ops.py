@@ -110,8 +110,9 @@ def _with_metal(pure, kernel_name):
     def op(q, k, v, g, h0, scale):
         if mx.metal.is_available():
             from . import kernels
-            o, s = getattr(kernels, kernel_name)(q, k, v, g, scale, h0, True)
-            return o, s
+
+            if kernels.supported(q.shape[-1], v.shape[-1], q.dtype):
+                return getattr(kernels, kernel_name)(q, k, v, g, scale, h0, True)
         return pure(q, k, v, g, scale, h0)
 
     @op.vjp

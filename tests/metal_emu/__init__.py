@@ -1,0 +1,386 @@
+"""Run regla's Metal kernels on the CPU: the same kernel text, compiled by g++.
+
+``mx.fast.metal_kernel`` takes only a kernel *body*; MLX writes the ``[[kernel]]``
+signature around it (``write_signature`` in MLX's ``mlx/backend/metal/custom_kernel.cpp``
+/ ``mlx/fast.cpp``). :func:`mlx_kernel_source` writes the same text from the same inputs:
+input and output buffers in order, ``*_shape`` / ``*_strides`` / ``*_ndim`` buffers when
+the body mentions them, template parameters, and the position attributes the body
+mentions. The result is compiled against ``metal_emu.h`` (Metal types and built-ins as C++17),
+with a small launcher that runs the grid; see that header for the execution model (one
+fiber per GPU thread, real barriers and simdgroup exchanges, seeded random interleaving).
+
+Builds are cached under ``tests/metal_emu/_build/`` keyed by a hash of the generated
+source, the emulator header and the compiler flags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+BUILD_DIR = HERE / "_build"
+CXX = os.environ.get("CXX", "g++")
+CXXFLAGS = [
+    "-std=c++17", "-O2", "-fPIC", "-shared", "-pthread",
+    # Metal attributes ([[kernel]], [[buffer(i)]], [[thread_position_in_grid]], ...) are
+    # unknown to g++ and ignored, which is what we want.
+    "-Wno-attributes", "-Wno-unknown-pragmas",
+    # _longjmp between fiber stacks trips glibc's longjmp_chk.
+    "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+]
+
+# MLX's get_type_string for the dtypes the kernels see.
+TYPE_STRING = {
+    "float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t",
+    "int32": "int32_t", "uint32": "uint32_t", "int64": "int64_t", "uint64": "uint64_t",
+    "bool": "bool",
+}
+# Order as in MLX's metal_kernel: an attribute is declared when its name occurs
+# anywhere in the body (plain substring search).
+METAL_ATTRIBUTES = [
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+]
+# How the launcher supplies each attribute from emu::Attrs.
+ATTRIBUTE_VALUE = {
+    "dispatch_quadgroups_per_threadgroup": "a.quadgroups_per_threadgroup",
+    "dispatch_simdgroups_per_threadgroup": "a.simdgroups_per_threadgroup",
+    "dispatch_threads_per_threadgroup": "a.threads_per_threadgroup",
+    "grid_origin": "uint3(0, 0, 0)",
+    "grid_size": "a.threads_per_grid",
+    "thread_execution_width": "32u",
+    "threads_per_simdgroup": "32u",
+}
+MAX_CONSTANT_ARRAY_SIZE = 8  # smaller inputs go to the constant address space
+
+
+class EmulationError(RuntimeError):
+    pass
+
+
+def _tstr(dtype: str) -> str:
+    return TYPE_STRING[dtype]
+
+
+def _template_value(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    return _tstr(v)
+
+
+def _template_type(v) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int"
+    return "typename"
+
+
+def mlx_kernel_source(spec: dict, inputs: list, output_dtypes: list[str]):
+    """The kernel name and full Metal source MLX generates for this launch.
+
+    ``inputs`` are (dtype name, shape) pairs in ``spec["input_names"]`` order.
+    Returns ``(kernel_name, source, attributes, shape_infos)``.
+    """
+    body, header = spec["source"], spec.get("header", "")
+    names, out_names = spec["input_names"], spec["output_names"]
+    template = spec.get("template", [])
+    shape_infos = [(n + "_shape" in body, n + "_strides" in body, n + "_ndim" in body) for n in names]
+    attributes = [(a, t) for a, t in METAL_ATTRIBUTES if a in body]
+
+    kernel_name = "custom_kernel_" + spec["name"]
+    template_def = ""
+    if template:
+        template_def = "<" + ", ".join(_template_value(v) for _, v in template) + ">"
+        template_hash = re.sub(r"<|>|(, )", "_", template_def)[:-1]
+        kernel_name += "_" + template_hash
+    for dt, shape in inputs:
+        size = int(np.prod(shape)) if len(shape) else 1
+        kernel_name += "_" + _tstr(dt)
+        if len(shape) == 0:
+            kernel_name += "s"
+        elif size < MAX_CONSTANT_ARRAY_SIZE:
+            kernel_name += "c"
+    for dt in output_dtypes:
+        kernel_name += "_" + _tstr(dt)
+
+    src = header
+    if template:
+        src += "template <" + ", ".join(f"{_template_type(v)} {n}" for n, v in template) + ">\n"
+    src += "[[kernel]] void " + kernel_name + "(\n"
+    index = 0
+    for i, (dt, shape) in enumerate(inputs):
+        size = int(np.prod(shape)) if len(shape) else 1
+        location = "constant" if size < MAX_CONSTANT_ARRAY_SIZE else "device"
+        ref = "&" if len(shape) == 0 else "*"
+        src += f"  const {location} {_tstr(dt)}{ref} {names[i]} [[buffer({index})]],\n"
+        index += 1
+        if len(shape) > 0:
+            has_shape, has_strides, has_ndim = shape_infos[i]
+            if has_shape:
+                src += f"  const constant int* {names[i]}_shape [[buffer({index})]],\n"
+                index += 1
+            if has_strides:
+                src += f"  const constant int64_t* {names[i]}_strides [[buffer({index})]],\n"
+                index += 1
+            if has_ndim:
+                src += f"  const constant int& {names[i]}_ndim [[buffer({index})]],\n"
+                index += 1
+    for i, dt in enumerate(output_dtypes):
+        src += f"  device {_tstr(dt)}* {out_names[i]} [[buffer({index})]]"
+        # MLX's own test compares the running buffer index with the number of
+        # arguments; reproduced as is.
+        if index < len(inputs) + len(out_names) - 1 or attributes:
+            src += ",\n"
+        else:
+            src += ") {\n"
+        index += 1
+    for j, (a, t) in enumerate(attributes):
+        src += f"  {t} {a} [[{a}]]"
+        src += ",\n" if j < len(attributes) - 1 else ") {\n"
+    src += body
+    src += "\n}\n"
+    if template:
+        full = kernel_name + template_def
+        src += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({full}) {full};\n'
+    return kernel_name, src, attributes, shape_infos, template_def
+
+
+def _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes, shape_infos):
+    args, slot = [], 0
+    for i, (dt, shape) in enumerate(inputs):
+        t = _tstr(dt)
+        if len(shape) == 0:
+            args.append(f"*(const {t}*)bufs[{slot}]")
+        else:
+            args.append(f"(const {t}*)bufs[{slot}]")
+        slot += 1
+        if len(shape) > 0:
+            has_shape, has_strides, has_ndim = shape_infos[i]
+            if has_shape:
+                args.append(f"(const int*)bufs[{slot}]")
+                slot += 1
+            if has_strides:
+                args.append(f"(const int64_t*)bufs[{slot}]")
+                slot += 1
+            if has_ndim:
+                args.append(f"*(const int*)bufs[{slot}]")
+                slot += 1
+    for dt in output_dtypes:
+        args.append(f"({_tstr(dt)}*)bufs[{slot}]")
+        slot += 1
+    for a, _ in attributes:
+        args.append(ATTRIBUTE_VALUE.get(a, "a." + a))
+    call = kernel_name + template_def + "(\n        " + ",\n        ".join(args) + ")"
+    return f"""
+extern "C" int regla_emu_launch(void** bufs, const unsigned* grid, const unsigned* tg,
+                                unsigned seed, int workers, char* err, int errlen) {{
+  emu::Launch L;
+  for (int d = 0; d < 3; ++d) {{ L.grid[d] = grid[d]; L.tg[d] = tg[d]; }}
+  L.seed = seed;
+  L.workers = workers;
+  return emu::launch(L, [&](const emu::Attrs& a) {{
+    {call};
+  }}, err, errlen);
+}}
+"""
+
+
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL] = {}
+
+
+def compile_source(full_source: str) -> ctypes.CDLL:
+    """Compile (or reuse) a translation unit; returns the loaded library."""
+    emu_header = (HERE / "metal_emu.h").read_text()
+    key = hashlib.sha256("\0".join([full_source, emu_header, CXX, *CXXFLAGS]).encode()).hexdigest()[:24]
+    with _lock:
+        if key in _libs:
+            return _libs[key]
+        BUILD_DIR.mkdir(exist_ok=True)
+        so = BUILD_DIR / f"k_{key}.so"
+        if not so.exists():
+            cpp = BUILD_DIR / f"k_{key}.cpp"
+            cpp.write_text(full_source)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+            os.close(fd)
+            cmd = [CXX, *CXXFLAGS, "-I", str(HERE / "include"), "-I", str(HERE), str(cpp), "-o", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                os.unlink(tmp)
+                raise EmulationError(f"g++ failed on {cpp}:\n{r.stderr[-6000:]}")
+            os.replace(tmp, so)
+        lib = ctypes.CDLL(str(so))
+        lib.regla_emu_launch.restype = ctypes.c_int
+        lib.regla_emu_launch.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_uint, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+        ]
+        _libs[key] = lib
+        return lib
+
+
+def translation_unit(spec: dict, inputs: list, output_dtypes: list[str]) -> str:
+    kernel_name, src, attributes, shape_infos, template_def = mlx_kernel_source(spec, inputs, output_dtypes)
+    return (
+        '#include "metal_emu.h"\n'
+        + src
+        + _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes, shape_infos)
+    )
+
+
+# ------------------------------------------------------------------ dtypes
+def to_bf16_bits(x) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even."""
+    x = np.array(x, dtype=np.float32, order="C")
+    u = x.view(np.uint32)
+    r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), r).astype(np.uint16)
+
+
+def from_bf16_bits(b) -> np.ndarray:
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def round_to(x, dtype: str) -> np.ndarray:
+    """x as float32 after rounding to ``dtype`` (what the kernel will see)."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return from_bf16_bits(to_bf16_bits(x))
+    return x
+
+
+def _device_array(x, dtype: str) -> np.ndarray:
+    # np.array, not ascontiguousarray: the latter turns 0-d inputs into 1-d ones.
+    if dtype == "bfloat16":
+        return np.array(to_bf16_bits(np.asarray(x, dtype=np.float32)), order="C")
+    return np.array(np.asarray(x).astype(dtype), order="C")
+
+
+def run(spec: dict, arrays: list, dtypes: list[str], output_shapes: list, output_dtypes: list[str],
+        seed: int = 0, workers: int | None = None) -> list[np.ndarray]:
+    """Launch ``spec`` on the emulator. ``arrays`` in input order (NumPy or Python scalars,
+    converted to ``dtypes``); returns the outputs as NumPy (bfloat16 comes back as float32)."""
+    dev = [_device_array(a, dt) for a, dt in zip(arrays, dtypes)]
+    inputs = [(dt, d.shape) for d, dt in zip(dev, dtypes)]
+    lib = compile_source(translation_unit(spec, inputs, output_dtypes))
+    _, _, _, shape_infos, _ = mlx_kernel_source(spec, inputs, output_dtypes)
+    keep, ptrs = [], []
+    for d, (has_shape, has_strides, has_ndim) in zip(dev, shape_infos):
+        keep.append(d)
+        ptrs.append(d.ctypes.data)
+        if d.ndim > 0:
+            extra = []
+            if has_shape:
+                extra.append(np.array(d.shape, dtype=np.int32))
+            if has_strides:
+                extra.append(np.array([s // d.itemsize for s in d.strides], dtype=np.int64))
+            if has_ndim:
+                extra.append(np.array(d.ndim, dtype=np.int32))
+            for e in extra:
+                keep.append(e)
+                ptrs.append(e.ctypes.data)
+    outs = []
+    for shp, dt in zip(output_shapes, output_dtypes):
+        npdt = np.uint16 if dt == "bfloat16" else np.dtype(dt)
+        # Garbage, not zeros, so a thread that forgets to write its output is seen.
+        o = np.full(shp, 0x7FC0 if dt == "bfloat16" else np.nan, dtype=npdt)
+        outs.append(o)
+        ptrs.append(o.ctypes.data)
+    bufs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    grid = (ctypes.c_uint * 3)(*spec["grid"])
+    tg = (ctypes.c_uint * 3)(*spec["threadgroup"])
+    err = ctypes.create_string_buffer(1024)
+    workers = workers or os.cpu_count() or 1
+    rc = lib.regla_emu_launch(bufs, grid, tg, seed, workers, err, len(err))
+    if rc != 0:
+        raise EmulationError(err.value.decode())
+    return [from_bf16_bits(o) if dt == "bfloat16" else o for o, dt in zip(outs, output_dtypes)]
+
+
+# ------------------------------------------------------------------ GLA entry points
+_kernels_module = None
+
+
+def _kernels():
+    """``regla_mlx/kernels.py`` loaded by path: kernel_spec needs neither MLX nor the
+    ``regla_mlx`` package's other modules."""
+    global _kernels_module
+    if _kernels_module is None:
+        import importlib.util
+
+        path = REPO / "regla_mlx" / "kernels.py"
+        spec = importlib.util.spec_from_file_location("_regla_metal_kernels", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _kernels_module = mod
+    return _kernels_module
+
+
+def _emulated_gla(kind, q, k, v, g, scale=None, initial_state=None, *, bf16=False, g_dtype=None,
+                  seed=0, workers=None, source_transform=None):
+    q = np.asarray(q)
+    dtype = "bfloat16" if bf16 else {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}[q.dtype]
+    g_dtype = g_dtype or dtype
+    B, T, H, K = q.shape
+    V = np.shape(v)[-1]
+    spec = _kernels().kernel_spec(kind, dtype, K, V, B, H)
+    if source_transform is not None:
+        spec = dict(spec, source=source_transform(spec["source"]))
+    scale = K ** -0.5 if scale is None else scale
+    h0 = np.zeros((B, H, K, V), np.float32) if initial_state is None else initial_state
+    o, ht = run(
+        spec,
+        [q, k, v, g, h0, np.float32(scale)],
+        [dtype, dtype, dtype, g_dtype, "float32", "float32"],
+        [(B, T, H, V), (B, H, K, V)],
+        [dtype, "float32"],
+        seed=seed, workers=workers,
+    )
+    # np.float32(scale) has shape (): a 0-d input, passed by reference like MLX does.
+    return o, ht
+
+
+def emulated_chunk_gla(q, k, v, g, scale=None, initial_state=None, **kw):
+    """The Metal chunk kernel, emulated. Arrays in float32 or float16 select the
+    instantiation (``bf16=True`` rounds inputs to bfloat16 and selects that one);
+    ``g_dtype`` overrides the gate's dtype. Returns NumPy ``(o, final_state)``."""
+    return _emulated_gla("chunk", q, k, v, g, scale, initial_state, **kw)
+
+
+def emulated_recurrent_gla(q, k, v, g, scale=None, initial_state=None, **kw):
+    """The Metal recurrent (decode) kernel, emulated; same arguments as
+    :func:`emulated_chunk_gla`."""
+    return _emulated_gla("recurrent", q, k, v, g, scale, initial_state, **kw)
