@@ -56,8 +56,10 @@ class RecurrentCache:
 
     is_compileable = False
 
-    def __init__(self, num_layers: int):
-        self.states: list = [None] * num_layers
+    def __init__(self, is_linear: list[bool]):
+        self.states: list = [None] * len(is_linear)
+        # transformers' generate() reads this to decide whether the cache grows with length
+        self.is_linear = list(is_linear)
         self.seen_tokens = 0
 
     def __len__(self):
@@ -388,7 +390,7 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
         return False  # linear layers keep a fixed-size state, not a growing KV cache
 
     def make_cache(self) -> RecurrentCache:
-        return RecurrentCache(self.config.num_hidden_layers)
+        return RecurrentCache([self.args.layer_type(i) != "softmax" for i in range(self.args.num_hidden_layers)])
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
                 use_cache=None, cu_seqlens=None, logits_to_keep=0, **kwargs):
@@ -420,7 +422,9 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       use_cache=True, **kwargs):
         cache = cache if cache is not None else past_key_values
-        if cache is not None and cache.seen_tokens > 0:
-            input_ids = input_ids[:, cache.seen_tokens:]  # the state already holds the prefix: O(1) a token
+        if cache is not None and 0 < cache.seen_tokens < input_ids.shape[1]:
+            # input_ids is the whole sequence (transformers' convention) and the state already
+            # holds its first seen_tokens: feed only the rest, O(1) a token
+            input_ids = input_ids[:, cache.seen_tokens:]
         return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache,
                 "logits_to_keep": kwargs.get("logits_to_keep", 1) or 1}

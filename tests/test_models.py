@@ -158,3 +158,15 @@ def test_missing_folder_and_config_are_refused_clearly(tmp_path):
         load(str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="no config.json"):
         load(tmp_path)
+
+
+def test_hf_generate_continues_from_a_filled_cache():
+    cfg = tiny("regla-hybrid")
+    m = torch_model(cfg, spec.init_weights(cfg, std=0.3))
+    first = torch.tensor([[3, 4, 5, 6]])
+    cache = m.make_cache()
+    out1 = m.generate(first, cache=cache, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    more = torch.cat([out1, torch.tensor([[9, 10]])], 1)
+    out2 = m.generate(more, cache=cache, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    fresh = m.generate(more, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out2.tolist() == fresh.tolist()

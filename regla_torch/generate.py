@@ -1,0 +1,143 @@
+"""Generation and chat on the PyTorch backend: the twin of ``regla_mlx.generate``.
+
+Sampling uses transformers' logits processors; the conversation lives in a
+``RecurrentCache`` so each token costs O(1) for the linear layers.
+"""
+
+from __future__ import annotations
+
+from regla.chat import Turn, chat_delta
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer via transformers' AutoTokenizer, with a clear error if it has none."""
+    from transformers import AutoTokenizer
+
+    from regla import checkpoint
+
+    folder = checkpoint.resolve(path)
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise checkpoint.CheckpointError(f"{folder} has no tokenizer (tokenizer.json / tokenizer.model): copy "
+                                         "the tokenizer files of the original checkpoint into it")
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer reads config.json with the generic config class and warns that model_type
+    # "gla"/"gsa" is not that class: true, irrelevant to the tokenizer, and alarming to users.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
+    """Token ids from the PyTorch model, one cached step each (O(1) per token for linear layers).
+
+    Sampling is transformers' own logits processors; the last yielded token is *not* fed to the
+    cache yet (the caller prepends it to the next input), so a stop costs no extra step.
+    """
+    import torch
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                              TemperatureLogitsWarper, TopPLogitsWarper)
+
+    temp = sampling.get("temp", 0.0)
+    procs = LogitsProcessorList()
+    if sampling.get("repetition_penalty", 1.0) not in (None, 1.0):
+        procs.append(RepetitionPenaltyLogitsProcessor(sampling["repetition_penalty"]))
+    if temp > 0:
+        procs.append(TemperatureLogitsWarper(temp))
+        if 0 < sampling.get("top_p", 0.0) < 1:
+            procs.append(TopPLogitsWarper(sampling["top_p"]))
+        if sampling.get("min_p", 0.0) > 0:
+            procs.append(MinPLogitsWarper(sampling["min_p"]))
+    recent = list(context) + list(ids)
+    x = torch.tensor([list(ids)])
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        # the same 20-token window mlx-lm's repetition penalty looks at
+        scores = procs(torch.tensor([recent[-20:]]), logits)
+        if temp > 0:
+            tok = int(torch.multinomial(torch.softmax(scores, -1), 1))
+        else:
+            tok = int(scores.argmax(-1))
+        yield tok
+        if tok in eos:
+            return
+        recent.append(tok)
+        x = torch.tensor([[tok]])
+
+
+class ChatSession:
+    """The PyTorch twin of ``regla_mlx.ChatSession``: the conversation lives in a RecurrentCache
+    and each turn feeds only its new tokens (plus the previous answer's last token)."""
+
+    def __init__(self, model, tokenizer, max_tokens, sampling):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_tokens, self.sampling = max_tokens, sampling
+        self.use_template = bool(getattr(tokenizer, "chat_template", None))
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.reset()
+
+    def reset(self):
+        self.cache = self.model.make_cache()
+        self.history, self.consumed, self.pending, self.seen = [], "", [], []
+
+    def _run(self, ids, consumed, on_text, message=None):
+        import time
+
+        import torch
+        from transformers import TextStreamer
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text, stream_end=False):
+                if text and on_text is not None:
+                    on_text(text)
+
+        streamer = Streamer(self.tokenizer, skip_special_tokens=True)
+        feed = self.pending + ids
+        snap = (list(self.cache.states), self.cache.seen_tokens)
+        gen, stop, interrupted = [], False, False
+        start = time.perf_counter()
+        try:
+            for tok in stream_tokens(self.model, feed, self.cache, self.max_tokens, self.sampling,
+                                     self.eos, self.seen):
+                if tok in self.eos:
+                    stop = True
+                    gen.append(tok)
+                    break
+                gen.append(tok)
+                streamer.put(torch.tensor([tok]))
+        except KeyboardInterrupt:
+            interrupted = True
+            # a step cut short may have updated some layers only: back to the turn's start
+            self.cache.states, self.cache.seen_tokens = snap
+        streamer.end()
+        seconds = time.perf_counter() - start
+        text = self.tokenizer.decode([t for t in gen if t not in self.eos], skip_special_tokens=True)
+        n = len(gen) - (1 if stop else 0)
+        if message is not None:
+            # the cache now holds everything but the last sampled token (or, after Ctrl-C, none of
+            # this turn): what it lacks is fed first next turn
+            self.pending = feed + gen if interrupted else gen[-1:]
+            self.seen += ids + gen
+            self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
+            self.consumed = consumed + text + ((self.tokenizer.eos_token or "") if stop else "")
+        return Turn(text, n, seconds, "stop" if stop else "length", interrupted, n / seconds if seconds > 0 else 0.0,
+                    len(feed))
+
+    def ask(self, message, on_text=None):
+        if self.use_template:
+            delta, consumed = chat_delta(self.tokenizer, self.history, message, self.consumed)
+            ids = self.tokenizer.encode(delta, add_special_tokens=False)
+        else:
+            first = not self.seen and not self.pending
+            delta = message if first else "\n" + message
+            ids, consumed = self.tokenizer.encode(delta, add_special_tokens=first), self.consumed + delta
+        return self._run(ids or self.tokenizer.encode(" ", add_special_tokens=False), consumed, on_text, message)
+
+    def complete(self, prompt, on_text=None):
+        self.reset()
+        return self._run(self.tokenizer.encode(prompt), "", on_text)
