@@ -200,6 +200,10 @@ class LinearAttention(nn.Module):
         if G > 1:
             k, v, g = (t.repeat_interleave(G, dim=2) for t in (k, v, g))
         op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
+        # Under autocast the feature maps' exp runs in float32 while the projections give bf16;
+        # the kernels take one dtype for q, k and v: the projections' (compute) dtype, so
+        # training stays on bf16 tensor cores. phi values lie in (0, 1]: bf16 holds them well.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
         if a.attn_norm != "none":
             o = getattr(self, a.norm_name)(o)

@@ -1,8 +1,8 @@
 """GLA ops, ``[B, T, H, D]`` layout with a log-space per-key gate (MATH.md section 1).
 
-``chunk_gla`` and ``fused_recurrent_gla`` dispatch to the Triton kernels
-(``regla_torch.ops.triton``) for CUDA tensors and run plain torch elsewhere: same
-signature, same results.
+``chunk_gla`` and ``fused_recurrent_gla`` run plain torch, or the Triton kernels
+(``regla_torch.ops.triton``, same signature) for CUDA tensors when ``REGLA_TRITON=1``:
+opt-in until the kernels pass their GPU test suite.
 """
 
 from .chunk import chunk_gated, chunk_gla

@@ -1,4 +1,4 @@
-"""Recurrent GLA for decode and short prefill: one Triton kernel on CUDA, a torch loop elsewhere."""
+"""Recurrent GLA for decode and short prefill: a torch loop, or one Triton kernel on CUDA (opt-in)."""
 
 from __future__ import annotations
 

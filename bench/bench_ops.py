@@ -1,0 +1,199 @@
+"""Benchmark regla's Triton GLA kernels against fla and SDPA (CUDA only).
+
+    python bench/bench_ops.py [--shapes all|small] [--fla-configs 6] [--no-fla] [--out FILE]
+
+Times are medians of triton.testing.do_bench (ms). fla's autotuner is limited to
+--fla-configs configurations per kernel, spread over its list (its full search takes
+minutes per shape); fla's full-autotune numbers on the same machine are in ANCHORS.md.
+Memory floor: the bytes the op must move (fwd: read q, k, v in bf16 and g in fp32,
+write o; fwd+bwd adds reading q, k, v, g, do and writing dq, dk, dv, dg) over 4.3 TB/s.
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = [(8, 1024, 8, 64), (4, 2048, 16, 128), (4, 4096, 64, 128), (1, 8192, 96, 128),
+          (2, 16384, 16, 128), (8, 2048, 32, 256)]
+BW = 4.3e12
+
+
+def limit_autotune(n):
+    """Keep n configs (evenly spread) in every triton autotuner created from now on."""
+    import triton.runtime.autotuner as at
+    orig = at.Autotuner.__init__
+
+    def init(self, fn, arg_names, configs, *a, **kw):
+        if n and len(configs) > n:
+            step = len(configs) / n
+            configs = [configs[int(i * step)] for i in range(n)]
+        orig(self, fn, arg_names, configs, *a, **kw)
+
+    at.Autotuner.__init__ = init
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+def tune(shape):
+    """Time each chunk kernel alone under alternative launch shapes; keep the best."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    from regla_torch.ops.triton import chunk as C
+    B, T, H, D = shape
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(1, B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, D, device="cuda")) / 16
+    ch = C.Chunks(B, T, "cuda")
+    h, _, gc = C._fwd_h(k, v, g, None, ch, False)
+    dh, _ = C._bwd_dh(q, gc, do, None, None, 1.0, ch, h.dtype)
+    calls = {
+        "h": lambda: C._fwd_h(k, v, g, None, ch, False),
+        "o": lambda: C._fwd_o(q, k, v, gc, h, 1.0, ch),
+        "dh": lambda: C._bwd_dh(q, gc, do, None, None, 1.0, ch, h.dtype),
+        "dv": lambda: C._bwd_dv(q, k, gc, do, dh, 1.0, ch),
+        "dqkg": lambda: C._bwd_dqkg(q, k, v, g, gc, h, do, dh, 1.0, ch),
+    }
+    space = {
+        "o": dict(BK=[64, 128], BV=[64, 128], num_warps=[4, 8], num_stages=[2]),
+        "dv": dict(BK=[64, 128], BV=[64, 128], num_warps=[4, 8], num_stages=[2]),
+        "dqkg": dict(BK=[32, 64], BV=[32, 64], num_warps=[4, 8], num_stages=[2]),
+    }
+    print(f"tune at {shape}: h+gc {do_bench(calls['h'], return_mode='median'):.3f} ms, "
+          f"dh {do_bench(calls['dh'], return_mode='median'):.3f} ms", flush=True)
+    for name, sp in space.items():
+        best = None
+        for vals in itertools.product(*sp.values()):
+            cfg = dict(zip(sp.keys(), vals))
+            C.CFG[name] = cfg
+            try:
+                t = do_bench(calls[name], warmup=10, rep=40, return_mode="median")
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            print(f"  {name} {cfg}: {t:.3f} ms", flush=True)
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        C.CFG[name] = best[1]
+        print(f"BEST {name} {best[1]} {best[0]:.3f} ms", flush=True)
+    print("CFG =", C.CFG, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="all")
+    ap.add_argument("--fla-configs", type=int, default=6)
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tune", default=None, help="B,T,H,D: tune launch shapes there first")
+    args = ap.parse_args()
+    if args.tune:
+        tune(tuple(int(x) for x in args.tune.split(",")))
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    from regla_torch.ops.triton import chunk_gla, fused_recurrent_gla_step_
+    fla = None
+    if not args.no_fla:
+        limit_autotune(args.fla_configs)
+        try:
+            import fla.ops.gla as fla
+        except Exception as e:  # noqa: BLE001
+            print("fla unavailable:", repr(e))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    bench = lambda f, grads=None: do_bench(f, warmup=25, rep=100, grad_to_none=grads,
+                                           return_mode="median")
+    lines = []
+    out = lambda s: (print(s, flush=True), lines.append(s))
+    out(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {__import__('triton').__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    out("")
+    out("| B | T | H | D | ours fwd | fla fwd | SDPA fwd | ours f+b | fla f+b | SDPA f+b "
+        "| fla/ours f+b | SDPA/ours f+b | floor share fwd | floor share f+b | rel(ours,fla) |")
+    out("|" + "---|" * 15)
+    shapes = SHAPES if args.shapes == "all" else SHAPES[:2]
+    for B, T, H, D in shapes:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")) / 16
+        do = torch.randn_like(v)
+        leaves = [x.requires_grad_() for x in (q, k, v, g)]
+        n = B * T * H * D
+        floor_f = n * (2 * 3 + 4 + 2) / BW * 1e3
+        floor_fb = floor_f + n * (2 * 3 + 4 + 2 + 2 * 3 + 4) / BW * 1e3
+        res = {}
+        with torch.no_grad():
+            res["ours_f"] = bench(lambda: chunk_gla(q, k, v, g))
+
+        def ours_fb():
+            chunk_gla(q, k, v, g)[0].backward(do)
+        res["ours_fb"] = bench(ours_fb, leaves)
+        err = float("nan")
+        if fla is not None:
+            try:
+                with torch.no_grad():
+                    res["fla_f"] = bench(lambda: fla.chunk_gla(q, k, v, g))
+                    err = rel(chunk_gla(q, k, v, g)[0], fla.chunk_gla(q, k, v, g)[0])
+
+                def fla_fb():
+                    fla.chunk_gla(q, k, v, g)[0].backward(do)
+                res["fla_fb"] = bench(fla_fb, leaves)
+            except Exception as e:  # noqa: BLE001
+                print("fla failed:", repr(e)[:300], flush=True)
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        dot_ = do.transpose(1, 2).contiguous()
+        sd = torch.nn.functional.scaled_dot_product_attention
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with torch.no_grad():
+                res["sdpa_f"] = bench(lambda: sd(qt, kt, vt, is_causal=True))
+            res["sdpa_fb"] = bench(lambda: sd(qt, kt, vt, is_causal=True).backward(dot_),
+                                   [qt, kt, vt])
+        f = lambda key: f"{res[key]:.3f}" if key in res else "-"
+        r = lambda a, b: f"{res[a] / res[b]:.2f}" if a in res and b in res else "-"
+        out(f"| {B} | {T} | {H} | {D} | {f('ours_f')} | {f('fla_f')} | {f('sdpa_f')} "
+            f"| {f('ours_fb')} | {f('fla_fb')} | {f('sdpa_fb')} | {r('fla_fb', 'ours_fb')} "
+            f"| {r('sdpa_fb', 'ours_fb')} | {floor_f / res['ours_f']:.0%} "
+            f"| {floor_fb / res['ours_fb']:.0%} | {err:.1e} |")
+
+    if not args.no_decode:
+        out("")
+        out("Decode, one step, H16 K=V=128, bf16 q/k/v, fp32 state (us; graph = CUDA-graph replay):")
+        out("")
+        out("| batch | ours | ours (graph) | fla fused_recurrent_gla | state floor |")
+        out("|---|---|---|---|---|")
+        for Bd in (1, 32):
+            Hd, K = 16, 128
+            q, k, v = (torch.randn(Bd, 1, Hd, K, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            g = torch.nn.functional.logsigmoid(torch.randn(Bd, 1, Hd, K, device="cuda")) / 16
+            state = torch.randn(Bd, Hd, K, K, device="cuda")
+            o = torch.empty_like(v)
+            t_ours = bench(lambda: fused_recurrent_gla_step_(q, k, v, g, state, out=o)) * 1e3
+            t_graph = do_bench_cudagraph(
+                lambda: fused_recurrent_gla_step_(q, k, v, g, state, out=o), rep=100,
+                return_mode="median") * 1e3
+            t_fla = "-"
+            if fla is not None:
+                try:
+                    st = state.clone()
+                    t_fla = "%.1f" % (bench(lambda: fla.fused_recurrent_gla(
+                        q, k, v, gk=g, initial_state=st, output_final_state=True)) * 1e3)
+                except Exception as e:  # noqa: BLE001
+                    print("fla decode failed:", repr(e)[:300], flush=True)
+            floor = 2 * state.numel() * 4 / BW * 1e6
+            out(f"| {Bd} | {t_ours:.1f} | {t_graph:.1f} | {t_fla} | {floor:.1f} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared helpers: chunk bookkeeping for plain and varlen batches."""
+from __future__ import annotations
+
+import torch
+
+BT = 64  # chunk length
+BC = 16  # sub-chunk length (reference points for off-diagonal gate factors)
+LOG2E = 1.4426950408889634
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class Chunks:
+    """Every kernel works on a flat [1, total_T, H, D] view with FlashAttention-style
+    offsets; a plain [B, T] batch is just B equal segments, so there is one code path.
+
+    cu: [N+1] int32 segment offsets; cidx: [NT, 2] int32 (segment, chunk in segment)
+    in segment order, so a program's chunk id is also its row in the chunk-state
+    tensors; coff: [N+1] int32 first chunk id of each segment.
+    """
+
+    def __init__(self, B: int, T: int, device, cu_seqlens=None):
+        if cu_seqlens is None:
+            self.N = B
+            nt = (T + BT - 1) // BT
+            self.cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
+            seg = torch.arange(B, device=device, dtype=torch.int32).repeat_interleave(nt)
+            pos = torch.arange(nt, device=device, dtype=torch.int32).repeat(B)
+            self.coff = torch.arange(0, B + 1, device=device, dtype=torch.int32) * nt
+            self.max_len = T
+        else:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs batch size 1, got {B}")
+            # one host sync: grid sizes depend on the segment lengths
+            offs = cu_seqlens.detach().to("cpu", torch.int64).tolist()
+            if offs[0] != 0 or offs[-1] != T or any(b < a for a, b in zip(offs, offs[1:])):
+                raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {offs}")
+            lens = [b - a for a, b in zip(offs, offs[1:])]
+            nts = [(n + BT - 1) // BT for n in lens]
+            self.N = len(lens)
+            self.cu = torch.tensor(offs, device=device, dtype=torch.int32)
+            seg = torch.tensor([i for i, n in enumerate(nts) for _ in range(n)],
+                               device=device, dtype=torch.int32)
+            pos = torch.tensor([c for n in nts for c in range(n)], device=device,
+                               dtype=torch.int32)
+            co = [0]
+            for n in nts:
+                co.append(co[-1] + n)
+            self.coff = torch.tensor(co, device=device, dtype=torch.int32)
+            self.max_len = max(lens) if lens else 0
+        self.cidx = torch.stack([seg, pos], 1).contiguous()
+        self.NT = int(self.cidx.shape[0])
+
+
+def dot_precision(dtype) -> str:
+    # fp32 inputs are checked against float64 at 1e-5: tf32 (10-bit mantissa) cannot
+    # meet that, so fp32 dots run in full precision
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def state_dtype(dtype):
+    # chunk-boundary states live in bf16 for bf16 inputs (half the traffic of the
+    # biggest intermediate); fp16 cannot hold them (a weakly gated state grows with
+    # T past 65504), so fp16 and fp32 keep them in fp32
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32

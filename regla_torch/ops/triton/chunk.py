@@ -1,0 +1,640 @@
+"""Chunked GLA (MATH.md section 1) in Triton: forward and backward.
+
+Gates are cumsummed once per chunk of 64 in fp32 and pre-multiplied by log2(e) so
+every kernel uses exp2. Every exponent a kernel evaluates is <= 0:
+  * inter-chunk terms use b_i (cumsum from the chunk start) or b_last - b_j;
+  * off-diagonal 16x16 blocks of the intra-chunk matrix factor exp(b_i - b_j) through
+    a reference row r between j and i (r = first row of i's sub-chunk for the forward
+    and dq, r = last row of j's sub-chunk for dv and dk): exp(b_i - r) * exp(r - b_j);
+  * diagonal 16x16 blocks evaluate exp(b_i - b_j) element by element, masked (j <= i)
+    before the exp.
+So any finite log gate g <= 0 is safe, however strong. Chunks whose gates decay
+little (see SPAN below) skip the sub-chunk split and use one reference row.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import BC, BT, Chunks, dot_precision, next_pow2, state_dtype
+
+
+@triton.jit
+def _op(x, ref, F32OPS: tl.constexpr):
+    """Operand of a fast-path dot: in the input dtype, or fp32 for fp16 inputs (their
+    factors exp(r - b_j) may reach 2^SPAN, past fp16's range)."""
+    if F32OPS:
+        return x.to(tl.float32)
+    else:
+        return x.to(ref.dtype)
+
+
+# ------------------------------------------------------------------ kernels
+@triton.jit
+def _fwd_h_kernel(k, v, g, gc, h, h0, ht, cu, coff,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """State entering every chunk (h[chunk]) and, optionally, the final state. Also
+    writes the chunk cumsum of the gates (scaled to log2) for the other kernels: the
+    programs of the first value block store it, the others keep their own copy."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(coff + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    kc = i_k * BK + tl.arange(0, BK)
+    vc = i_v * BV + tl.arange(0, BV)
+    mk = kc < K
+    mv = vc < V
+    m_kv = mk[:, None] & mv[None, :]
+    off_kv = kc[:, None] * V + vc[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    for i_c in range(NT):
+        tl.store(h + ((c0 + i_c) * H + i_h) * K * V + off_kv,
+                 b_h.to(h.dtype.element_ty), mask=m_kv)
+        t0 = bos + i_c * BT
+        rows = t0 + tl.arange(0, BT)
+        mr = rows < eos
+        last = tl.minimum(t0 + BT, eos) - 1
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + kc[None, :],
+                      mask=mr[:, None] & mk[None, :], other=0.)
+        off_g = (rows[:, None] * H + i_h) * K + kc[None, :]
+        m_g = mr[:, None] & mk[None, :]
+        b_g = tl.cumsum(tl.load(g + off_g, mask=m_g, other=0.).to(tl.float32), axis=0) \
+            * 1.4426950408889634
+        if i_v == 0:
+            tl.store(gc + off_g, b_g, mask=m_g)
+        b_gl = tl.sum(tl.where((rows == last)[:, None], b_g, 0.), 0)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + vc[None, :],
+                      mask=mr[:, None] & mv[None, :], other=0.)
+        b_kg = (b_k * tl.exp2(b_gl[None, :] - b_g)).to(b_v.dtype)
+        b_h = b_h * tl.exp2(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_v, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + off_kv, b_h, mask=m_kv)
+
+
+@triton.jit
+def _fwd_o_kernel(q, k, v, gc, h, o, cu, cidx, scale,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(cidx + 2 * i_t)
+    i_c = tl.load(cidx + 2 * i_t + 1)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + i_c * BT
+    NC: tl.constexpr = BT // BC
+    vc = i_v * BV + tl.arange(0, BV)
+    mv = vc < V
+    ar_t = tl.arange(0, BT)
+    ar_c = tl.arange(0, BC)
+    rows_a = t0 + ar_t
+    ma = rows_a < eos
+    h_base = h + (i_t.to(tl.int64) * H + i_h) * K * V
+    last = tl.minimum(t0 + BT, eos) - 1
+    span_v = tl.zeros([BK], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        kc = i_k * BK + tl.arange(0, BK)
+        mk = kc < K
+        span_v = tl.maximum(span_v, tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
+                            - tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.))
+    span = tl.max(span_v, 0)
+    if span <= SPAN:
+        acc = tl.zeros([BT, BV], dtype=tl.float32)
+        a = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            kc = i_k * BK + tl.arange(0, BK)
+            mk = kc < K
+            m_a = ma[:, None] & mk[None, :]
+            off_a = (rows_a[:, None] * H + i_h) * K + kc[None, :]
+            b_q = tl.load(q + off_a, mask=m_a, other=0.)
+            b_k = tl.load(k + off_a, mask=m_a, other=0.)
+            b_g = tl.load(gc + off_a, mask=m_a, other=0.)
+            b_0 = tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
+            b_h = tl.load(h_base + kc[:, None] * V + vc[None, :],
+                          mask=mk[:, None] & mv[None, :], other=0.)
+            b_qg = b_q * tl.exp2(tl.where(m_a, b_g - b_0[None, :], 0.))
+            b_kg = _op(b_k * tl.exp2(tl.where(m_a, b_0[None, :] - b_g, 0.)), b_q, F32OPS)
+            a += tl.dot(_op(b_qg, b_q, F32OPS), tl.trans(b_kg), input_precision=PREC)
+            acc += tl.dot((b_qg * tl.exp2(b_0)[None, :]).to(b_h.dtype), b_h, input_precision=PREC)
+        a = tl.where(ar_t[:, None] >= ar_t[None, :], a, 0.)
+        b_v = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                      mask=ma[:, None] & mv[None, :], other=0.)
+        acc += tl.dot(a.to(b_v.dtype), b_v, input_precision=PREC)
+        tl.store(o + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                 (acc * scale).to(o.dtype.element_ty), mask=ma[:, None] & mv[None, :])
+    else:
+        for i_i in tl.static_range(NC):
+            s0 = t0 + i_i * BC
+            if s0 < eos:
+                rows_i = s0 + ar_c
+                mi = rows_i < eos
+                acc = tl.zeros([BC, BV], dtype=tl.float32)
+                a_off = tl.zeros([BC, BT], dtype=tl.float32)
+                a_d = tl.zeros([BC, BC], dtype=tl.float32)
+                for i_k in range(tl.cdiv(K, BK)):
+                    kc = i_k * BK + tl.arange(0, BK)
+                    mk = kc < K
+                    m_i = mi[:, None] & mk[None, :]
+                    off_i = (rows_i[:, None] * H + i_h) * K + kc[None, :]
+                    b_q = tl.load(q + off_i, mask=m_i, other=0.)
+                    b_gq = tl.load(gc + off_i, mask=m_i, other=0.)
+                    b_h = tl.load(h_base + kc[:, None] * V + vc[None, :],
+                                  mask=mk[:, None] & mv[None, :], other=0.)
+                    acc += tl.dot((b_q * tl.exp2(b_gq)).to(b_h.dtype), b_h, input_precision=PREC)
+                    if i_i > 0:
+                        b_r = tl.load(gc + (s0 * H + i_h) * K + kc, mask=mk, other=0.)
+                        m_a = ma[:, None] & mk[None, :]
+                        off_a = (rows_a[:, None] * H + i_h) * K + kc[None, :]
+                        b_k = tl.load(k + off_a, mask=m_a, other=0.)
+                        b_gk = tl.load(gc + off_a, mask=m_a, other=0.)
+                        e_k = tl.where((ar_t < i_i * BC)[:, None], b_r[None, :] - b_gk, float("-inf"))
+                        b_kg = (b_k * tl.exp2(e_k)).to(b_q.dtype)
+                        b_qg = (b_q * tl.exp2(tl.where(m_i, b_gq - b_r[None, :], 0.))).to(b_q.dtype)
+                        a_off += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
+                    b_kd = tl.load(k + off_i, mask=m_i, other=0.).to(tl.float32)
+                    e_d = tl.where(((ar_c[:, None] >= ar_c[None, :]) & mi[:, None])[:, :, None],
+                                   b_gq[:, None, :] - b_gq[None, :, :], float("-inf"))
+                    a_d += tl.sum(b_q.to(tl.float32)[:, None, :] * b_kd[None, :, :] * tl.exp2(e_d), 2)
+                b_vi = tl.load(v + (rows_i[:, None] * H + i_h) * V + vc[None, :],
+                               mask=mi[:, None] & mv[None, :], other=0.)
+                acc += tl.dot(a_d.to(b_vi.dtype), b_vi, input_precision=PREC)
+                if i_i > 0:
+                    b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                                   mask=ma[:, None] & mv[None, :], other=0.)
+                    acc += tl.dot(a_off.to(b_va.dtype), b_va, input_precision=PREC)
+                tl.store(o + (rows_i[:, None] * H + i_h) * V + vc[None, :],
+                         (acc * scale).to(o.dtype.element_ty), mask=mi[:, None] & mv[None, :])
+
+
+@triton.jit
+def _bwd_dh_kernel(q, gc, do, dh, dht, dh0, cu, coff, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """Reverse scan: dh[chunk] = gradient w.r.t. the state leaving that chunk."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(coff + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    kc = i_k * BK + tl.arange(0, BK)
+    vc = i_v * BV + tl.arange(0, BV)
+    mk = kc < K
+    mv = vc < V
+    m_kv = mk[:, None] & mv[None, :]
+    off_kv = kc[:, None] * V + vc[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    for j in range(NT):
+        i_c = NT - 1 - j
+        tl.store(dh + ((c0 + i_c) * H + i_h) * K * V + off_kv,
+                 b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        t0 = bos + i_c * BT
+        rows = t0 + tl.arange(0, BT)
+        mr = rows < eos
+        last = tl.minimum(t0 + BT, eos) - 1
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + kc[None, :],
+                      mask=mr[:, None] & mk[None, :], other=0.)
+        b_g = tl.load(gc + (rows[:, None] * H + i_h) * K + kc[None, :],
+                      mask=mr[:, None] & mk[None, :], other=0.)
+        b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + vc[None, :],
+                       mask=mr[:, None] & mv[None, :], other=0.)
+        b_qg = (b_q * tl.exp2(b_g)).to(b_do.dtype)
+        b_dh = b_dh * tl.exp2(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do,
+                                                              input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + off_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _bwd_dv_kernel(q, k, gc, do, dh, dv, cu, cidx, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
+    """dv_j = scale * sum_{i>=j} A_ij do_i + (k_j exp(b_last - b_j)) @ dh."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(cidx + 2 * i_t)
+    i_c = tl.load(cidx + 2 * i_t + 1)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + i_c * BT
+    last = tl.minimum(t0 + BT, eos) - 1
+    NC: tl.constexpr = BT // BC
+    vc = i_v * BV + tl.arange(0, BV)
+    mv = vc < V
+    ar_t = tl.arange(0, BT)
+    ar_c = tl.arange(0, BC)
+    rows_a = t0 + ar_t
+    ma = rows_a < eos
+    dh_base = dh + (i_t.to(tl.int64) * H + i_h) * K * V
+    last = tl.minimum(t0 + BT, eos) - 1
+    span_v = tl.zeros([BK], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        kc = i_k * BK + tl.arange(0, BK)
+        mk = kc < K
+        span_v = tl.maximum(span_v, tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
+                            - tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.))
+    span = tl.max(span_v, 0)
+    if span <= SPAN:
+        acc = tl.zeros([BT, BV], dtype=tl.float32)
+        at = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            kc = i_k * BK + tl.arange(0, BK)
+            mk = kc < K
+            m_a = ma[:, None] & mk[None, :]
+            off_a = (rows_a[:, None] * H + i_h) * K + kc[None, :]
+            b_q = tl.load(q + off_a, mask=m_a, other=0.)
+            b_k = tl.load(k + off_a, mask=m_a, other=0.)
+            b_g = tl.load(gc + off_a, mask=m_a, other=0.)
+            b_0 = tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
+            b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+            b_dh = tl.load(dh_base + kc[:, None] * V + vc[None, :],
+                           mask=mk[:, None] & mv[None, :], other=0.)
+            b_qg = _op(b_q * tl.exp2(tl.where(m_a, b_g - b_0[None, :], 0.)), b_q, F32OPS)
+            b_kg = _op(b_k * tl.exp2(tl.where(m_a, b_0[None, :] - b_g, 0.)), b_q, F32OPS)
+            at += tl.dot(b_kg, tl.trans(b_qg), input_precision=PREC)
+            acc += tl.dot((b_k * tl.exp2(b_gl[None, :] - b_g)).to(b_dh.dtype), b_dh,
+                          input_precision=PREC)
+        at = tl.where(ar_t[None, :] >= ar_t[:, None], at, 0.)
+        b_do = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                       mask=ma[:, None] & mv[None, :], other=0.)
+        acc += scale * tl.dot(at.to(b_do.dtype), b_do, input_precision=PREC)
+        tl.store(dv + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                 acc.to(dv.dtype.element_ty), mask=ma[:, None] & mv[None, :])
+    else:
+        for i_j in tl.static_range(NC):
+            s0 = t0 + i_j * BC
+            if s0 < eos:
+                rows_j = s0 + ar_c
+                mj = rows_j < eos
+                rlast = tl.minimum(s0 + BC, eos) - 1
+                acc = tl.zeros([BC, BV], dtype=tl.float32)
+                at_off = tl.zeros([BC, BT], dtype=tl.float32)
+                at_d = tl.zeros([BC, BC], dtype=tl.float32)
+                for i_k in range(tl.cdiv(K, BK)):
+                    kc = i_k * BK + tl.arange(0, BK)
+                    mk = kc < K
+                    m_j = mj[:, None] & mk[None, :]
+                    off_j = (rows_j[:, None] * H + i_h) * K + kc[None, :]
+                    b_k = tl.load(k + off_j, mask=m_j, other=0.)
+                    b_gk = tl.load(gc + off_j, mask=m_j, other=0.)
+                    b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+                    b_dh = tl.load(dh_base + kc[:, None] * V + vc[None, :],
+                                   mask=mk[:, None] & mv[None, :], other=0.)
+                    acc += tl.dot((b_k * tl.exp2(b_gl[None, :] - b_gk)).to(b_dh.dtype), b_dh,
+                                  input_precision=PREC)
+                    if i_j < NC - 1:
+                        b_r = tl.load(gc + (rlast * H + i_h) * K + kc, mask=mk, other=0.)
+                        m_a = ma[:, None] & mk[None, :]
+                        off_a = (rows_a[:, None] * H + i_h) * K + kc[None, :]
+                        b_q = tl.load(q + off_a, mask=m_a, other=0.)
+                        b_gq = tl.load(gc + off_a, mask=m_a, other=0.)
+                        e_q = tl.where((ar_t >= (i_j + 1) * BC)[:, None] & m_a,
+                                       b_gq - b_r[None, :], float("-inf"))
+                        b_qg = (b_q * tl.exp2(e_q)).to(b_k.dtype)
+                        b_kg = (b_k * tl.exp2(b_r[None, :] - b_gk)).to(b_k.dtype)
+                        at_off += tl.dot(b_kg, tl.trans(b_qg), input_precision=PREC)
+                    b_qd = tl.load(q + off_j, mask=m_j, other=0.).to(tl.float32)
+                    # [j, i, k]: exp(b_i - b_j) for i >= j
+                    e_d = tl.where(((ar_c[None, :] >= ar_c[:, None]) & mj[None, :])[:, :, None],
+                                   b_gk[None, :, :] - b_gk[:, None, :], float("-inf"))
+                    at_d += tl.sum(b_k.to(tl.float32)[:, None, :] * b_qd[None, :, :] * tl.exp2(e_d), 2)
+                b_doj = tl.load(do + (rows_j[:, None] * H + i_h) * V + vc[None, :],
+                                mask=mj[:, None] & mv[None, :], other=0.)
+                intra = tl.dot(at_d.to(b_doj.dtype), b_doj, input_precision=PREC)
+                if i_j < NC - 1:
+                    b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                                    mask=ma[:, None] & mv[None, :], other=0.)
+                    intra += tl.dot(at_off.to(b_doa.dtype), b_doa, input_precision=PREC)
+                acc += scale * intra
+                tl.store(dv + (rows_j[:, None] * H + i_h) * V + vc[None, :],
+                         acc.to(dv.dtype.element_ty), mask=mj[:, None] & mv[None, :])
+
+
+@triton.jit
+def _bwd_dqkg_kernel(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
+    """dq, dk and the gate gradient of one chunk, one block of key channels.
+
+    With b the chunk cumsum, d/db_i = q_i dq_i - k_i dk_i everywhere, plus, at the
+    chunk's last row, sum_v h_next * dh_next (the decay of the state carried out);
+    dg is the reverse cumsum of that within the chunk.
+    """
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(cidx + 2 * i_t)
+    i_c = tl.load(cidx + 2 * i_t + 1)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + i_c * BT
+    last = tl.minimum(t0 + BT, eos) - 1
+    NC: tl.constexpr = BT // BC
+    kc = i_k * BK + tl.arange(0, BK)
+    mk = kc < K
+    ar_t = tl.arange(0, BT)
+    ar_c = tl.arange(0, BC)
+    rows_a = t0 + ar_t
+    ma = rows_a < eos
+    m_a = ma[:, None] & mk[None, :]
+    off_a = (rows_a[:, None] * H + i_h) * K + kc[None, :]
+    hb = (i_t.to(tl.int64) * H + i_h) * K * V
+    b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+
+    # carry starts at the state term: sum_v h_next * dh_next, h_next rebuilt here
+    b_ka = tl.load(k + off_a, mask=m_a, other=0.)
+    b_ga = tl.load(gc + off_a, mask=m_a, other=0.)
+    b_0 = tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
+    span = tl.max(b_0 - b_gl, 0)
+    if span <= SPAN:
+        b_q0 = tl.load(q + off_a, mask=m_a, other=0.)
+        b_kga = b_ka * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf")))
+        carry = tl.zeros([BK], dtype=tl.float32)
+        d_a = tl.zeros([BT, BT], dtype=tl.float32)
+        d_qh = tl.zeros([BT, BK], dtype=tl.float32)
+        d_ks = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            vc = i_v * BV + tl.arange(0, BV)
+            mv = vc < V
+            m_kv = mk[:, None] & mv[None, :]
+            off_kv = kc[:, None] * V + vc[None, :]
+            m_av = ma[:, None] & mv[None, :]
+            b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.)
+            b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
+            b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
+            b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
+            b_hn = b_h.to(tl.float32) * tl.exp2(b_gl)[:, None] + tl.dot(
+                tl.trans(b_kga.to(b_va.dtype)), b_va, input_precision=PREC)
+            carry += tl.sum(b_hn * b_dh.to(tl.float32), 1)
+            d_a += tl.dot(b_doa, tl.trans(b_va), input_precision=PREC)
+            d_qh += tl.dot(b_doa.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
+            d_ks += tl.dot(b_va.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
+        d_a = tl.where(ar_t[:, None] >= ar_t[None, :], d_a, 0.) * scale
+        e_q = tl.exp2(tl.where(m_a, b_ga - b_0[None, :], 0.))
+        e_k = tl.exp2(tl.where(m_a, b_0[None, :] - b_ga, 0.))
+        b_qg = _op(b_q0 * e_q, b_q0, F32OPS)
+        b_kg = _op(b_ka * e_k, b_q0, F32OPS)
+        d_ao = _op(d_a, b_q0, F32OPS)
+        b_dq = d_qh * tl.exp2(b_ga) * scale + e_q * tl.dot(d_ao, b_kg, input_precision=PREC)
+        b_dk = e_k * tl.dot(tl.trans(d_ao), b_qg, input_precision=PREC) \
+            + d_ks * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, 0.))
+        tl.store(dq + off_a, b_dq.to(dq.dtype.element_ty), mask=m_a)
+        tl.store(dk + off_a, b_dk.to(dk.dtype.element_ty), mask=m_a)
+        b_db = tl.where(m_a, b_q0.to(tl.float32) * b_dq - b_ka.to(tl.float32) * b_dk, 0.)
+        b_dg = tl.cumsum(b_db, axis=0, reverse=True) + carry[None, :]
+        tl.store(dg + off_a, b_dg.to(dg.dtype.element_ty), mask=m_a)
+    else:
+        b_kga = (b_ka * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf"))))
+        carry = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            vc = i_v * BV + tl.arange(0, BV)
+            mv = vc < V
+            m_kv = mk[:, None] & mv[None, :]
+            off_kv = kc[:, None] * V + vc[None, :]
+            b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
+            b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
+            b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                           mask=ma[:, None] & mv[None, :], other=0.)
+            b_hn = b_h * tl.exp2(b_gl)[:, None] + tl.dot(tl.trans(b_kga.to(b_va.dtype)), b_va,
+                                                         input_precision=PREC)
+            carry += tl.sum(b_hn * b_dh, 1)
+
+        for i_i in tl.static_range(NC - 1, -1, -1):
+            s0 = t0 + i_i * BC
+            if s0 < eos:
+                rows_i = s0 + ar_c
+                mi = rows_i < eos
+                m_i = mi[:, None] & mk[None, :]
+                off_i = (rows_i[:, None] * H + i_h) * K + kc[None, :]
+                rlast = tl.minimum(s0 + BC, eos) - 1
+                d_a = tl.zeros([BC, BT], dtype=tl.float32)    # dA[i in block, all j]
+                d_at = tl.zeros([BC, BT], dtype=tl.float32)   # dA[all i, j in block]^T
+                d_ad = tl.zeros([BC, BC], dtype=tl.float32)
+                d_qh = tl.zeros([BC, BK], dtype=tl.float32)
+                d_ks = tl.zeros([BC, BK], dtype=tl.float32)
+                for i_v in range(tl.cdiv(V, BV)):
+                    vc = i_v * BV + tl.arange(0, BV)
+                    mv = vc < V
+                    m_kv = mk[:, None] & mv[None, :]
+                    off_kv = kc[:, None] * V + vc[None, :]
+                    b_doi = tl.load(do + (rows_i[:, None] * H + i_h) * V + vc[None, :],
+                                    mask=mi[:, None] & mv[None, :], other=0.)
+                    b_vi = tl.load(v + (rows_i[:, None] * H + i_h) * V + vc[None, :],
+                                   mask=mi[:, None] & mv[None, :], other=0.)
+                    b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.)
+                    b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
+                    d_qh += tl.dot(b_doi.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
+                    d_ks += tl.dot(b_vi.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
+                    d_ad += tl.dot(b_doi, tl.trans(b_vi), input_precision=PREC)
+                    if i_i > 0:
+                        b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                                       mask=ma[:, None] & mv[None, :], other=0.)
+                        d_a += tl.dot(b_doi, tl.trans(b_va), input_precision=PREC)
+                    if i_i < NC - 1:
+                        b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :],
+                                        mask=ma[:, None] & mv[None, :], other=0.)
+                        d_at += tl.dot(b_vi, tl.trans(b_doa), input_precision=PREC)
+                b_qi = tl.load(q + off_i, mask=m_i, other=0.)
+                b_ki = tl.load(k + off_i, mask=m_i, other=0.)
+                b_gi = tl.load(gc + off_i, mask=m_i, other=0.)
+                b_dq = d_qh * tl.exp2(b_gi)
+                if i_i > 0:
+                    b_r = tl.load(gc + (s0 * H + i_h) * K + kc, mask=mk, other=0.)
+                    e_k = tl.where((ar_t < i_i * BC)[:, None], b_r[None, :] - b_ga, float("-inf"))
+                    b_kg = (b_ka * tl.exp2(e_k)).to(b_ka.dtype)
+                    b_dq += tl.exp2(tl.where(m_i, b_gi - b_r[None, :], 0.)) * tl.dot(d_a.to(b_ka.dtype), b_kg,
+                                                                  input_precision=PREC)
+                b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+                if i_i < NC - 1:
+                    b_rp = tl.load(gc + (rlast * H + i_h) * K + kc, mask=mk, other=0.)
+                    b_qa = tl.load(q + off_a, mask=m_a, other=0.)
+                    e_q = tl.where((ar_t >= (i_i + 1) * BC)[:, None] & m_a,
+                                   b_ga - b_rp[None, :], float("-inf"))
+                    b_qg = (b_qa * tl.exp2(e_q)).to(b_qa.dtype)
+                    b_dk += tl.exp2(b_rp[None, :] - b_gi) * tl.dot(d_at.to(b_qa.dtype), b_qg,
+                                                                   input_precision=PREC)
+                # diagonal block, [i, j, k], exp(b_i - b_j) for j <= i
+                e_d = tl.exp2(tl.where(((ar_c[:, None] >= ar_c[None, :]) & mi[:, None])[:, :, None],
+                                       b_gi[:, None, :] - b_gi[None, :, :], float("-inf")))
+                w = e_d * d_ad[:, :, None]
+                b_dq += tl.sum(w * b_ki.to(tl.float32)[None, :, :], 1)
+                b_dk += tl.sum(w * b_qi.to(tl.float32)[:, None, :], 0)
+                b_dq = b_dq * scale
+                b_dk = b_dk * scale + d_ks * tl.exp2(b_gl[None, :] - b_gi)
+                tl.store(dq + off_i, b_dq.to(dq.dtype.element_ty), mask=m_i)
+                tl.store(dk + off_i, b_dk.to(dk.dtype.element_ty), mask=m_i)
+                b_db = tl.where(m_i, b_qi.to(tl.float32) * b_dq - b_ki.to(tl.float32) * b_dk, 0.)
+                b_dg = tl.cumsum(b_db, axis=0, reverse=True) + carry[None, :]
+                carry += tl.sum(b_db, 0)
+                tl.store(dg + off_i, b_dg.to(dg.dtype.element_ty), mask=m_i)
+
+
+# ------------------------------------------------------------------ launchers
+# Fast path: when the gates of a chunk decay by at most 2^SPAN over the whole chunk
+# (max over channels of b_first - b_last, in log2 units) one reference row, the
+# chunk's first, serves every pair: exp(b_i - b_j) = exp(b_i - b_0) * exp(b_0 - b_j)
+# with the first factor <= 1 and the second <= 2^SPAN, so the intra-chunk matrices are
+# plain 64x64 dots. GLA-style gates (logsigmoid/16) always take it. Stronger decays
+# take the exact sub-chunk path. Tests set SPAN = -1 to force the exact path.
+SPAN = 30.0
+
+# Launch shapes per kernel: caps on the key/value blocks (clipped to the head dims),
+# warps, pipeline stages. bench/bench_ops.py --tune times alternatives.
+CFG = {
+    "h": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "o": dict(BK=64, BV=128, num_warps=4, num_stages=2),
+    "dh": dict(BK=64, BV=64, num_warps=8, num_stages=2),
+    "dv": dict(BK=64, BV=128, num_warps=4, num_stages=2),
+    "dqkg": dict(BK=32, BV=64, num_warps=4, num_stages=2),
+}
+
+
+def _cfg(name, K, V, seqs_heads=None):
+    c = dict(CFG[name])
+    c["BK"] = min(c["BK"], max(16, next_pow2(K)))
+    c["BV"] = min(c["BV"], max(16, next_pow2(V)))
+    if seqs_heads is not None:
+        # the state scans run one program per (segment, head, block) serially over the
+        # chunks; with few segments and heads, narrower value blocks fill the GPU
+        while c["BV"] > 16 and seqs_heads * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) < 264:
+            c["BV"] //= 2
+    return c
+
+
+def _fwd_h(k, v, g, h0, ch: Chunks, store_ht: bool):
+    _, _, H, K = k.shape
+    V = v.shape[-1]
+    c = _cfg("h", K, V, ch.N * H)
+    h = torch.empty(ch.NT, H, K, V, device=k.device, dtype=state_dtype(k.dtype))
+    gc = torch.empty(g.shape, device=g.device, dtype=torch.float32)
+    ht = torch.empty(ch.N, H, K, V, device=k.device, dtype=torch.float32) if store_ht else None
+    _fwd_h_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), ch.N * H)](
+        k, v, g, gc, h, h0, ht, ch.cu, ch.coff, H=H, K=K, V=V, BT=BT,
+        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=dot_precision(k.dtype), **c)
+    return h, ht, gc
+
+
+def _fwd_o(q, k, v, gc, h, scale, ch: Chunks):
+    _, _, H, K = q.shape
+    V = v.shape[-1]
+    c = _cfg("o", K, V)
+    o = torch.empty_like(v)
+    _fwd_o_kernel[(triton.cdiv(V, c["BV"]), ch.NT, H)](
+        q, k, v, gc, h, o, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC,
+        PREC=dot_precision(q.dtype), SPAN=SPAN,
+        F32OPS=q.dtype == torch.float16, **c)
+    return o
+
+
+def _bwd_dh(q, gc, do, h0, dht, scale, ch: Chunks, h_dtype):
+    _, _, H, K = q.shape
+    V = do.shape[-1]
+    c = _cfg("dh", K, V, ch.N * H)
+    dh = torch.empty(ch.NT, H, K, V, device=q.device, dtype=h_dtype)
+    dh0 = torch.empty(ch.N, H, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
+    _bwd_dh_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), ch.N * H)](
+        q, gc, do, dh, dht, dh0, ch.cu, ch.coff, scale, H=H, K=K, V=V, BT=BT,
+        USE_DHT=dht is not None, STORE_DH0=h0 is not None, PREC=dot_precision(q.dtype), **c)
+    return dh, dh0
+
+
+def _bwd_dv(q, k, gc, do, dh, scale, ch: Chunks):
+    _, _, H, K = q.shape
+    V = do.shape[-1]
+    c = _cfg("dv", K, V)
+    dv = torch.empty_like(do)
+    _bwd_dv_kernel[(triton.cdiv(V, c["BV"]), ch.NT, H)](
+        q, k, gc, do, dh, dv, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC,
+        PREC=dot_precision(q.dtype), SPAN=SPAN,
+        F32OPS=q.dtype == torch.float16, **c)
+    return dv
+
+
+def _bwd_dqkg(q, k, v, g, gc, h, do, dh, scale, ch: Chunks):
+    _, _, H, K = q.shape
+    V = v.shape[-1]
+    c = _cfg("dqkg", K, V)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
+    _bwd_dqkg_kernel[(triton.cdiv(K, c["BK"]), ch.NT, H)](
+        q, k, v, gc, h, do, dh, dq, dk, dg, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC,
+        PREC=dot_precision(q.dtype), SPAN=SPAN,
+        F32OPS=q.dtype == torch.float16, **c)
+    return dq, dk, dg
+
+
+def _bwd(q, k, v, g, h0, do, dht, scale, ch: Chunks):
+    h, _, gc = _fwd_h(k, v, g, h0, ch, store_ht=False)
+    dh, dh0 = _bwd_dh(q, gc, do, h0, dht, scale, ch, h.dtype)
+    dv = _bwd_dv(q, k, gc, do, dh, scale, ch)
+    dq, dk, dg = _bwd_dqkg(q, k, v, g, gc, h, do, dh, scale, ch)
+    return dq, dk, dv, dg, dh0
+
+
+def _flat(x):
+    B, T = x.shape[:2]
+    return x.reshape(1, B * T, *x.shape[2:]).contiguous()
+
+
+class ChunkGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        B, T, H, K = q.shape
+        ch = Chunks(B, T, q.device, cu_seqlens)
+        qf, kf, vf, gf = map(_flat, (q, k, v, g))
+        h0 = None if initial_state is None else initial_state.float().contiguous()
+        if h0 is not None and h0.shape[0] != ch.N:
+            raise ValueError(f"initial_state has {h0.shape[0]} rows, expected {ch.N}")
+        h, ht, gc = _fwd_h(kf, vf, gf, h0, ch, store_ht=output_final_state)
+        o = _fwd_o(qf, kf, vf, gc, h, scale, ch)
+        del h, gc
+        ctx.save_for_backward(qf, kf, vf, gf, h0)
+        ctx.ch, ctx.scale, ctx.shape = ch, scale, (B, T)
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        return o.view(v.shape), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qf, kf, vf, gf, h0 = ctx.saved_tensors
+        ch = ctx.ch
+        B, T = ctx.shape
+        dof = _flat(do)
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv, dg, dh0 = _bwd(qf, kf, vf, gf, h0, dof, dht, ctx.scale, ch)
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        sh = lambda x: x.view(B, T, *x.shape[2:])
+        return sh(dq), sh(dk), sh(dv), sh(dg), None, dh0, None, None
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None):
+    """Chunked GLA: ``o_t = scale * q_t S_t``, ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; g is the per-key-channel log gate (<= 0);
+    initial_state: [N, H, K, V] (N = B, or the number of segments with ``cu_seqlens``).
+    Returns ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
+    Differentiable in q, k, v, g and initial_state.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got {tuple(q.shape)}")
+    if not (q.shape == k.shape == g.shape and v.shape[:3] == q.shape[:3]):
+        raise ValueError("shapes must be q, k, g [B, T, H, K] and v [B, T, H, V]")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError("q, k and v must share a dtype")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, bool(output_final_state),
+                                  cu_seqlens)

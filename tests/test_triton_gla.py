@@ -1,0 +1,325 @@
+"""Triton GLA/GSA kernels against the float64 reference (regla.spec) and torch autograd.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors, at
+small shapes. On CUDA (or with REGLA_TRITON_REAL=1) the same tests run at real head
+dims, bf16 included, plus a long strong-gate run.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from regla import spec  # noqa: E402
+from regla_torch.ops.triton import (  # noqa: E402
+    chunk_gla, chunk_gsa, fused_recurrent_gla, fused_recurrent_gla_step_, fused_recurrent_gsa)
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+REAL = CUDA and os.environ.get("REGLA_TRITON_SMALL") != "1"
+# interpreter: tl.dot on bf16 is wrong there (triton 3.9), so bf16 runs on CUDA only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# fp32: the chunk cumsum of the gates is fp32, so exp(b_i - b_j) carries an error of
+# about |b| * 6e-8 (|b| up to 64 * |g|); 1e-5 holds for GLA-sized gates
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
+DIMS = [(64, 64), (128, 128), (256, 128), (64, 256)] if REAL else [(32, 48)]
+TS = [1, 65, 1000] if REAL else [1, 63, 65, 130]
+H = 4 if REAL else 2
+
+
+def rel(a, b):
+    a = torch.as_tensor(np.asarray(a.detach().cpu().double()) if torch.is_tensor(a) else a).double()
+    b = torch.as_tensor(np.asarray(b.detach().cpu().double()) if torch.is_tensor(b) else b).double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def naive(q, k, v, g, scale, h0):
+    """Plain torch recurrence (float64 on CPU) for autograd."""
+    B, T, Hh, K = q.shape
+    S = h0.clone() if h0 is not None else q.new_zeros(B, Hh, K, v.shape[-1])
+    out = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None] + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), S
+
+
+def make(B, T, K, V, dtype, gates="mixed", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
+    if gates == "weak":
+        g = -torch.rand(B, T, H, K, generator=gen) * 1e-3
+    else:  # "gla": logsigmoid/8, the fast path
+        g = torch.nn.functional.logsigmoid(r(B, T, H, K)) / 8
+        if gates == "mixed":  # strong channels: log gates between -10 and -1e4
+            n = max(1, K // 8)
+            g[..., :n] = -10 - torch.rand(B, T, H, n, generator=gen) * (1e4 - 10)
+    h0 = r(B, H, K, V)
+    return [x.to(DEV) for x in (q.to(dtype), k.to(dtype), v.to(dtype), g, h0)]
+
+
+def grads_ref(q, k, v, g, h0, do, dht, scale=None):
+    ins = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, g, h0)]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, s = naive(*ins[:4], scale, ins[4])
+    ((o * do.cpu().double()).sum() + (s * dht.cpu().double()).sum()).backward()
+    return o, s, [x.grad for x in ins]
+
+
+@pytest.mark.parametrize("K,V", DIMS)
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gates", ["mixed", "gla"])
+@pytest.mark.parametrize("op", ["chunk", "recurrent"])
+def test_forward_vs_spec(op, gates, dtype, T, K, V):
+    if op == "recurrent" and T > 130:
+        pytest.skip("token-by-token: short sequences")
+    q, k, v, g, h0 = make(2, T, K, V, dtype, gates, seed=T)
+    f = chunk_gla if op == "chunk" else fused_recurrent_gla
+    o, ht = f(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.dtype == dtype and ht.dtype == torch.float32 and ht.shape == (2, H, K, V)
+    ro, rs = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)),
+                                initial_state=h0.cpu().numpy())
+    assert rel(o, ro) <= TOL[dtype]
+    assert rel(ht, rs) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("gates", ["mixed", "weak", "gla"])
+@pytest.mark.parametrize("T", [63, 130] if not REAL else [65, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["chunk", "recurrent"])
+def test_backward_vs_autograd(op, dtype, T, gates):
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    q, k, v, g, h0 = make(2, T, K, V, dtype, gates, seed=7 + T)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    f = chunk_gla if op == "chunk" else fused_recurrent_gla
+    o, ht = f(*ins[:4], initial_state=ins[4], output_final_state=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen).to(DEV, dtype)
+    dht = torch.randn(ht.shape, generator=gen).to(DEV)
+    ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+    ro, rs, rg = grads_ref(q, k, v, g, h0, do, dht)
+    assert rel(o, ro) <= TOL[dtype]
+    # bf16/fp16 gradients pass through more rounded products than the output
+    tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
+    for name, x, r in zip("q k v g h0".split(), ins, rg):
+        assert x.grad.dtype == x.dtype
+        assert rel(x.grad, r) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_path_equals_fast_path(dtype, monkeypatch):
+    """GLA-sized gates take the one-reference fast path; force the exact sub-chunk path
+    on the same inputs and check both against the reference."""
+    from regla_torch.ops.triton import chunk as C
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    q, k, v, g, h0 = make(2, 100, K, V, dtype, "gla", seed=21)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(2, 100, H, V, generator=gen).to(DEV, dtype)
+    _, _, rg = grads_ref(q, k, v, g, h0, do, torch.zeros(2, H, K, V, device=DEV))
+    for span in (C.SPAN, -1.0):
+        monkeypatch.setattr(C, "SPAN", span)
+        ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+        o, _ = chunk_gla(*ins[:4], initial_state=ins[4])
+        (o.float() * do.float()).sum().backward()
+        tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
+        for name, x, r in zip("q k v g h0".split(), ins, rg):
+            assert rel(x.grad, r) <= tol, (span, name)
+
+
+def test_no_initial_state_no_final_state():
+    q, k, v, g, _ = make(1, 70, *DIMS[0], torch.float32, seed=3)
+    o, ht = chunk_gla(q, k, v, g, scale=0.5)
+    assert ht is None
+    ro, _ = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)), scale=0.5)
+    assert rel(o, ro) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_matches_one_by_one(dtype):
+    K, V = DIMS[0]
+    lens = [1, 63, 65, 30] if not REAL else [1, 63, 65, 700, 130]
+    T = sum(lens)
+    q, k, v, g, _ = make(1, T, K, V, dtype, seed=11)
+    h0 = torch.randn(len(lens), H, K, V, device=DEV)
+    cu = torch.tensor([0] + list(np.cumsum(lens)), device=DEV, dtype=torch.int32)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o, ht = chunk_gla(*ins[:4], initial_state=ins[4], output_final_state=True, cu_seqlens=cu)
+    assert ht.shape == (len(lens), H, K, V)
+    do = torch.randn_like(o)
+    ((o.float() * do.float()).sum() + ht.sum()).backward()
+    ro, rs = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)),
+                                initial_state=h0.cpu().numpy(), cu_seqlens=cu.cpu().numpy())
+    assert rel(o, ro) <= TOL[dtype] and rel(ht, rs) <= TOL[dtype]
+    # one by one: the same per-chunk arithmetic; fp32 agrees to rounding, and half
+    # precision within a few flipped last bits (tile code may be specialised
+    # differently for the two layouts); mixing segments would be an O(1) error
+    tight = 1e-6 if dtype == torch.float32 else 1e-3
+    oo, hh, gr = [], [], [[] for _ in range(5)]
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        one = [x[:, a:b].clone().requires_grad_() for x in (q, k, v, g)]
+        one.append(h0[n:n + 1].clone().requires_grad_())
+        o1, h1 = chunk_gla(*one[:4], initial_state=one[4], output_final_state=True)
+        ((o1.float() * do[:, a:b].float()).sum() + h1.sum()).backward()
+        oo.append(o1), hh.append(h1)
+        for i in range(5):
+            gr[i].append(one[i].grad)
+    assert rel(o, torch.cat(oo, 1)) <= tight
+    assert rel(ht, torch.cat(hh, 0)) <= tight
+    for i, x in enumerate(ins):
+        assert rel(x.grad, torch.cat(gr[i], 0 if i == 4 else 1)) <= tight
+
+
+def test_varlen_recurrent():
+    K, V = DIMS[0]
+    lens = [5, 64, 1, 20]
+    q, k, v, g, _ = make(1, sum(lens), K, V, torch.float32, seed=5)
+    cu = torch.tensor([0] + list(np.cumsum(lens)), device=DEV, dtype=torch.int64)
+    o, ht = fused_recurrent_gla(q, k, v, g, output_final_state=True, cu_seqlens=cu)
+    ro, rs = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)),
+                                cu_seqlens=cu.cpu().numpy())
+    assert rel(o, ro) <= 1e-5 and rel(ht, rs) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_step_in_place(dtype):
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    B, T = 3, 5
+    q, k, v, g, h0 = make(B, T, K, V, dtype, seed=9)
+    state = h0.clone()
+    ptr = state.data_ptr()
+    out = torch.empty(B, 1, H, V, device=DEV, dtype=dtype)
+    outs = []
+    for t in range(T):
+        r = fused_recurrent_gla_step_(q[:, t:t + 1].contiguous(), k[:, t:t + 1].contiguous(),
+                                      v[:, t:t + 1].contiguous(), g[:, t:t + 1].contiguous(),
+                                      state, out=out)
+        assert r is out
+        outs.append(out.clone())
+    assert state.data_ptr() == ptr
+    ro, rs = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)),
+                                initial_state=h0.cpu().numpy())
+    assert rel(torch.cat(outs, 1), ro) <= TOL[dtype]
+    assert rel(state, rs) <= 1e-5
+
+
+def naive_gsa(q, k, v, s, g, scale):
+    B, T, Hh, K = q.shape
+    M, V = s.shape[-1], v.shape[-1]
+    hk = torch.zeros(B, Hh, K, M, dtype=torch.float64)
+    hv = torch.zeros(B, Hh, M, V, dtype=torch.float64)
+    out = []
+    for t in range(T):
+        a = g[:, t].exp()
+        hk = hk * a[:, :, None, :] + k[:, t, :, :, None] * s[:, t, :, None, :]
+        hv = hv * a[..., None] + s[:, t, :, :, None] * v[:, t, :, None, :]
+        p = torch.softmax(scale * torch.einsum("bhk,bhkm->bhm", q[:, t], hk), -1)
+        out.append(torch.einsum("bhm,bhmv->bhv", p, hv))
+    return torch.stack(out, 1), hk, hv
+
+
+def naive_gv(q, k, v, gk, gv, scale, h0):
+    B, T, Hh, K = q.shape
+    S = h0.clone() if h0 is not None else q.new_zeros(B, Hh, K, v.shape[-1])
+    out = []
+    for t in range(T):
+        if gk is not None:
+            S = S * gk[:, t].exp()[..., None]
+        if gv is not None:
+            S = S * gv[:, t].exp()[..., None, :]
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), S
+
+
+@pytest.mark.parametrize("gates", ["k", "v", "kv"])
+def test_two_sided_gates_forward_backward(gates):
+    from regla_torch.ops.triton import fused_recurrent_gla_gv
+    K, V = DIMS[0]
+    B, T = 2, 40
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=gen)) / 4
+    gv = torch.nn.functional.logsigmoid(torch.randn(B, T, H, V, generator=gen)) / 4
+    gk[..., :2] = -1e4  # strong channels stay finite token by token
+    gk = gk if "k" in gates else None
+    gv = gv if "v" in gates else None
+    h0 = torch.randn(B, H, K, V, generator=gen)
+    leaves = [x for x in (q, k, v, gk, gv, h0) if x is not None]
+    ins = [x.to(DEV).requires_grad_() for x in leaves]
+    refs = [x.detach().double().requires_grad_() for x in leaves]
+
+    def unpack(xs):
+        it = iter(xs)
+        q_, k_, v_ = next(it), next(it), next(it)
+        gk_ = next(it) if gk is not None else None
+        gv_ = next(it) if gv is not None else None
+        return q_, k_, v_, gk_, gv_, next(it)
+
+    q_, k_, v_, gk_, gv_, h_ = unpack(ins)
+    o, ht = fused_recurrent_gla_gv(q_, k_, v_, gk_, gv_, scale=0.3, initial_state=h_,
+                                   output_final_state=True)
+    ro, rs = naive_gv(*unpack(refs)[:5], 0.3, unpack(refs)[5])
+    do = torch.randn(o.shape, generator=gen)
+    dht = torch.randn(ht.shape, generator=gen)
+    ((o * do.to(DEV)).sum() + (ht * dht.to(DEV)).sum()).backward()
+    ((ro * do.double()).sum() + (rs * dht.double()).sum()).backward()
+    assert rel(o, ro) <= 1e-5 and rel(ht, rs) <= 1e-5
+    for x, r in zip(ins, refs):
+        assert rel(x.grad, r.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("op", ["recurrent", "chunk"])
+def test_gsa_forward_backward(op):
+    K, V = DIMS[0]
+    M = 16 if not REAL else 64
+    B, T = 2, 70
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, M, generator=gen)) / 8
+    s = 1 - g.exp()
+    f = fused_recurrent_gsa if op == "recurrent" else chunk_gsa
+    ins = [x.to(DEV).requires_grad_() for x in (q, k, v, s, g)]
+    o, (hk, hv) = f(*ins, scale=0.25, output_final_state=True)
+    refs = [x.detach().double().requires_grad_() for x in (q, k, v, s, g)]
+    ro, rk, rv = naive_gsa(*refs, 0.25)
+    assert hk.shape == (B, H, K, M) and hv.shape == (B, H, M, V)
+    assert rel(o, ro) <= 1e-5 and rel(hk, rk) <= 1e-5 and rel(hv, rv) <= 1e-5
+    do = torch.randn(o.shape, generator=gen)
+    (o * do.to(DEV)).sum().backward()
+    (ro * do.double()).sum().backward()
+    for name, x, r in zip("q k v s g".split(), ins, refs):
+        assert rel(x.grad, r.grad) <= 1e-5, name
+
+
+@pytest.mark.skipif(not REAL, reason="long sequence: CUDA only")
+def test_long_strong_gates_bf16_finite():
+    B, T, Hh, K = 1, 65536, 2, 128
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(B, T, Hh, K, device=DEV, generator=gen, dtype=torch.bfloat16)
+               .requires_grad_() for _ in range(3))
+    g = -torch.rand(B, T, Hh, K, device=DEV, generator=gen) * 1e4
+    g[..., K // 2:] = torch.nn.functional.logsigmoid(g[..., K // 2:] / 1e3) / 16
+    g.requires_grad_()
+    o, ht = chunk_gla(q, k, v, g, output_final_state=True)
+    (o.float().sum() + ht.sum()).backward()
+    for x in (o, ht, q.grad, k.grad, v.grad, g.grad):
+        assert torch.isfinite(x).all()
+    # the last 300 tokens against the recurrence started from the chunked state there
+    t0 = T - 300
+    _, h_mid = chunk_gla(q[:, :t0].detach(), k[:, :t0].detach(), v[:, :t0].detach(),
+                         g[:, :t0].detach(), output_final_state=True)
+    ro, _ = spec.recurrent_gla(*(x[:, t0:].detach().cpu().double().numpy() for x in (q, k, v, g)),
+                               initial_state=h_mid.cpu().numpy())
+    assert rel(o[:, t0:], ro) <= 5e-3
