@@ -29,7 +29,8 @@ from regla.spec import ConfigError, check_weights
 
 from .model import Model
 
-DTYPES = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32}
+DTYPES = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32,
+          "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -51,6 +52,8 @@ def load_model(path_or_repo, dtype: Optional[str] = None) -> Model:
 
     ``dtype`` (bf16 | f16 | f32) casts the floating weights; None keeps the checkpoint's.
     """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     folder = checkpoint.resolve(path_or_repo)
     config = checkpoint.read_config(folder)
     args = checkpoint.read_args(folder)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Rebuild regla/default_model/, the model `regla chat` / `regla generate` use when no --model
+# is given. Exactly the commands that produced the shipped files (README_default_model.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# 1. The texts, from Debian packages (needs root): the King James Bible (public domain; read
+#    with the `bible` program that bible-kjv-text pulls in) and the Python 3.11 docs (PSF License).
+apt-get install -y bible-kjv-text python3.11-doc
+
+# 2. Corpus -> byte-level BPE of 8192 tokens, train.bin / val.bin (uint16), tokenizer/ (~10 s).
+python examples/prepare_default_corpus.py train_data --vocab 8192
+
+# 3. Train: 5.6M parameters, 2500 steps of 8 x 256 tokens (5.1M tokens, 1.3 epochs).
+#    --device cpu reproduces the shipped weights (~30 min on 2 cores); on a GPU drop it.
+regla train --data train_data/train.bin --val-data train_data/val.bin --tokenizer train_data/tokenizer \
+  --preset 10m --model '{"num_hidden_layers": 4}' --seq-len 256 --batch-size 8 --max-steps 2500 \
+  --lr 2e-3 --warmup-steps 100 --eval-interval 500 --eval-batches 16 --save-interval 500 \
+  --export-dtype bf16 --device cpu --no-progress --out runs/default_model
+
+# 4. Into the package: one bf16 model.safetensors, config.json, tokenizer files.
+python examples/pack_default_model.py runs/default_model/final regla/default_model

@@ -1,0 +1,516 @@
+"""`regla train`: the training loop, read top to bottom (nanoGPT's shape).
+
+One process:                 regla train --data corpus/ --preset 10m --out runs/x
+Many GPUs (DDP, or --fsdp):  torchrun --nproc_per_node 8 -m regla.cli train ...
+
+Every process reads the same memory-mapped token stream; the data order is a function of
+(seed, sample index) alone (``regla_torch.data.Windows``), so a resumed run and a run on
+another number of processes with the same global batch see the same samples per step.
+Each micro-batch is one packed row with ``cu_seqlens``: documents (ended by EOS) and
+windows never attend across each other.
+
+Checkpoints are Hugging Face folders (``save_pretrained`` + tokenizer) with a
+``trainer_state.pt`` beside (optimizer, scheduler, step, data position, RNG states),
+written to a temporary folder and renamed, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from regla import checkpoint as ckpt
+from regla.spec import ConfigError, ModelArgs
+
+from .data import DataError, Windows, load_corpus, open_tokens, pack, expand, read_documents, tokenize_documents
+
+# Model presets. Parameter counts are with tied embeddings at an 8192-token vocabulary for
+# the small ones and untied at 32000 for the large ones (the vocabulary comes from the
+# tokenizer; the embeddings are the rest of the difference).
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, tie_word_embeddings=True),  # tests
+    "10m": dict(hidden_size=256, num_hidden_layers=6, num_heads=4, tie_word_embeddings=True),   # 7M
+    "15m": dict(hidden_size=384, num_hidden_layers=6, num_heads=4, tie_word_embeddings=True),   # 14M
+    "40m": dict(hidden_size=512, num_hidden_layers=8, num_heads=4, tie_word_embeddings=True),   # 30M
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_heads=4),                            # 135M
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4),                           # 375M (fla gla-340M)
+    "760m": dict(hidden_size=1536, num_hidden_layers=24, num_heads=4),                           # 780M
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=4),                           # 1.37B (fla gla-1.3B)
+}
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or resume; raised before anything is written."""
+
+
+@dataclass
+class TrainConfig:
+    data: list = field(default_factory=list)       # text/JSONL files or folders, or .bin/.npy token files
+    val_data: list = field(default_factory=list)   # held-out files; empty: the corpus' last val_fraction
+    val_fraction: float = 0.01
+    tokenizer: str = "bytes"                       # bytes | bpe:N | a tokenizer folder or hub id
+    out: str = "runs/regla"
+    preset: str = "10m"
+    model: dict = field(default_factory=dict)      # ModelArgs fields over the preset (attn_type, softmax_layers, ...)
+    seq_len: int = 512
+    batch_size: int = 8                            # sequences per micro-step and process
+    grad_accum: int = 1                            # micro-steps per optimizer step
+    max_steps: int = 1000
+    time_limit: float = 0.0                        # seconds; >0 fits max_steps to it after 20 timed steps
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 200
+    eval_batches: int = 20
+    save_interval: int = 500
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "auto"                           # auto | cpu | cuda
+    dtype: str = "auto"                            # autocast: auto (bf16 on CUDA, none on CPU) | bf16 | fp32
+    fsdp: bool = False
+    resume: bool = False
+    export_dtype: str = "fp32"                     # dtype of the final model written to OUT/final
+    max_shard_size: str = "2GB"
+    progress: bool = True
+
+    @classmethod
+    def from_json(cls, path) -> "TrainConfig":
+        """Training fields at the top level; model fields either under "model" or top level too."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainError(f"--config {path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise TrainError(f"--config {path}: not valid JSON ({e})") from None
+        own = {f.name for f in dataclasses.fields(cls)}
+        model = dict(d.pop("model", {}))
+        for k in list(d):
+            if k not in own:
+                if k in ModelArgs.__dataclass_fields__:
+                    model[k] = d.pop(k)
+                else:
+                    raise TrainError(f"--config {path}: unknown field {k!r} (neither a training nor a model field)")
+        return cls(**d, model=model)
+
+
+# --------------------------------------------------------------------- helpers
+def model_args(cfg: TrainConfig, tokenizer) -> ModelArgs:
+    if cfg.preset not in PRESETS:
+        raise TrainError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    d = {**PRESETS[cfg.preset], **cfg.model}
+    d.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+             pad_token_id=tokenizer.pad_token_id)
+    d.setdefault("max_position_embeddings", max(2048, cfg.seq_len))
+    try:
+        return ModelArgs.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise TrainError(f"model config: {e}") from None
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup, then cosine from lr down to lr*min_lr_ratio at ``total``; a factor of lr."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (unfinished ones are still ``.tmp-*`` folders)."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def rng_state() -> dict:
+    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def read_resume_state(folder: Path, args: ModelArgs):
+    """Everything needed to resume from ``folder``, checked, or a TrainError; nothing is changed."""
+    state_file = folder / "trainer_state.pt"
+    if not state_file.exists():
+        raise TrainError(f"{folder} has no trainer_state.pt: it is an exported model, not a checkpoint "
+                         "to resume from")
+    try:
+        saved_args = ckpt.read_args(folder)
+        weights = ckpt.read_weights(folder, "pt")
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"cannot resume: {e}") from None
+    mine, theirs = args.to_dict(), saved_args.to_dict()
+    diff = {k: (theirs[k], mine[k]) for k in mine if theirs.get(k) != mine[k]}
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise TrainError(f"cannot resume from {folder}: the model config differs ({what}). "
+                         "Resume with the same preset/model/tokenizer, or start a new --out.")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged pickle/zip
+        raise TrainError(f"cannot resume: {state_file} is damaged ({type(e).__name__}: {e})") from None
+    missing = {"step", "samples", "optimizer", "scheduler", "rng", "max_steps", "config", "world_size"} - set(state)
+    if missing:
+        raise TrainError(f"cannot resume: {state_file} lacks {', '.join(sorted(missing))}; "
+                         "it was not written by this version of regla train")
+    return weights, state
+
+
+# Fields that fix the data order and the optimization: a resumed run must keep them, or it
+# would not continue the same run. (The split of the global batch into processes, micro-batches
+# and accumulation may change.)
+RESUME_FIXED = ("data", "val_data", "val_fraction", "tokenizer", "seq_len", "max_steps", "lr", "min_lr_ratio",
+                "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "time_limit")
+
+
+def check_resume_config(cfg: TrainConfig, state: dict, world: int, folder: Path):
+    saved = state["config"]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIXED
+            if saved.get(k) != getattr(cfg, k)]
+    was = saved["batch_size"] * saved["grad_accum"] * state["world_size"]
+    now = cfg.batch_size * cfg.grad_accum * world
+    if was != now:
+        diff.append(f"global batch (batch_size x grad_accum x processes): checkpoint {was} vs now {now}")
+    if diff:
+        raise TrainError(f"cannot resume from {folder}: the run's settings differ ({'; '.join(diff)}). "
+                         "Resume with the run's own settings (`regla train --out RUN --resume` reads them "
+                         "from RUN/train_config.json), or start a new --out.")
+
+
+def log(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+# ------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Run (or resume) a training run; returns the last metrics. ``on_step(step, loss)`` is
+    called after every optimizer step (tests use it to simulate a crash)."""
+    # ---- processes and devices (torchrun sets these; one process otherwise)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, on_step, world, rank, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, on_step, world, rank, device):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from transformers.utils import logging as hf_logging
+
+    from .model import ReGLAConfig, ReGLAForCausalLM
+
+    hf_logging.disable_progress_bar()  # one bar (ours); not one per saved shard
+
+    run_start = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.seq_len < 2 or cfg.max_steps < 1:
+        raise TrainError("batch_size, grad_accum and max_steps must be >= 1 and seq_len >= 2")
+    if cfg.export_dtype not in ("fp32", "bf16", "fp16"):
+        raise TrainError(f"export_dtype must be fp32, bf16 or fp16, not {cfg.export_dtype!r}")
+    amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+           "fp32": None}.get(cfg.dtype, "bad")
+    if amp == "bad":
+        raise TrainError(f"dtype must be auto, bf16 or fp32, not {cfg.dtype!r}")
+
+    # ---- data (every check before anything is written)
+    if not cfg.data:
+        raise TrainError("no training data: pass --data FILE_OR_FOLDER (text, JSONL, .bin or .npy)")
+    try:
+        tokenizer, tokens = load_corpus(cfg.data, cfg.tokenizer)
+        if cfg.val_data:
+            vfiles = expand(cfg.val_data)
+            if vfiles[0].suffix in (".bin", ".npy"):
+                val_tokens = open_tokens(vfiles, len(tokenizer))
+            else:
+                val_tokens = tokenize_documents(read_documents(vfiles), tokenizer)
+        else:
+            n_val = max(cfg.seq_len, int(len(tokens) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+            if n_val and len(tokens) - n_val < cfg.seq_len:
+                raise DataError(f"the corpus ({len(tokens)} tokens) is too small to hold out "
+                                f"{n_val} validation tokens and still train on windows of {cfg.seq_len}")
+            tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+        train_windows = Windows(tokens, cfg.seq_len, cfg.seed)
+        val_windows = Windows(val_tokens, cfg.seq_len, cfg.seed) if len(val_tokens) >= cfg.seq_len else None
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    eos = tokenizer.eos_token_id
+    args = model_args(cfg, tokenizer)
+
+    # ---- resume or start fresh
+    existing = checkpoints(out) if out.exists() else []
+    resume_weights, state = None, None
+    if cfg.resume:
+        if not existing:
+            raise TrainError(f"--resume: {out} holds no checkpoint-* folder to resume from")
+        resume_weights, state = read_resume_state(existing[-1], args)
+        check_resume_config(cfg, state, world, existing[-1])
+    elif existing:
+        raise TrainError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to "
+                         "continue that run or choose another --out")
+
+    # ---- model, optimizer, schedule
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict()))
+    if resume_weights is not None:
+        if args.tie_word_embeddings:
+            resume_weights["lm_head.weight"] = resume_weights["model.embeddings.weight"]
+        try:
+            model.load_state_dict(resume_weights, strict=True)
+        except RuntimeError as e:
+            raise TrainError(f"cannot resume: the checkpoint's weights do not fit the model ({e})") from None
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    core = model
+    if world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    decay = [p for n, p in core.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in core.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")
+    total = [cfg.max_steps]  # a list so --time-limit can shorten it once measured
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, total[0]))
+    step, samples = 0, 0
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        try:
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise TrainError(f"cannot resume: the optimizer state does not fit this model ({e})") from None
+        step, samples, total[0] = state["step"], state["samples"], state["max_steps"]
+        set_rng_state(state["rng"])
+
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    tokens_per_step = global_batch * cfg.seq_len
+    log(rank, f"model {args.attn_type} (softmax layers {args.softmax_layers or 'none'}): {n_params / 1e6:.2f}M "
+              f"parameters | {len(tokens):,} training tokens ({train_windows.count:,} windows of {cfg.seq_len}) | "
+              f"{world} process(es) on {device.type}{' FSDP' if cfg.fsdp and world > 1 else ''} | "
+              f"global batch {global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens/step")
+    if state is not None:
+        log(rank, f"resumed from {existing[-1]} at step {step}")
+
+    def batch(first_sample):
+        rows = [train_windows.sample(first_sample + i) for i in range(cfg.batch_size)]
+        ids, labels, cu = pack(rows, eos)
+        return (torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device),
+                torch.from_numpy(cu).to(device=device, dtype=torch.int32))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean token loss over the first eval_batches*batch_size validation windows (split by rank)."""
+        model.eval()
+        n = min(val_windows.count, cfg.eval_batches * cfg.batch_size)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        # Every rank runs the same number of forwards (FSDP's are collective); a rank past the
+        # end runs window 0 and counts nothing.
+        for r in range(-(-n // (world * cfg.batch_size))):
+            start = (r * world + rank) * cfg.batch_size
+            weight = 1.0 if start < n else 0.0
+            rows = [val_windows.window(w) for w in range(start, min(n, start + cfg.batch_size))] or [val_windows.window(0)]
+            ids, labels, cu = pack(rows, eos)
+            ids_t, lab_t = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
+            with autocast():
+                out_ = model(input_ids=ids_t, labels=lab_t, use_cache=False,
+                             cu_seqlens=torch.from_numpy(cu).to(device=device, dtype=torch.int32))
+            count = int((lab_t[:, 1:] != -100).sum()) * weight
+            loss_sum += torch.tensor([out_.loss.double().item() * count, count], device=device, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        model.train()
+        return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+
+    def save(folder_name, with_state, dtype=None):
+        """Write a checkpoint (or the exported model) to a temp folder, then rename it into place.
+        Under FSDP every rank takes part in gathering the full state; rank 0 writes."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, opt, options=opts) if with_state else None
+        if rank == 0:
+            final = out / folder_name
+            tmp = out / f".tmp-{folder_name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            msd = {k: v.detach().cpu() for k, v in msd.items()}
+            if dtype is not None:
+                msd = {k: v.to(dtype) for k, v in msd.items()}
+            if args.tie_word_embeddings:
+                msd.pop("lm_head.weight", None)
+            core.save_pretrained(tmp, state_dict=msd, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+            if dtype is not None:  # save_pretrained records the live model's dtype, not the file's
+                conf = json.loads((tmp / "config.json").read_text())
+                conf["dtype"] = str(dtype).replace("torch.", "")
+                (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+            tokenizer.save_pretrained(tmp)
+            if with_state:
+                torch.save({"step": step, "samples": samples, "max_steps": total[0], "optimizer": osd,
+                            "scheduler": sched.state_dict(), "rng": rng_state(), "world_size": world,
+                            "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
+            if final.exists():  # an export of the same name from an earlier run: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if with_state:
+                for old in checkpoints(out)[: -cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+        if world > 1:
+            dist.barrier()
+
+    # ---- the log: one JSON line per step; on resume, lines past the checkpoint are dropped
+    # (they belong to the steps the crash lost and will be trained again)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = out / "log.jsonl"
+        if state is not None and log_file.exists():
+            kept = [l for l in log_file.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+            log_file.write_text("".join(l + "\n" for l in kept))
+        elif state is None:
+            log_file.write_text("")
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    def write_log(rec):
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    # ---- the loop
+    model.train()
+    metrics = {}
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                        TextColumn("ETA"), TimeRemainingColumn(), disable=rank != 0 or not cfg.progress)
+    timing = {"t0": None, "s0": None}
+    with progress:
+        task = progress.add_task("train", total=total[0], completed=step, loss=float("nan"), tps=0.0)
+        t_last = time.perf_counter()
+        while step < total[0]:
+            loss_acc = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                first = samples + (micro * world + rank) * cfg.batch_size
+                ids, labels, cu = batch(first)
+                # Sync gradients only on the last micro-step (DDP); FSDP reduces every backward.
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                with (nullcontext() if sync else model.no_sync()), autocast():
+                    loss = model(input_ids=ids, labels=labels, cu_seqlens=cu, use_cache=False).loss
+                (loss / cfg.grad_accum).backward()
+                loss_acc += loss.detach() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            else:
+                gnorm = float("nan")
+            lr_now = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            samples += global_batch
+            if world > 1:
+                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+                if device.type != "cuda":  # gloo has no AVG
+                    loss_acc /= world
+            loss_val = loss_acc.item()
+            if not math.isfinite(loss_val) or not math.isfinite(gnorm if cfg.grad_clip > 0 else 0.0):
+                # Stop before a non-finite update reaches a checkpoint; the last one stays usable.
+                raise TrainError(f"step {step}: loss {loss_val}, gradient norm {gnorm}: training diverged. "
+                                 "Lower --lr, raise --warmup-steps or try --dtype fp32, then --resume.")
+            now = time.perf_counter()
+            tps = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            rec = {"step": step, "loss": loss_val, "lr": lr_now, "grad_norm": gnorm, "tokens_per_s": tps}
+            progress.update(task, completed=step, loss=loss_val, tps=tps)
+
+            # --time-limit: after 20 timed steps (past compilation/autotuning) fit max_steps
+            # to the time left; the warmup is not over yet, so only the cosine is stretched.
+            if cfg.time_limit > 0 and state is None:
+                if step == 5:
+                    timing["t0"], timing["s0"] = now, step
+                elif step == 25:
+                    per_step = (now - timing["t0"]) / (step - timing["s0"])
+                    evals = max(1, total[0] // max(1, cfg.eval_interval))
+                    budget = cfg.time_limit - (now - run_start) - 30.0 - evals * 2.0
+                    new_total = max(step + 1, min(total[0], step + int(budget / per_step)))
+                    if new_total != total[0]:
+                        log(rank, f"--time-limit: {per_step * 1e3:.0f} ms/step, max_steps {total[0]} -> {new_total}")
+                        total[0] = new_total
+                        progress.update(task, total=new_total)
+            if step % cfg.eval_interval == 0 or step == total[0]:
+                if val_windows is not None:
+                    vl = evaluate()
+                    rec.update(val_loss=vl, val_ppl=math.exp(min(vl, 50)))
+                    progress.console.print(f"step {step}: val loss {vl:.4f}, perplexity {math.exp(min(vl, 50)):.2f}")
+            if rank == 0 and (step % cfg.log_interval == 0 or step == total[0]) and not cfg.progress:
+                print(f"step {step}/{total[0]} loss {loss_val:.4f} lr {lr_now:.2e} {tps:,.0f} tok/s", flush=True)
+            write_log(rec)
+            metrics = rec
+            if step % cfg.save_interval == 0 or step == total[0]:
+                save(f"checkpoint-{step}", with_state=True)
+            if on_step is not None:
+                on_step(step, loss_val)
+            t_last = time.perf_counter()  # tokens/s counts training, not evaluation or saving
+    if not metrics:
+        log(rank, f"the run in {out} had already reached its last step ({step}); writing {out / 'final'} again")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.export_dtype]
+    save("final", with_state=False, dtype=dt)
+    if metrics:
+        log(rank, f"done: step {step}, loss {metrics['loss']:.4f}"
+                  + (f", val perplexity {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else "")
+                  + f"; model in {out / 'final'}")
+    return metrics
+
