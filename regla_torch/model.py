@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from regla.spec import ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, fused_recurrent_gla
+from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
 # name this version's generate() reads back.
@@ -125,13 +126,24 @@ def feature_map(x, name):
     raise ValueError(f"unknown feature_map {name!r}")
 
 
-def safe_exp_keys(k, m_prev=None):
+def safe_exp_keys(k, m_prev=None, seg=None):
     """Causal safe-exp key map: ``(exp(k - m_t), log-gate term -(m_t - m_{t-1}), m_T)``.
 
     ``m`` is a running max over time and channels per head, detached: the normalized output
-    does not depend on it (MATH.md section 2).
+    does not depend on it (MATH.md section 2). ``seg`` ([T] sequence index of a packed row,
+    B == 1) restarts it at every sequence.
     """
     tok = k.detach().amax(-1)  # [B,T,H]
+    if seg is not None:
+        # One cummax for the whole row: lift each sequence above every earlier one (float64 keeps
+        # the lift exact enough), so no maximum leaks across a sequence start.
+        t = tok.double()
+        lift = seg.double()[None, :, None] * 2.0 * (float(t.max() - t.min()) + 1.0)
+        m = (torch.cummax(t + lift, 1).values - lift).to(tok.dtype)
+        first = torch.ones_like(seg, dtype=torch.bool)
+        first[1:] = seg[1:] != seg[:-1]
+        m_before = torch.where(first[None, :, None], m, torch.cat([m[:, :1], m[:, :-1]], 1))
+        return torch.exp(k - m[..., None]), -(m - m_before), m[:, -1]
     if m_prev is not None:
         tok = torch.cat([m_prev[:, None].to(tok.dtype), tok], 1)
     m = torch.cummax(tok, 1).values
@@ -187,7 +199,12 @@ class LinearAttention(nn.Module):
         S0, m0 = (None, None) if state is None else state
         q = feature_map(q, a.feature_map)
         m_last = None
-        if a.feature_map == "safe_exp":
+        if a.feature_map == "safe_exp" and cu_seqlens is not None and m0 is None and not use_cache:
+            # packed training row: one pass (a cache needs each sequence's own final max: below)
+            k, term, _ = safe_exp_keys(k.float(), None, segment_ids(cu_seqlens, T))
+            k = k.to(q.dtype)
+            g = g + term[..., None]
+        elif a.feature_map == "safe_exp":
             parts = []
             for n, (s, e) in enumerate(segments(cu_seqlens, T)):
                 mp = None if m0 is None else m0[n:n + 1] if cu_seqlens is not None else m0

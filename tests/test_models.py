@@ -170,3 +170,15 @@ def test_hf_generate_continues_from_a_filled_cache():
     out2 = m.generate(more, cache=cache, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     fresh = m.generate(more, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out2.tolist() == fresh.tolist()
+
+
+@pytest.mark.parametrize("name", ["regla", "gla", "regla-hybrid"])
+def test_packed_training_forward_equals_sequences_one_by_one(name):
+    cfg = tiny(name)
+    m = torch_model(cfg, spec.init_weights(cfg, seed=3, std=0.3)).train()
+    lengths = [7, 1, 70, 30]
+    ids = torch.randint(0, 64, (1, sum(lengths)))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    packed = m(ids, cu_seqlens=cu, use_cache=False).logits
+    alone = torch.cat([m(ids[:, a:b], use_cache=False).logits for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert rel_rms(packed.detach(), alone.detach().numpy()) <= 1e-5

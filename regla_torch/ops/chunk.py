@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from .utils import check_inputs, over_segments, use_triton
+from .utils import check_inputs, over_segments, segment_ids, use_triton
 
 
 def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
-                chunk_size=16):
+                chunk_size=None, segment_ids=None):
     """Chunked gated linear attention with key-side (``gk``) and/or value-side (``gv``) log gates.
 
     Exact form: inside a chunk the decay between positions j <= i is ``exp(b_i - b_j)``
     per channel, formed from the masked difference, so every exponent is <= 0 and any
     finite gate is safe. Memory is O(T * C * D), fine for the reference path; the Triton
     kernels do the same arithmetic with secondary chunking instead.
+
+    ``segment_ids`` (``[T]``, B == 1, no initial state) packs several sequences in one row:
+    scores across sequences are masked and the carried state is dropped where a sequence
+    starts, so a packed batch costs no more than one sequence of the same length.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dtype = q.dtype
-    C = chunk_size
+    # The loop over chunks is sequential: on a GPU, long chunks (fewer launches) win; on a CPU,
+    # short ones (the [C, C, K] decay tensor stays small).
+    C = chunk_size or (64 if q.is_cuda else 16)
     pad = (-T) % C
     f32 = [None if x is None else x.float() for x in (q, k, v, gk, gv)]
     if pad:
@@ -30,6 +36,14 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
                             for x in f32]  # [B, N, H, C, D]
     N = q_.shape[1]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    keep = None
+    if segment_ids is not None:
+        seg = torch.nn.functional.pad(segment_ids, (0, pad), value=int(segment_ids[-1])).view(N, C)
+        entering = torch.cat([seg[:1, :1], seg[:-1, -1:]], 0)  # the sequence the state belongs to
+        causal = causal & (seg[:, :, None] == seg[:, None, :])[None, :, None]  # [1, N, 1, C, C]
+        reads_state = (seg == entering)[None, :, None, :, None].float()
+        reaches_end = (seg == seg[:, -1:])[None, :, None, :, None].float()
+        keep = (seg[:, -1] == entering[:, 0]).float()
     if gk_ is not None:
         bk = gk_.cumsum(3)
         dk = torch.where(causal[..., None], bk[..., :, None, :] - bk[..., None, :, :], float("-inf")).exp()
@@ -46,6 +60,8 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
     else:
         intra = A @ v_
         v_in = v_
+    if keep is not None:
+        q_in, k_in = q_in * reads_state, k_in * reaches_end
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     inter = []
     for n in range(N):
@@ -57,6 +73,8 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
             S = S * bk[:, n, :, -1, :, None].exp()
         if gv_ is not None:
             S = S * bv[:, n, :, -1, None, :].exp()
+        if keep is not None:
+            S = S * keep[n]
         S = S + k_in[:, n].transpose(-1, -2) @ v_in[:, n]
     o = scale * (torch.stack(inter, 1) + intra)  # [B, N, H, C, V]
     o = o.transpose(2, 3).reshape(B, N * C, H, V)[:, :T]
@@ -78,6 +96,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
         from .triton import chunk_gla as triton_chunk_gla
         return triton_chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:
+        if initial_state is None and not output_final_state:  # training: one pass over the row
+            return chunk_gated(q, k, v, g, None, scale, segment_ids=segment_ids(cu_seqlens, q.shape[1]))
         return over_segments(_torch_chunk_gla, q, k, v, g, scale, initial_state, output_final_state,
                              cu_seqlens)
     return _torch_chunk_gla(q, k, v, g, scale, initial_state, output_final_state)

@@ -39,6 +39,12 @@ def over_segments(fn, q, k, v, g, scale, initial_state, output_final_state, cu_s
     return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
 
 
+def segment_ids(cu_seqlens, T):
+    """``[T]`` index of the packed sequence each position belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=T)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the op dispatches to the Triton kernels: CUDA tensors, and only when
     ``REGLA_TRITON=1``. Opt-in until the kernels' test suite passes on the GPU (see
