@@ -8,7 +8,7 @@ For each prefill length T it times the chunk kernel and, for comparison, the tok
 kernel run over the same T tokens (what a recurrent-only backend does for prefill). For
 decode it times one step of the recurrent kernel at several batch sizes. Times are medians
 over repeated runs after a warm-up, each run synchronised with mx.eval. The "GB/s" column
-is the bytes the kernel must move (bench/METAL_PERF_MODEL.md) over the measured time.
+is the bytes the kernel must move (BENCHMARKS.md (section 3)) over the measured time.
 "--layers" scales the per-layer time to the whole model's attention kernels per token.
 """
 
@@ -84,7 +84,7 @@ def main():
         mx.eval(q, k, v, g, h0)
         return q, k, v, g, h0
 
-    # Bytes each kernel must move, per token and layer (METAL_PERF_MODEL.md):
+    # Bytes each kernel must move, per token and layer (BENCHMARKS.md, section 3):
     # q, k, g (H*K each) and v, o (H*V each) once, plus the state in and out per sequence.
     def io_bytes(B, T):
         return B * T * H * (3 * K + 2 * V) * esize + 2 * B * state_bytes
@@ -113,7 +113,7 @@ def main():
         print(f"{B:>4} | {td * 1e6:>9.1f} {B / td:>15.0f} {io_bytes(B, 1) / td / 1e9:>6.1f} |"
               f" {td * L * 1e3:>18.4f}")
     print("\nDecode tokens/s of a whole model are bound by the weights (2.6 GB per token for GLA 1.3B in"
-          " fp16), not by these kernels; see bench/METAL_PERF_MODEL.md.")
+          " fp16), not by these kernels; see BENCHMARKS.md (section 3).")
 
 
 if __name__ == "__main__":
