@@ -39,7 +39,7 @@ def mlx_to_hf(src, dst, dtype: Optional[str] = None, log=print) -> Path:
 
     from regla import checkpoint
     from regla.spec import ConfigError, check_weights
-    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+    from regla_torch.loading import model_from_weights
 
     dst = Path(dst)
     if dst.exists():
@@ -54,13 +54,7 @@ def mlx_to_hf(src, dst, dtype: Optional[str] = None, log=print) -> Path:
         check_weights(weights, args)
     except ConfigError as e:
         raise ConvertError(f"{folder}: {e}") from None
-    with torch.device("meta"):
-        model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict()))
-    if args.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["model.embeddings.weight"]
-    model.load_state_dict(weights, strict=True, assign=True)
-    if args.tie_word_embeddings:
-        model.tie_weights()
+    model = model_from_weights(args, weights)
     if dtype is not None:
         model = model.to(getattr(torch, TORCH_DTYPES[dtype]))
     with staged_output(dst) as tmp:

@@ -16,16 +16,22 @@ def load_checkpoint(path_or_repo, dtype=None, device=None) -> ReGLAForCausalLM:
     weights = checkpoint.read_weights(folder, framework="pt")
     weights = checkpoint.sanitize(weights, args)
     check_weights(weights, args)
-    cfg = ReGLAConfig(**args.to_dict())
-    with torch.device("meta"):
-        model = ReGLAForCausalLM(cfg)
-    if args.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["model.embeddings.weight"]
-    model.load_state_dict(weights, strict=True, assign=True)
-    if args.tie_word_embeddings:
-        model.tie_weights()
+    model = model_from_weights(args, weights)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def model_from_weights(args, weights: dict) -> ReGLAForCausalLM:
+    """A ReGLAForCausalLM holding ``weights`` (checked, sanitized torch tensors) without first
+    allocating random ones."""
+    with torch.device("meta"):
+        model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict()))
+    if args.tie_word_embeddings:
+        weights = {**weights, "lm_head.weight": weights["model.embeddings.weight"]}
+    model.load_state_dict(weights, strict=True, assign=True)
+    if args.tie_word_embeddings:
+        model.tie_weights()
+    return model
