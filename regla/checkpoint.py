@@ -88,10 +88,17 @@ def read_weights(folder: Path, framework: str = "numpy") -> dict:
     out = {}
     for f in weight_files(folder):
         try:
+            if framework == "mlx":
+                # mx.load, not safetensors' "mlx" framework: that goes through NumPy, which has
+                # no bfloat16
+                import mlx.core as mx
+
+                out.update(mx.load(str(f)))
+                continue
             with safe_open(str(f), framework=framework) as sf:
                 for k in sf.keys():
                     out[k] = sf.get_tensor(k)
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f} cannot be read ({e}); the file is damaged or truncated: "
                                   "download or convert it again") from None
     return out

@@ -382,12 +382,10 @@ def _backends():
     try:
         import torch
 
-        from regla_torch import ReGLAConfig, ReGLAForCausalLM
+        from regla_torch.loading import model_from_weights
 
         def run_torch(args, w, ids):
-            m = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval()
-            sd = {k: torch.from_numpy(v) for k, v in w.items()}
-            m.load_state_dict(sd, strict=False)
+            m = model_from_weights(args, {k: torch.from_numpy(v) for k, v in w.items()}).eval()
             with torch.no_grad():
                 return m(torch.from_numpy(ids), use_cache=False).logits.double().numpy()
 
@@ -401,7 +399,7 @@ def _backends():
 
         def run_mlx(args, w, ids):
             m = Model(args)
-            m.load_weights([(k, mx.array(v)) for k, v in w.items()])
+            m.load_weights([(k, mx.array(v)) for k, v in w.items()], strict=True)
             return np.array(m(mx.array(ids)), dtype=np.float64)
 
         yield "mlx", run_mlx

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 import mlx.core as mx
@@ -34,19 +33,6 @@ DTYPES = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32,
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def _read_mlx_weights(folder: Path) -> dict:
-    # mx.load rather than safetensors' "mlx" framework: the latter goes through NumPy,
-    # which has no bfloat16.
-    out = {}
-    for f in checkpoint.weight_files(folder):
-        try:
-            out.update(mx.load(str(f)))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise CheckpointError(f"{f} cannot be read ({e}); the file is damaged or truncated: "
-                                  "download or convert it again") from None
-    return out
-
-
 def load_model(path_or_repo, dtype: Optional[str] = None) -> Model:
     """The model of an MLX folder (``quantization`` entry honoured) or of an HF/fla-hub folder.
 
@@ -57,7 +43,7 @@ def load_model(path_or_repo, dtype: Optional[str] = None) -> Model:
     folder = checkpoint.resolve(path_or_repo)
     config = checkpoint.read_config(folder)
     args = checkpoint.read_args(folder)
-    weights = _read_mlx_weights(folder)
+    weights = checkpoint.read_weights(folder, "mlx")
     model = Model(args)
     weights = model.sanitize(weights)
     quant = config.get("quantization")

@@ -182,3 +182,29 @@ def test_packed_training_forward_equals_sequences_one_by_one(name):
     packed = m(ids, cu_seqlens=cu, use_cache=False).logits
     alone = torch.cat([m(ids[:, a:b], use_cache=False).logits for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
     assert rel_rms(packed.detach(), alone.detach().numpy()) <= 1e-5
+
+
+def test_packed_prefill_leaves_each_sequence_its_own_state():
+    cfg = tiny("regla")
+    m = torch_model(cfg, spec.init_weights(cfg, seed=4, std=0.3))
+    ids = torch.randint(0, 64, (1, 80))
+    cu = torch.tensor([0, 30, 80])
+    cache = m.make_cache()
+    with torch.no_grad():
+        m(ids, cache=cache, use_cache=True, cu_seqlens=cu)
+        for n, (a, b) in enumerate([(0, 30), (30, 80)]):
+            alone = m.make_cache()
+            m(ids[:, a:b], cache=alone, use_cache=True)
+            for packed, single in zip(cache.states, alone.states):
+                for x, y in zip(packed, single):
+                    assert rel_rms(x[n:n + 1], y.numpy()) <= 1e-5
+
+
+def test_cli_spec_check_reports_both_backends_agreeing():
+    from typer.testing import CliRunner
+
+    from regla.cli import app
+
+    r = CliRunner().invoke(app, ["spec-check", "--attn-type", "regla"])
+    assert r.exit_code == 0, r.output
+    assert "regla  torch" in r.output and "regla  mlx" in r.output and "MISMATCH" not in r.output
