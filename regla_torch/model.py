@@ -34,17 +34,14 @@ class ReGLAConfig(PretrainedConfig):
 
     def __init__(self, **kwargs):
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelArgs.__dataclass_fields__}
-        if kwargs.get("model_type") in ("gla", "gsa"):  # an fla config handed over directly
-            own.setdefault("attn_type", kwargs.pop("model_type"))
-        kwargs.pop("model_type", None)
-        args = ModelArgs.from_dict(own)  # fills type defaults, validates
+        # from_dict maps an fla model_type (gla/gsa) to attn_type, fills defaults, validates
+        args = ModelArgs.from_dict({"model_type": kwargs.pop("model_type", "regla"), **own})
         for k, v in args.to_dict().items():
             if k != "model_type":
                 setattr(self, k, v)
-        tie = kwargs.pop("tie_word_embeddings", args.tie_word_embeddings)
-        self.tie_word_embeddings = tie
         super().__init__(bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id,
-                         pad_token_id=args.pad_token_id, tie_word_embeddings=tie, **kwargs)
+                         pad_token_id=args.pad_token_id, tie_word_embeddings=args.tie_word_embeddings,
+                         **kwargs)
 
     @property
     def args(self) -> ModelArgs:
@@ -142,8 +139,10 @@ def safe_exp_keys(k, m_prev=None, seg=None):
         m = (torch.cummax(t + lift, 1).values - lift).to(tok.dtype)
         first = torch.ones_like(seg, dtype=torch.bool)
         first[1:] = seg[1:] != seg[:-1]
+        last = torch.ones_like(first)
+        last[:-1] = first[1:]
         m_before = torch.where(first[None, :, None], m, torch.cat([m[:, :1], m[:, :-1]], 1))
-        return torch.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+        return torch.exp(k - m[..., None]), -(m - m_before), m[0, last]  # m_last: [N, H]
     if m_prev is not None:
         tok = torch.cat([m_prev[:, None].to(tok.dtype), tok], 1)
     m = torch.cummax(tok, 1).values
@@ -199,19 +198,16 @@ class LinearAttention(nn.Module):
         S0, m0 = (None, None) if state is None else state
         q = feature_map(q, a.feature_map)
         m_last = None
-        if a.feature_map == "safe_exp" and cu_seqlens is not None and m0 is None and not use_cache:
-            # packed training row: one pass (a cache needs each sequence's own final max: below)
-            k, term, _ = safe_exp_keys(k.float(), None, segment_ids(cu_seqlens, T))
-            k = k.to(q.dtype)
+        if a.feature_map == "safe_exp":
+            if cu_seqlens is not None and m0 is not None:  # packed sequences carrying states in
+                parts = [safe_exp_keys(k[:, s:e].float(), m0[n:n + 1])
+                         for n, (s, e) in enumerate(segments(cu_seqlens, T))]
+                phi, term, m_last = (torch.cat([p[i] for p in parts], 1 if i < 2 else 0) for i in range(3))
+            else:
+                seg = None if cu_seqlens is None else segment_ids(cu_seqlens, T)
+                phi, term, m_last = safe_exp_keys(k.float(), m0, seg)
+            k = phi.to(q.dtype)
             g = g + term[..., None]
-        elif a.feature_map == "safe_exp":
-            parts = []
-            for n, (s, e) in enumerate(segments(cu_seqlens, T)):
-                mp = None if m0 is None else m0[n:n + 1] if cu_seqlens is not None else m0
-                parts.append(safe_exp_keys(k[:, s:e].float(), mp))
-            k = torch.cat([p[0] for p in parts], 1).to(q.dtype)
-            g = g + torch.cat([p[1] for p in parts], 1)[..., None]
-            m_last = torch.cat([p[2] for p in parts], 0)
         else:
             k = feature_map(k, a.feature_map)
         if G > 1:

@@ -8,7 +8,7 @@ from .utils import check_inputs, over_segments, segment_ids, use_triton
 
 
 def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
-                chunk_size=None, segment_ids=None):
+                chunk_size=16, segment_ids=None):
     """Chunked gated linear attention with key-side (``gk``) and/or value-side (``gv``) log gates.
 
     Exact form: inside a chunk the decay between positions j <= i is ``exp(b_i - b_j)``
@@ -24,9 +24,7 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     dtype = q.dtype
-    # The loop over chunks is sequential: on a GPU, long chunks (fewer launches) win; on a CPU,
-    # short ones (the [C, C, K] decay tensor stays small).
-    C = chunk_size or (64 if q.is_cuda else 16)
+    C = chunk_size
     pad = (-T) % C
     f32 = [None if x is None else x.float() for x in (q, k, v, gk, gv)]
     if pad:
