@@ -225,7 +225,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, on_step, world, rank, device)
+        metrics = _train(cfg, on_step, world, rank, device)
+        if world > 1:
+            # every rank's last collectives (FSDP's are asynchronous) finish before any rank
+            # tears the group down; without it gloo could abort a rank at exit
+            dist.barrier()
+        return metrics
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
