@@ -17,6 +17,7 @@ written to a temporary folder and renamed, so a crash never leaves half a checkp
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -227,8 +228,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     try:
         metrics = _train(cfg, on_step, world, rank, device)
         if world > 1:
-            # every rank's last collectives (FSDP's are asynchronous) finish before any rank
-            # tears the group down; without it gloo could abort a rank at exit
+            # Free the sharded model (its DTensors and device mesh) while the group still exists,
+            # and let every rank finish its last collectives before any tears the group down:
+            # freed later, at interpreter exit, gloo aborted a rank in CI (SIGABRT after "done").
+            gc.collect()
             dist.barrier()
         return metrics
     finally:
