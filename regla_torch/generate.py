@@ -31,11 +31,75 @@ def load_tokenizer(path):
         hf_logging.set_verbosity(level)
 
 
+class GraphStep:
+    """The model's one-token decode step, captured once as a CUDA graph and replayed per token.
+
+    A step of a linear-attention model launches a few dozen small kernels; at batch 1 their
+    launch cost, not the GPU, sets the speed. Every layer keeps a fixed-size state, so the whole
+    step can run from fixed addresses: the token is read from ``self.ids``, the states are the
+    cache's own tensors (the decode kernel updates the big one in place, the small ones are
+    copied back into place inside the graph) and the logits land in ``self.logits``.
+    Softmax layers grow a KV cache and cannot be captured: see ``supported``.
+    """
+
+    def __init__(self, model, cache, batch_size: int):
+        import torch
+
+        self.model, self.cache = model, cache
+        device = next(model.parameters()).device
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.states = [tuple(st) for st in cache.states]
+        saved = [tuple(None if x is None else x.clone() for x in st) for st in self.states]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles kernels outside the capture
+            self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        for st, keep in zip(self.states, saved):  # undo the warm-up's step
+            for x, y in zip(st, keep):
+                if x is not None:
+                    x.copy_(y)
+
+    @staticmethod
+    def supported(model, cache) -> bool:
+        from .ops.utils import use_triton
+
+        p = next(model.parameters())
+        return (p.is_cuda and use_triton(p) and all(cache.is_linear)
+                and all(st is not None for st in cache.states))
+
+    def _step(self):
+        import torch
+
+        seen = self.cache.seen_tokens
+        self.cache.states = [tuple(st) for st in self.states]
+        with torch.no_grad():
+            logits = self.model(self.ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for old, new in zip(self.states, self.cache.states):
+            for x, y in zip(old, new):
+                if x is not None and y.data_ptr() != x.data_ptr():
+                    x.copy_(y)
+        self.cache.states = [tuple(st) for st in self.states]
+        self.cache.seen_tokens = seen
+        return logits
+
+    def __call__(self, ids):
+        """Logits [B, vocab] after feeding ``ids`` [B, 1] (advances the cache one token)."""
+        self.ids.copy_(ids)
+        self.graph.replay()
+        self.cache.seen_tokens += 1
+        return self.logits
+
+
 def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
     """Token ids from the PyTorch model, one cached step each (O(1) per token for linear layers).
 
     Sampling is transformers' own logits processors; the last yielded token is *not* fed to the
-    cache yet (the caller prepends it to the next input), so a stop costs no extra step.
+    cache yet (the caller prepends it to the next input), so a stop costs no extra step. On
+    CUDA the one-token step of an all-linear model runs as a CUDA graph (``GraphStep``).
     """
     import torch
     from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
@@ -51,13 +115,18 @@ def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
             procs.append(TopPLogitsWarper(sampling["top_p"]))
         if sampling.get("min_p", 0.0) > 0:
             procs.append(MinPLogitsWarper(sampling["min_p"]))
+    device = next(model.parameters()).device
     recent = list(context) + list(ids)
-    x = torch.tensor([list(ids)])
-    for _ in range(max_tokens):
-        with torch.no_grad():
-            logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    x = torch.tensor([list(ids)], device=device)
+    step = None
+    for i in range(max_tokens):
+        if step is not None:
+            logits = step(x).float()
+        else:
+            with torch.no_grad():
+                logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         # the same 20-token window mlx-lm's repetition penalty looks at
-        scores = procs(torch.tensor([recent[-20:]]), logits)
+        scores = procs(torch.tensor([recent[-20:]], device=device), logits)
         if temp > 0:
             tok = int(torch.multinomial(torch.softmax(scores, -1), 1))
         else:
@@ -66,7 +135,9 @@ def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
         if tok in eos:
             return
         recent.append(tok)
-        x = torch.tensor([[tok]])
+        x = torch.tensor([[tok]], device=device)
+        if step is None and i + 1 < max_tokens and GraphStep.supported(model, cache):
+            step = GraphStep(model, cache, 1)
 
 
 class ChatSession:
@@ -98,6 +169,8 @@ class ChatSession:
 
         streamer = Streamer(self.tokenizer, skip_special_tokens=True)
         feed = self.pending + ids
+        # references suffice: decode updates states in place, but only those the turn's prefill
+        # made (after the first turn its feed is the pending token plus the new ones, 2 or more)
         snap = (list(self.cache.states), self.cache.seen_tokens)
         gen, stop, interrupted = [], False, False
         start = time.perf_counter()

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from regla.spec import ModelArgs
 
-from .ops import chunk_gla, chunk_gsa, fused_recurrent_gla
+from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
 from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
@@ -212,12 +212,16 @@ class LinearAttention(nn.Module):
             k = feature_map(k, a.feature_map)
         if G > 1:
             k, v, g = (t.repeat_interleave(G, dim=2) for t in (k, v, g))
-        op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
         # Under autocast the feature maps' exp runs in float32 while the projections give bf16;
         # the kernels take one dtype for q, k and v: the projections' (compute) dtype, so
         # training stays on bf16 tensor cores. phi values lie in (0, 1]: bf16 holds them well.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
+        if T == 1 and S0 is not None and use_cache and not torch.is_grad_enabled():
+            # decode: the state is updated in place, so a step allocates no state (CUDA graphs)
+            o, S = decode_step_(q, k, v, g, S0, a.scale), S0
+        else:
+            op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
+            o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
         if a.attn_norm != "none":
             o = getattr(self, a.norm_name)(o)
         o = o.reshape(B, T, -1)

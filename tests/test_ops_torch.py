@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regla import spec
-from regla_torch.ops import chunk_gla, chunk_gsa, fused_recurrent_gla, naive_recurrent_gla
+from regla_torch.ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla, naive_recurrent_gla
 from conftest import make_inputs, rel_rms
 
 OPS = {"chunk": chunk_gla, "recurrent": fused_recurrent_gla}
@@ -31,6 +31,21 @@ def test_op_matches_spec(op, dtype, gates, T):
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     assert rel_rms(o.float(), ro) <= TOL[dtype]
     assert rel_rms(s, rs) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("gates", ["weak", "mixed"])
+def test_decode_step_updates_the_state_in_place(gates):
+    q, k, v, g, h0 = make_inputs(2, 5, 3, 16, 8, gates, seed=4)
+    t = lambda x: torch.from_numpy(x)
+    ro, rs = spec.recurrent_gla(q, k, v, g, None, h0)
+    state = t(h0).float().clone()
+    ptr = state.data_ptr()
+    for i in range(5):
+        o = decode_step_(t(q[:, i:i + 1]), t(k[:, i:i + 1]), t(v[:, i:i + 1]), t(g[:, i:i + 1]), state)
+        assert o.shape == (2, 1, 3, 8) and rel_rms(o[:, 0], ro[:, i]) <= 1e-5
+    assert state.data_ptr() == ptr and rel_rms(state, rs) <= 1e-5
+    with pytest.raises(ValueError, match="decode_step_ needs"):
+        decode_step_(t(q[:, :2]), t(k[:, :2]), t(v[:, :2]), t(g[:, :2]), state)
 
 
 def test_final_state_only_when_asked():

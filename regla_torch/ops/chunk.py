@@ -1,4 +1,4 @@
-"""Chunked GLA (MATH.md section 1): plain torch, or Triton on CUDA (opt-in, see utils.use_triton)."""
+"""Chunked GLA (MATH.md section 1): plain torch, or Triton on CUDA (see utils.use_triton)."""
 
 from __future__ import annotations
 

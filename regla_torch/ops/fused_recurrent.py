@@ -1,4 +1,4 @@
-"""Recurrent GLA for decode and short prefill: a torch loop, or one Triton kernel on CUDA (opt-in)."""
+"""Recurrent GLA for decode and short prefill: a torch loop, or one Triton kernel on CUDA."""
 
 from __future__ import annotations
 
@@ -21,3 +21,27 @@ def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final
         return over_segments(_torch_recurrent_gla, q, k, v, g, scale, initial_state,
                              output_final_state, cu_seqlens)
     return _torch_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state)
+
+
+def decode_step_(q, k, v, g, state, scale=None):
+    """One decode step that updates ``state`` in place: ``state <- diag(exp(g)) state + k^T v``;
+    returns ``scale * q state`` as ``[B, 1, H, V]`` in v's dtype.
+
+    q, k, g: [B, 1, H, K]; v: [B, 1, H, V]; state: [B, H, K, V] float32, contiguous. In place,
+    so a decode loop allocates nothing per token (the condition for capturing the model's step
+    in a CUDA graph). Not differentiable: for inference only.
+    """
+    B, H, K, V = state.shape
+    if q.shape != (B, 1, H, K) or k.shape != q.shape or g.shape != q.shape or v.shape != (B, 1, H, V):
+        raise ValueError(f"decode_step_ needs q, k, g [{B}, 1, {H}, {K}] and v [{B}, 1, {H}, {V}] for a state "
+                         f"{tuple(state.shape)}; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"g {tuple(g.shape)}, v {tuple(v.shape)}")
+    scale = K ** -0.5 if scale is None else float(scale)
+    if use_triton(q):
+        from .triton import fused_recurrent_gla_step_
+        return fused_recurrent_gla_step_(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                         state, scale)
+    state.mul_(g[:, 0].float().exp()[..., None])
+    state.add_(k[:, 0].float()[..., None] * v[:, 0].float()[..., None, :])
+    o = scale * (q[:, 0].float()[..., None] * state).sum(-2)
+    return o[:, None].to(v.dtype)

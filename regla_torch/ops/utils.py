@@ -46,11 +46,9 @@ def segment_ids(cu_seqlens, T):
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether the op dispatches to the Triton kernels: CUDA tensors, and only when
-    ``REGLA_TRITON=1``. Opt-in until the kernels' test suite passes on the GPU (see
-    BENCHMARKS.md): a bf16 training run with them diverged (inf gradient), so CUDA runs the
-    tested plain-torch path by default."""
-    if not x.is_cuda or os.environ.get("REGLA_TRITON", "0") != "1":
+    """Whether the op dispatches to the Triton kernels: CUDA tensors with triton installed,
+    unless ``REGLA_TRITON=0`` (the plain-torch path, for comparisons)."""
+    if not x.is_cuda or os.environ.get("REGLA_TRITON", "1") == "0":
         return False
     try:
         import triton  # noqa: F401

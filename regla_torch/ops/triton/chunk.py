@@ -66,8 +66,11 @@ def _fwd_h_kernel(k, v, g, gc, h, h0, ht, cu, coff,
                       mask=mr[:, None] & mk[None, :], other=0.)
         off_g = (rows[:, None] * H + i_h) * K + kc[None, :]
         m_g = mr[:, None] & mk[None, :]
-        b_g = tl.cumsum(tl.load(g + off_g, mask=m_g, other=0.).to(tl.float32), axis=0) \
-            * 1.4426950408889634
+        # scale before the scan: with the product after it, the GPU compiler contracts
+        # b_gl - b_g into an fma whose unrounded product no longer equals the rounded b_gl,
+        # so the diagonal factor exp2(b_gl - b_gl) came out 2^(+-|b| 2^-24), not 1
+        b_g = tl.cumsum(tl.load(g + off_g, mask=m_g, other=0.).to(tl.float32) * 1.4426950408889634,
+                        axis=0)
         if i_v == 0:
             tl.store(gc + off_g, b_g, mask=m_g)
         b_gl = tl.sum(tl.where((rows == last)[:, None], b_g, 0.), 0)

@@ -1,0 +1,117 @@
+"""Whole-model decode speed on CUDA: regla's GLA model (eager steps and the CUDA-graph step)
+beside fla's own GLA model through transformers' generate, at batch 1 and 32.
+
+    python bench/bench_generate.py [--preset 1.3b] [--new 256] [--batches 1 32] [--no-fla]
+
+Random bf16 weights of a GLA-shaped model (fla's gla-1.3B: hidden 2048, 24 layers, 4 heads,
+expand_k 0.5). Tokens/s = batch * new tokens / time of the decode steps (prefill excluded:
+fla's figure is generate(n) minus generate(1)). The bandwidth bound reads every weight once per
+step: bytes of the parameters / 4.3 TB/s.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+BW = 4.3e12
+
+
+def timed(fn, sync=True):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def ours(cfg_kw, batch, prompt_len, new):
+    from regla import spec
+    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+    from regla_torch.generate import GraphStep
+
+    torch.manual_seed(0)
+    args = spec.ModelArgs(attn_type="gla", **cfg_kw)
+    with torch.device("cuda"):
+        model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).to(torch.bfloat16).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, args.vocab_size, (batch, prompt_len), device="cuda")
+    res = {}
+    for mode in ("eager", "graph"):
+        cache = model.make_cache()
+        with torch.no_grad():
+            nxt = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            if mode == "graph":
+                step = GraphStep(model, cache, batch)
+            else:
+                step = lambda x: model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            for _ in range(3):  # warm-up
+                nxt = step(nxt).argmax(-1, keepdim=True)
+
+            def run():
+                nonlocal nxt
+                for _ in range(new):
+                    nxt = step(nxt).argmax(-1, keepdim=True)
+            res[mode] = batch * new / timed(run)
+    return res, n_bytes, sum(p.numel() for p in model.parameters())
+
+
+def fla_generate(cfg_kw, batch, prompt_len, new):
+    from fla.models import GLAConfig, GLAForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GLAConfig(hidden_size=cfg_kw["hidden_size"], num_hidden_layers=cfg_kw["num_hidden_layers"],
+                    num_heads=cfg_kw["num_heads"], vocab_size=cfg_kw["vocab_size"], expand_k=0.5, expand_v=1.0,
+                    use_short_conv=False, fuse_cross_entropy=False)
+    with torch.device("cuda"):
+        model = GLAForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device="cuda")
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+
+    def gen(n):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    gen(4)  # compiles/autotunes
+    t_full, t_one = timed(lambda: gen(new)), timed(lambda: gen(1))
+    return batch * (new - 1) / (t_full - t_one)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="1.3b")
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--fla-configs", type=int, default=3, help="autotune configs kept per fla kernel")
+    a = p.parse_args()
+    from regla_torch.train import PRESETS
+    cfg_kw = {k: v for k, v in PRESETS[a.preset].items() if k != "tie_word_embeddings"}
+    cfg_kw.update(vocab_size=32000, expand_k=0.5)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GLA {a.preset}, prompt {a.prompt}, "
+          f"{a.new} new tokens, bf16, greedy", flush=True)
+    print("| batch | regla eager tok/s | regla CUDA graph tok/s | bound tok/s |")
+    print("|---|---|---|---|")
+    ours_graph = {}
+    for b in a.batches:
+        res, n_bytes, n_params = ours(cfg_kw, b, a.prompt, a.new)
+        ours_graph[b] = res["graph"]
+        print(f"| {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {b * BW / n_bytes:,.0f} |", flush=True)
+    if not a.no_fla:  # after ours: fla's first generate compiles and autotunes for minutes
+        from bench_ops import limit_autotune
+        limit_autotune(a.fla_configs)
+        for b in a.batches:
+            try:
+                fla = fla_generate(cfg_kw, b, a.prompt, a.new)
+                print(f"fla GLA through HF generate, batch {b}: {fla:,.0f} tok/s; regla graph / fla = "
+                      f"{ours_graph[b] / fla:.1f}x", flush=True)
+            except Exception as e:  # report, keep our figures
+                print(f"fla failed at batch {b}: {type(e).__name__}: {e}", flush=True)
+    print(f"({n_params / 1e9:.2f}B parameters, {n_bytes / 1e9:.2f} GB in bf16)")
+
+
+if __name__ == "__main__":
+    main()
