@@ -37,7 +37,7 @@ def chat(
     min_p: float = typer.Option(0.0, help="Min-p sampling threshold (0 = off)."),
     repetition_penalty: float = typer.Option(1.0, help="Penalty for recently used tokens (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
-    backend: str = typer.Option("mlx", help="mlx or torch."),
+    backend: str = typer.Option("mlx", help="mlx or torch (on CUDA when available)."),
 ):
     """Interactive streaming chat; the conversation lives in the recurrent state."""
     import sys
@@ -86,7 +86,7 @@ def generate(
     min_p: float = typer.Option(0.0, help="Min-p sampling threshold (0 = off)."),
     repetition_penalty: float = typer.Option(1.0, help="Penalty for recently used tokens (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
-    backend: str = typer.Option("mlx", help="mlx or torch."),
+    backend: str = typer.Option("mlx", help="mlx or torch (on CUDA when available)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print prompt and generation speed."),
 ):
     """One-shot generation from a prompt."""
@@ -327,7 +327,9 @@ def _open_session(path: str, backend: str, max_tokens: int, sampling: dict, seed
 
         if seed is not None:
             torch.manual_seed(seed)
-        return ChatSession(regla_torch.load(path), load_tokenizer(path), max_tokens, sampling)
+        # on an NVIDIA GPU when there is one: Triton kernels and the CUDA-graph decode step
+        device = "cuda" if torch.cuda.is_available() else None
+        return ChatSession(regla_torch.load(path, device=device), load_tokenizer(path), max_tokens, sampling)
     except ImportError as e:
         fail(f"the {backend} backend is not installed ({e.name} missing): "
              + ("pip install 'regla[mlx]'" if backend == "mlx" else "pip install torch") + ", or use --backend "
