@@ -118,15 +118,14 @@ def cmd_report(a):
         recs = [json.loads(x) for x in log.read_text().splitlines() if x]
         evals = [(r["step"], r["val_ppl"]) for r in recs if "val_ppl" in r]
         curves[name] = evals
-        cfg = json.loads((out / name / "final" / "config.json").read_text())
         lens = json.loads((out / name / "lengths.json").read_text())["ppl"] if (out / name / "lengths.json").exists() else {}
         tps = sorted(r["tokens_per_s"] for r in recs[len(recs) // 5:])
         n_params = _params(out / name / "final")
         rows.append((name, desc, n_params, evals[-1][1] if evals else float("nan"),
-                     [lens.get(str(L), float("nan")) for L in LENGTHS], tps[len(tps) // 2] if tps else 0, cfg))
+                     [lens.get(str(L), float("nan")) for L in LENGTHS], tps[len(tps) // 2] if tps else 0))
     print("| run | what | params | val ppl (512, end of training) | ppl @512 | @2K | @8K | tok/s (shared GPU) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, desc, n_params, ppl, lens, tps, _ in rows:
+    for name, desc, n_params, ppl, lens, tps in rows:
         print(f"| {name} | {desc} | {n_params / 1e6:.1f}M | {ppl:.2f} | " + " | ".join(f"{p:.2f}" for p in lens)
               + f" | {tps:,.0f} |")
     try:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 BW = 4.3e12
 
 
-def timed(fn, sync=True):
+def timed(fn):
     torch.cuda.synchronize()
     t = time.perf_counter()
     fn()

@@ -49,8 +49,7 @@ def ours(attn_type, preset, vocab):
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
     from regla_torch.train import PRESETS
 
-    kw = {k: v for k, v in PRESETS[preset].items()}
-    args = spec.ModelArgs(attn_type=attn_type, vocab_size=vocab, **kw)
+    args = spec.ModelArgs(attn_type=attn_type, vocab_size=vocab, **PRESETS[preset])
     with torch.device("cuda"):
         return ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).train()
 

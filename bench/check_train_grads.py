@@ -26,18 +26,21 @@ import regla_torch.model as M  # noqa: E402
 from regla import spec  # noqa: E402
 from regla_torch import ReGLAConfig, ReGLAForCausalLM  # noqa: E402
 from regla_torch.data import pack  # noqa: E402
-from regla_torch.ops.chunk import _torch_chunk_gla, chunk_gated  # noqa: E402
+from regla_torch.ops import chunk_gla  # noqa: E402
 from regla_torch.ops.triton import chunk_gla as triton_chunk_gla  # noqa: E402
-from regla_torch.ops.utils import over_segments, segment_ids  # noqa: E402
 
 
-def plain_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """The plain-torch op whatever the device (regla_torch.ops.chunk_gla would pick Triton)."""
-    if cu_seqlens is not None and initial_state is None and not output_final_state:
-        return chunk_gated(q, k, v, g, None, scale, segment_ids=segment_ids(cu_seqlens, q.shape[1]))
-    if cu_seqlens is not None:
-        return over_segments(_torch_chunk_gla, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    return _torch_chunk_gla(q, k, v, g, scale, initial_state, output_final_state)
+def plain_chunk_gla(*args, **kw):
+    """The plain-torch op on any device: the dispatcher with its documented switch off."""
+    old = os.environ.get("REGLA_TRITON")
+    os.environ["REGLA_TRITON"] = "0"
+    try:
+        return chunk_gla(*args, **kw)
+    finally:
+        if old is None:
+            del os.environ["REGLA_TRITON"]
+        else:
+            os.environ["REGLA_TRITON"] = old
 
 
 def rel(a, b):
