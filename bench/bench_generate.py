@@ -1,5 +1,5 @@
-"""Whole-model decode speed on CUDA: regla's GLA model (eager steps and the CUDA-graph step)
-beside fla's own GLA model through transformers' generate, at batch 1 and 32.
+"""Whole-model decode speed on CUDA: regla's GLA model (eager steps, the CUDA-graph step, the
+torch.compile'd CUDA-graph step) beside fla's own GLA model through HF generate, batch 1 and 32.
 
     python bench/bench_generate.py [--preset 1.3b] [--new 256] [--batches 1 32] [--no-fla]
 
@@ -28,7 +28,28 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def ours(cfg_kw, batch, prompt_len, new):
+def print_kernels(fn, title, steps=5):
+    """GPU time per kernel of one step (torch.profiler sees the kernels a graph replays)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    acc = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            acc[e.name][0] += 1
+            acc[e.name][1] += e.device_time
+    total = sum(t for _, t in acc.values()) / steps
+    print(f"\n{title}: {sum(n for n, _ in acc.values()) / steps:.0f} kernels, {total:.0f} us of kernel time "
+          "per step", flush=True)
+    for name, (n, t) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"  {t / steps:8.1f} us  {n / steps:5.0f}x  {name[:100]}")
+
+
+def ours(cfg_kw, batch, prompt_len, new, profile=False):
     from regla import spec
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
     from regla_torch.generate import GraphStep
@@ -40,12 +61,14 @@ def ours(cfg_kw, batch, prompt_len, new):
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, args.vocab_size, (batch, prompt_len), device="cuda")
     res = {}
-    for mode in ("eager", "graph"):
+    for mode in ("eager", "graph", "compiled"):
         cache = model.make_cache()
         with torch.no_grad():
             nxt = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-            if mode == "graph":
-                step = GraphStep(model, cache, batch)
+            if mode != "eager":
+                t0 = time.perf_counter()
+                step = GraphStep(model, cache, batch, compile=mode == "compiled")
+                res[mode + " setup s"] = time.perf_counter() - t0
             else:
                 step = lambda x: model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             for _ in range(3):  # warm-up
@@ -56,6 +79,8 @@ def ours(cfg_kw, batch, prompt_len, new):
                 for _ in range(new):
                     nxt = step(nxt).argmax(-1, keepdim=True)
             res[mode] = batch * new / timed(run)
+            if profile and mode == "compiled":
+                print_kernels(lambda: step(nxt), f"compiled + graph step, batch {batch}")
     return res, n_bytes, sum(p.numel() for p in model.parameters())
 
 
@@ -86,6 +111,7 @@ def main():
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the kernels of one compiled step")
     p.add_argument("--fla-configs", type=int, default=3, help="autotune configs kept per fla kernel")
     a = p.parse_args()
     from regla_torch.train import PRESETS
@@ -93,20 +119,22 @@ def main():
     cfg_kw.update(vocab_size=32000, expand_k=0.5)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GLA {a.preset}, prompt {a.prompt}, "
           f"{a.new} new tokens, bf16, greedy", flush=True)
-    print("| batch | regla eager tok/s | regla CUDA graph tok/s | bound tok/s |")
-    print("|---|---|---|---|")
+    print("| batch | regla eager tok/s | regla CUDA graph tok/s | regla compiled + graph tok/s | bound tok/s |")
+    print("|---|---|---|---|---|")
     ours_graph = {}
     for b in a.batches:
-        res, n_bytes, n_params = ours(cfg_kw, b, a.prompt, a.new)
-        ours_graph[b] = res["graph"]
-        print(f"| {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {b * BW / n_bytes:,.0f} |", flush=True)
+        res, n_bytes, n_params = ours(cfg_kw, b, a.prompt, a.new, a.profile)
+        ours_graph[b] = res["compiled"]
+        print(f"| {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {res['compiled']:,.0f} | "
+              f"{b * BW / n_bytes:,.0f} |  (setup: capture {res['graph setup s']:.1f} s, "
+              f"compile + capture {res['compiled setup s']:.1f} s)", flush=True)
     if not a.no_fla:  # after ours: fla's first generate compiles and autotunes for minutes
         from bench_ops import limit_autotune
         limit_autotune(a.fla_configs)
         for b in a.batches:
             try:
                 fla = fla_generate(cfg_kw, b, a.prompt, a.new)
-                print(f"fla GLA through HF generate, batch {b}: {fla:,.0f} tok/s; regla graph / fla = "
+                print(f"fla GLA through HF generate, batch {b}: {fla:,.0f} tok/s; regla compiled graph / fla = "
                       f"{ours_graph[b] / fla:.1f}x", flush=True)
             except Exception as e:  # report, keep our figures
                 print(f"fla failed at batch {b}: {type(e).__name__}: {e}", flush=True)

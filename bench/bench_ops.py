@@ -52,23 +52,26 @@ def tune(shape):
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(1, B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, D, device="cuda")) / 16
-    ch = C.Chunks(B, T, "cuda")
-    h, _, gc = C._fwd_h(k, v, g, None, ch, False)
-    dh, _ = C._bwd_dh(q, gc, do, None, None, 1.0, ch, h.dtype)
+    ch = C.chunks(B, T, "cuda")
+    gc, kd, qg = C._prep(q, k, g, ch, True)
+    h, _ = C._fwd_h(kd, v, gc, None, ch, False)
+    dh, _ = C._bwd_dh(qg, gc, do, None, None, 1.0, ch, h.dtype)
     calls = {
-        "h": lambda: C._fwd_h(k, v, g, None, ch, False),
+        "h": lambda: C._fwd_h(kd, v, gc, None, ch, False),
         "o": lambda: C._fwd_o(q, k, v, gc, h, 1.0, ch),
-        "dh": lambda: C._bwd_dh(q, gc, do, None, None, 1.0, ch, h.dtype),
+        "dh": lambda: C._bwd_dh(qg, gc, do, None, None, 1.0, ch, h.dtype),
         "dv": lambda: C._bwd_dv(q, k, gc, do, dh, 1.0, ch),
         "dqkg": lambda: C._bwd_dqkg(q, k, v, g, gc, h, do, dh, 1.0, ch),
     }
     space = {
+        "h": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+        "dh": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
         "o": dict(BK=[64, 128], BV=[64, 128], num_warps=[4, 8], num_stages=[2]),
         "dv": dict(BK=[64, 128], BV=[64, 128], num_warps=[4, 8], num_stages=[2]),
         "dqkg": dict(BK=[32, 64], BV=[32, 64], num_warps=[4, 8], num_stages=[2]),
     }
-    print(f"tune at {shape}: h+gc {do_bench(calls['h'], return_mode='median'):.3f} ms, "
-          f"dh {do_bench(calls['dh'], return_mode='median'):.3f} ms", flush=True)
+    print(f"tune at {shape}: prep (gc, kd, qg) {do_bench(lambda: C._prep(q, k, g, ch, True), return_mode='median'):.3f} ms",
+          flush=True)
     for name, sp in space.items():
         best = None
         for vals in itertools.product(*sp.values()):

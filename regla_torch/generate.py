@@ -31,34 +31,57 @@ def load_tokenizer(path):
         hf_logging.set_verbosity(level)
 
 
-class GraphStep:
-    """The model's one-token decode step, captured once as a CUDA graph and replayed per token.
+def _decode(model, ids, states):
+    logits, new = model.run_layers(ids, states, None, True, 1)
+    return logits[:, -1], new
 
-    A step of a linear-attention model launches a few dozen small kernels; at batch 1 their
-    launch cost, not the GPU, sets the speed. Every layer keeps a fixed-size state, so the whole
-    step can run from fixed addresses: the token is read from ``self.ids``, the states are the
-    cache's own tensors (the decode kernel updates the big one in place, the small ones are
-    copied back into place inside the graph) and the logits land in ``self.logits``.
-    Softmax layers grow a KV cache and cannot be captured: see ``supported``.
+
+_COMPILED = []
+
+
+def _compiled_decode():
+    """One compiled ``_decode`` per process: a new turn (new state tensors of the same shapes)
+    reuses the compiled code instead of compiling again."""
+    import torch
+
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_decode, dynamic=False))
+    return _COMPILED[0]
+
+
+class GraphStep:
+    """The model's one-token decode step, compiled and captured once as a CUDA graph, then
+    replayed per token.
+
+    A step of a linear-attention model is a few dozen small kernels per layer; at batch 1 their
+    launches, not the GPU, set the speed. ``torch.compile`` first fuses each layer's elementwise
+    work (norms, gates, casts) into a few kernels; the graph then removes the launches. Every
+    layer keeps a fixed-size state, so the whole step runs from fixed addresses: the token is
+    read from ``self.ids``, the states are the cache's own tensors (the decode kernel updates
+    the big one in place, the small ones are copied back into place inside the graph) and the
+    logits land in ``self.logits``. Softmax layers grow a KV cache and cannot be captured: see
+    ``supported``. ``compile=False`` captures the eager step (no compile time, more kernels).
     """
 
-    def __init__(self, model, cache, batch_size: int):
+    def __init__(self, model, cache, batch_size: int, compile: bool = True):
         import torch
 
         self.model, self.cache = model, cache
         device = next(model.parameters()).device
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.states = [tuple(st) for st in cache.states]
+        self.forward = _compiled_decode() if compile else _decode
         saved = [tuple(None if x is None else x.clone() for x in st) for st in self.states]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles kernels outside the capture
-            self._step()
+            for _ in range(2):
+                self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
-        for st, keep in zip(self.states, saved):  # undo the warm-up's step
+        for st, keep in zip(self.states, saved):  # undo the warm-up's steps
             for x, y in zip(st, keep):
                 if x is not None:
                     x.copy_(y)
@@ -74,16 +97,12 @@ class GraphStep:
     def _step(self):
         import torch
 
-        seen = self.cache.seen_tokens
-        self.cache.states = [tuple(st) for st in self.states]
         with torch.no_grad():
-            logits = self.model(self.ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        for old, new in zip(self.states, self.cache.states):
-            for x, y in zip(old, new):
+            logits, new = self.forward(self.model, self.ids, self.states)
+        for old, st in zip(self.states, new):
+            for x, y in zip(old, st):
                 if x is not None and y.data_ptr() != x.data_ptr():
                     x.copy_(y)
-        self.cache.states = [tuple(st) for st in self.states]
-        self.cache.seen_tokens = seen
         return logits
 
     def __call__(self, ids):

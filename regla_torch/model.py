@@ -422,23 +422,29 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
         use_cache = (not self.training) if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = self.make_cache()
-        h = self.model.embeddings(input_ids)
-        for i, block in enumerate(self.model.layers):
-            st = cache.states[i] if cache is not None else None
-            h, st = block(h, st, cu_seqlens, use_cache)
-            if use_cache:
-                cache.states[i] = st
-        h = self.model.norm(h)
+        states = cache.states if cache is not None else [None] * len(self.model.layers)
+        logits, states = self.run_layers(input_ids, states, cu_seqlens, use_cache, logits_to_keep)
         if use_cache:
+            cache.states = states
             cache.seen_tokens += input_ids.shape[1]
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        head = self.model.embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(h, head)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+
+    def run_layers(self, input_ids, states, cu_seqlens=None, use_cache=False, logits_to_keep=0):
+        """Logits and the layers' new states: the forward pass on plain tensors and lists (no
+        cache object), which is what ``GraphStep`` compiles and captures."""
+        h = self.model.embeddings(input_ids)
+        new = []
+        for block, st in zip(self.model.layers, states):
+            h, st = block(h, st, cu_seqlens, use_cache)
+            new.append(st)
+        h = self.model.norm(h)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        head = self.model.embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(h, head), new
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       use_cache=True, **kwargs):

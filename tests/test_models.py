@@ -77,6 +77,27 @@ def test_torch_prefill_then_decode_equals_full_forward(case):
     assert rel_rms(torch.cat(outs, 1), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["regla", "gsa"])
+def test_compiled_decode_step_equals_full_forward(name):
+    """GraphStep's torch.compile'd step (here on the CPU, without the CUDA graph) computes the
+    forward pass and leaves the states where the eager step does."""
+    from regla_torch.generate import _compiled_decode
+
+    cfg = tiny(name)
+    w = spec.init_weights(cfg, seed=1, std=0.3)
+    ids = np.random.default_rng(2).integers(0, 64, (2, 80))
+    ref, _ = spec.model_forward(w, cfg, ids)
+    m = torch_model(cfg, w)
+    cache = m.make_cache()
+    step = _compiled_decode()
+    with torch.no_grad():
+        outs = [m(torch.from_numpy(ids[:, :75]), cache=cache, use_cache=True).logits]
+        for t in range(75, 80):
+            logits, cache.states = step(m, torch.from_numpy(ids[:, t:t + 1]), cache.states)
+            outs.append(logits[:, None])
+    assert rel_rms(torch.cat(outs, 1), ref) <= 1e-5
+
+
 def test_mlx_prefill_then_decode_equals_full_forward(case):
     cfg, w, ids, ref = case
     import mlx.core as mx

@@ -1,6 +1,6 @@
 """Recurrent GLA for decode and short prefill: a torch loop, or one Triton kernel on CUDA."""
 
-from __future__ import annotations
+import torch
 
 from .naive import naive_recurrent_gla
 from .utils import check_inputs, over_segments, use_triton
@@ -37,11 +37,23 @@ def decode_step_(q, k, v, g, state, scale=None):
                          f"{tuple(state.shape)}; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"g {tuple(g.shape)}, v {tuple(v.shape)}")
     scale = K ** -0.5 if scale is None else float(scale)
+    return _decode_step_op(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state, scale)
+
+
+# A registered op, so torch.compile keeps the in-place step as one opaque call inside a
+# compiled decode step (GraphStep) instead of tracing through the Triton launch.
+@torch.library.custom_op("regla::decode_step_", mutates_args=("state",))
+def _decode_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
+                    scale: float) -> torch.Tensor:
     if use_triton(q):
         from .triton import fused_recurrent_gla_step_
-        return fused_recurrent_gla_step_(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                         state, scale)
+        return fused_recurrent_gla_step_(q, k, v, g, state, scale)
     state.mul_(g[:, 0].float().exp()[..., None])
     state.add_(k[:, 0].float()[..., None] * v[:, 0].float()[..., None, :])
     o = scale * (q[:, 0].float()[..., None] * state).sum(-2)
     return o[:, None].to(v.dtype)
+
+
+@_decode_step_op.register_fake
+def _(q, k, v, g, state, scale):
+    return torch.empty_like(v)

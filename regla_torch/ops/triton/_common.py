@@ -1,6 +1,8 @@
 """Shared helpers: chunk bookkeeping for plain and varlen batches."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BT = 64  # chunk length
@@ -65,3 +67,16 @@ def state_dtype(dtype):
     # biggest intermediate); fp16 cannot hold them (a weakly gated state grows with
     # T past 65504), so fp16 and fp32 keep them in fp32
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+@functools.lru_cache(maxsize=32)
+def _plain_chunks(B: int, T: int, device: torch.device) -> Chunks:
+    return Chunks(B, T, device)
+
+
+def chunks(B: int, T: int, device, cu_seqlens=None) -> Chunks:
+    """The bookkeeping of a batch; that of a plain [B, T] batch is made once and reused, since
+    building it costs several small launches per op call (the whole op at small shapes)."""
+    if cu_seqlens is None:
+        return _plain_chunks(B, T, torch.device(device))
+    return Chunks(B, T, device, cu_seqlens)

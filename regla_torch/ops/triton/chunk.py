@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BC, BT, Chunks, dot_precision, next_pow2, state_dtype
+from ._common import BC, BT, Chunks, chunks, dot_precision, next_pow2, state_dtype
 
 
 @triton.jit
@@ -32,13 +32,45 @@ def _op(x, ref, F32OPS: tl.constexpr):
 
 # ------------------------------------------------------------------ kernels
 @triton.jit
-def _fwd_h_kernel(k, v, g, gc, h, h0, ht, cu, coff,
+def _prep_kernel(q, k, g, gc, kd, qg, cu, cidx,
+                 H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 STORE_QG: tl.constexpr):
+    """Per chunk, in parallel: the gate cumsum in log2 units (gc), the keys decayed to the
+    chunk's end (kd = k exp2(b_last - b)) and, for the backward, the queries decayed from the
+    chunk's start (qg = q exp2(b)). Every exponent is <= 0. The state scans then only load
+    ready dot operands, which the compiler can prefetch a chunk ahead, and the cumsum is done
+    once per chunk, not once per value block of the scan."""
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(cidx + 2 * i_t)
+    i_c = tl.load(cidx + 2 * i_t + 1)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    t0 = bos + i_c * BT
+    rows = t0 + tl.arange(0, BT)
+    kc = i_k * BK + tl.arange(0, BK)
+    m = (rows < eos)[:, None] & (kc < K)[None, :]
+    off = (rows[:, None] * H + i_h) * K + kc[None, :]
+    last = tl.minimum(t0 + BT, eos) - 1
+    # scale before the scan: with the product after it, the GPU compiler contracts
+    # b_gl - b_g into an fma whose unrounded product no longer equals the rounded b_gl,
+    # so the diagonal factor exp2(b_gl - b_gl) came out 2^(+-|b| 2^-24), not 1
+    b_g = tl.cumsum(tl.load(g + off, mask=m, other=0.).to(tl.float32) * 1.4426950408889634, axis=0)
+    tl.store(gc + off, b_g, mask=m)
+    b_gl = tl.sum(tl.where((rows == last)[:, None], b_g, 0.), 0)
+    b_k = tl.load(k + off, mask=m, other=0.)
+    tl.store(kd + off, (b_k * tl.exp2(b_gl[None, :] - b_g)).to(kd.dtype.element_ty), mask=m)
+    if STORE_QG:
+        b_q = tl.load(q + off, mask=m, other=0.)
+        tl.store(qg + off, (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fwd_h_kernel(kd, v, gc, h, h0, ht, cu, coff,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """State entering every chunk (h[chunk]) and, optionally, the final state. Also
-    writes the chunk cumsum of the gates (scaled to log2) for the other kernels: the
-    programs of the first value block store it, the others keep their own copy."""
+    """State entering every chunk (h[chunk]) and, optionally, the final state:
+    h <- diag(exp2(b_last)) h + kd^T v, serially over the chunks of one segment."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -62,22 +94,12 @@ def _fwd_h_kernel(k, v, g, gc, h, h0, ht, cu, coff,
         rows = t0 + tl.arange(0, BT)
         mr = rows < eos
         last = tl.minimum(t0 + BT, eos) - 1
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + kc[None, :],
-                      mask=mr[:, None] & mk[None, :], other=0.)
-        off_g = (rows[:, None] * H + i_h) * K + kc[None, :]
-        m_g = mr[:, None] & mk[None, :]
-        # scale before the scan: with the product after it, the GPU compiler contracts
-        # b_gl - b_g into an fma whose unrounded product no longer equals the rounded b_gl,
-        # so the diagonal factor exp2(b_gl - b_gl) came out 2^(+-|b| 2^-24), not 1
-        b_g = tl.cumsum(tl.load(g + off_g, mask=m_g, other=0.).to(tl.float32) * 1.4426950408889634,
-                        axis=0)
-        if i_v == 0:
-            tl.store(gc + off_g, b_g, mask=m_g)
-        b_gl = tl.sum(tl.where((rows == last)[:, None], b_g, 0.), 0)
+        b_kd = tl.load(kd + (rows[None, :] * H + i_h) * K + kc[:, None],
+                       mask=mk[:, None] & mr[None, :], other=0.)
         b_v = tl.load(v + (rows[:, None] * H + i_h) * V + vc[None, :],
                       mask=mr[:, None] & mv[None, :], other=0.)
-        b_kg = (b_k * tl.exp2(b_gl[None, :] - b_g)).to(b_v.dtype)
-        b_h = b_h * tl.exp2(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_v, input_precision=PREC)
+        b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+        b_h = b_h * tl.exp2(b_gl)[:, None] + tl.dot(b_kd, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + off_kv, b_h, mask=m_kv)
 
@@ -178,11 +200,12 @@ def _fwd_o_kernel(q, k, v, gc, h, o, cu, cidx, scale,
 
 
 @triton.jit
-def _bwd_dh_kernel(q, gc, do, dh, dht, dh0, cu, coff, scale,
+def _bwd_dh_kernel(qg, gc, do, dh, dht, dh0, cu, coff, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
-    """Reverse scan: dh[chunk] = gradient w.r.t. the state leaving that chunk."""
+    """Reverse scan: dh[chunk] = gradient w.r.t. the state leaving that chunk,
+    dh <- diag(exp2(b_last)) dh + scale qg^T do."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -207,16 +230,12 @@ def _bwd_dh_kernel(q, gc, do, dh, dht, dh0, cu, coff, scale,
         rows = t0 + tl.arange(0, BT)
         mr = rows < eos
         last = tl.minimum(t0 + BT, eos) - 1
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + kc[None, :],
-                      mask=mr[:, None] & mk[None, :], other=0.)
-        b_g = tl.load(gc + (rows[:, None] * H + i_h) * K + kc[None, :],
-                      mask=mr[:, None] & mk[None, :], other=0.)
-        b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+        b_qg = tl.load(qg + (rows[None, :] * H + i_h) * K + kc[:, None],
+                       mask=mk[:, None] & mr[None, :], other=0.)
         b_do = tl.load(do + (rows[:, None] * H + i_h) * V + vc[None, :],
                        mask=mr[:, None] & mv[None, :], other=0.)
-        b_qg = (b_q * tl.exp2(b_g)).to(b_do.dtype)
-        b_dh = b_dh * tl.exp2(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do,
-                                                              input_precision=PREC)
+        b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
+        b_dh = b_dh * tl.exp2(b_gl)[:, None] + scale * tl.dot(b_qg, b_do, input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + off_kv, b_dh, mask=m_kv)
 
@@ -516,17 +535,27 @@ def _cfg(name, K, V, seqs_heads=None):
     return c
 
 
-def _fwd_h(k, v, g, h0, ch: Chunks, store_ht: bool):
+def _prep(q, k, g, ch: Chunks, store_qg: bool):
     _, _, H, K = k.shape
+    BK = min(64, max(16, next_pow2(K)))
+    gc = torch.empty(g.shape, device=g.device, dtype=torch.float32)
+    kd = torch.empty_like(k)
+    qg = torch.empty_like(q) if store_qg else None
+    _prep_kernel[(triton.cdiv(K, BK), ch.NT, H)](q, k, g, gc, kd, qg, ch.cu, ch.cidx, H=H, K=K, BT=BT, BK=BK,
+                                                 STORE_QG=store_qg, num_warps=4)
+    return gc, kd, qg
+
+
+def _fwd_h(kd, v, gc, h0, ch: Chunks, store_ht: bool):
+    _, _, H, K = kd.shape
     V = v.shape[-1]
     c = _cfg("h", K, V, ch.N * H)
-    h = torch.empty(ch.NT, H, K, V, device=k.device, dtype=state_dtype(k.dtype))
-    gc = torch.empty(g.shape, device=g.device, dtype=torch.float32)
-    ht = torch.empty(ch.N, H, K, V, device=k.device, dtype=torch.float32) if store_ht else None
+    h = torch.empty(ch.NT, H, K, V, device=kd.device, dtype=state_dtype(kd.dtype))
+    ht = torch.empty(ch.N, H, K, V, device=kd.device, dtype=torch.float32) if store_ht else None
     _fwd_h_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), ch.N * H)](
-        k, v, g, gc, h, h0, ht, ch.cu, ch.coff, H=H, K=K, V=V, BT=BT,
-        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=dot_precision(k.dtype), **c)
-    return h, ht, gc
+        kd, v, gc, h, h0, ht, ch.cu, ch.coff, H=H, K=K, V=V, BT=BT,
+        USE_H0=h0 is not None, STORE_HT=store_ht, PREC=dot_precision(kd.dtype), **c)
+    return h, ht
 
 
 def _fwd_o(q, k, v, gc, h, scale, ch: Chunks):
@@ -541,15 +570,15 @@ def _fwd_o(q, k, v, gc, h, scale, ch: Chunks):
     return o
 
 
-def _bwd_dh(q, gc, do, h0, dht, scale, ch: Chunks, h_dtype):
-    _, _, H, K = q.shape
+def _bwd_dh(qg, gc, do, h0, dht, scale, ch: Chunks, h_dtype):
+    _, _, H, K = qg.shape
     V = do.shape[-1]
     c = _cfg("dh", K, V, ch.N * H)
-    dh = torch.empty(ch.NT, H, K, V, device=q.device, dtype=h_dtype)
-    dh0 = torch.empty(ch.N, H, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
+    dh = torch.empty(ch.NT, H, K, V, device=qg.device, dtype=h_dtype)
+    dh0 = torch.empty(ch.N, H, K, V, device=qg.device, dtype=torch.float32) if h0 is not None else None
     _bwd_dh_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), ch.N * H)](
-        q, gc, do, dh, dht, dh0, ch.cu, ch.coff, scale, H=H, K=K, V=V, BT=BT,
-        USE_DHT=dht is not None, STORE_DH0=h0 is not None, PREC=dot_precision(q.dtype), **c)
+        qg, gc, do, dh, dht, dh0, ch.cu, ch.coff, scale, H=H, K=K, V=V, BT=BT,
+        USE_DHT=dht is not None, STORE_DH0=h0 is not None, PREC=dot_precision(qg.dtype), **c)
     return dh, dh0
 
 
@@ -580,8 +609,11 @@ def _bwd_dqkg(q, k, v, g, gc, h, do, dh, scale, ch: Chunks):
 
 
 def _bwd(q, k, v, g, h0, do, dht, scale, ch: Chunks):
-    h, _, gc = _fwd_h(k, v, g, h0, ch, store_ht=False)
-    dh, dh0 = _bwd_dh(q, gc, do, h0, dht, scale, ch, h.dtype)
+    gc, kd, qg = _prep(q, k, g, ch, store_qg=True)
+    h, _ = _fwd_h(kd, v, gc, h0, ch, store_ht=False)
+    del kd
+    dh, dh0 = _bwd_dh(qg, gc, do, h0, dht, scale, ch, h.dtype)
+    del qg
     dv = _bwd_dv(q, k, gc, do, dh, scale, ch)
     dq, dk, dg = _bwd_dqkg(q, k, v, g, gc, h, do, dh, scale, ch)
     return dq, dk, dv, dg, dh0
@@ -596,12 +628,14 @@ class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         B, T, H, K = q.shape
-        ch = Chunks(B, T, q.device, cu_seqlens)
+        ch = chunks(B, T, q.device, cu_seqlens)
         qf, kf, vf, gf = map(_flat, (q, k, v, g))
         h0 = None if initial_state is None else initial_state.float().contiguous()
         if h0 is not None and h0.shape[0] != ch.N:
             raise ValueError(f"initial_state has {h0.shape[0]} rows, expected {ch.N}")
-        h, ht, gc = _fwd_h(kf, vf, gf, h0, ch, store_ht=output_final_state)
+        gc, kd, _ = _prep(qf, kf, gf, ch, store_qg=False)
+        h, ht = _fwd_h(kd, vf, gc, h0, ch, store_ht=output_final_state)
+        del kd
         o = _fwd_o(qf, kf, vf, gc, h, scale, ch)
         del h, gc
         ctx.save_for_backward(qf, kf, vf, gf, h0)

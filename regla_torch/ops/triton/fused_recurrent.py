@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Chunks, next_pow2
+from ._common import Chunks, chunks, next_pow2
 
 
 @triton.jit
@@ -194,7 +194,7 @@ class FusedRecurrentGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         B, T = q.shape[:2]
-        ch = Chunks(B, T, q.device, cu_seqlens)
+        ch = chunks(B, T, q.device, cu_seqlens)
         qf, kf, vf, gf = map(_flat, (q, k, v, g))
         h0 = None if initial_state is None else initial_state.float().contiguous()
         o, ht = _fused_recurrent_fwd(qf, kf, vf, gf, None, scale, h0, output_final_state, ch)
@@ -241,7 +241,7 @@ class FusedRecurrentGVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gk, gv, scale, initial_state, output_final_state, cu_seqlens):
         B, T = q.shape[:2]
-        ch = Chunks(B, T, q.device, cu_seqlens)
+        ch = chunks(B, T, q.device, cu_seqlens)
         qf, kf, vf, gkf, gvf = map(_flat, (q, k, v, gk, gv))
         h0 = None if initial_state is None else initial_state.float().contiguous()
         o, ht = _fused_recurrent_fwd(qf, kf, vf, gkf, gvf, scale, h0, output_final_state, ch)
