@@ -41,7 +41,7 @@ def rel(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
-def tune(shape):
+def tune(shape, kernels=None):
     """Time each chunk kernel alone under alternative launch shapes; keep the best."""
     import itertools
 
@@ -54,29 +54,28 @@ def tune(shape):
     g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, D, device="cuda")) / 16
     ch = C.chunks(B, T, "cuda")
     gc, kd, qg = C._prep(q, k, g, ch, True)
-    h, _ = C._fwd_h(kd, v, gc, None, ch, False)
-    dh, _ = C._bwd_dh(qg, gc, do, None, None, 1.0, ch, h.dtype)
+    h, dh, _ = C._bwd_scans(kd, v, qg, do, gc, None, None, 1.0, ch)
     calls = {
-        "h": lambda: C._fwd_h(kd, v, gc, None, ch, False),
+        "scan": lambda: C._bwd_scans(kd, v, qg, do, gc, None, None, 1.0, ch),
         "o": lambda: C._fwd_o(q, k, v, gc, h, 1.0, ch),
-        "dh": lambda: C._bwd_dh(qg, gc, do, None, None, 1.0, ch, h.dtype),
-        "dv": lambda: C._bwd_dv(q, k, gc, do, dh, 1.0, ch),
-        "dqkg": lambda: C._bwd_dqkg(q, k, v, g, gc, h, do, dh, 1.0, ch),
+        "intra": lambda: C._bwd_intra(q, k, v, g, gc, h, do, dh, 1.0, ch),
     }
     space = {
-        "h": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
-        "dh": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+        "scan": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
         "o": dict(BK=[64, 128], BV=[64, 128], num_warps=[4, 8], num_stages=[2]),
-        "dv": dict(BK=[64, 128], BV=[64, 128], num_warps=[4, 8], num_stages=[2]),
-        "dqkg": dict(BK=[32, 64], BV=[32, 64], num_warps=[4, 8], num_stages=[2]),
+        "intra": dict(BK_DV=[64], BV_DV=[64, 128], BK_QK=[32, 64], BV_QK=[32, 64], num_warps=[4, 8],
+                      num_stages=[2]),
     }
     print(f"tune at {shape}: prep (gc, kd, qg) {do_bench(lambda: C._prep(q, k, g, ch, True), return_mode='median'):.3f} ms",
           flush=True)
     for name, sp in space.items():
+        if kernels and name not in kernels:
+            continue
         best = None
         for vals in itertools.product(*sp.values()):
             cfg = dict(zip(sp.keys(), vals))
             C.CFG[name] = cfg
+            C._cfg.cache_clear()
             try:
                 t = do_bench(calls[name], warmup=10, rep=40, return_mode="median")
             except Exception as e:  # noqa: BLE001
@@ -86,6 +85,7 @@ def tune(shape):
             if best is None or t < best[0]:
                 best = (t, cfg)
         C.CFG[name] = best[1]
+        C._cfg.cache_clear()
         print(f"BEST {name} {best[1]} {best[0]:.3f} ms", flush=True)
     print("CFG =", C.CFG, flush=True)
 
@@ -98,9 +98,10 @@ def main():
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tune", default=None, help="B,T,H,D: tune launch shapes there first")
+    ap.add_argument("--tune-kernels", nargs="*", default=None, help="only these (scan, o, intra)")
     args = ap.parse_args()
     if args.tune:
-        tune(tuple(int(x) for x in args.tune.split(",")))
+        tune(tuple(int(x) for x in args.tune.split(",")), args.tune_kernels)
     from triton.testing import do_bench, do_bench_cudagraph
 
     from regla_torch.ops.triton import chunk_gla, fused_recurrent_gla_step_

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from regla.spec import ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
+from .ops.linear import linear_many
 from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
@@ -185,12 +186,19 @@ class LinearAttention(nn.Module):
         a = self.args
         B, T, _ = x.shape
         Kd, Vd, G = a.head_k_dim, a.head_v_dim, a.num_kv_groups
-        q = self.q_proj(x).view(B, T, -1, Kd)
-        k = self.k_proj(x).view(B, T, -1, Kd)
-        v = self.v_proj(x).view(B, T, -1, Vd)
-        log_f = F.logsigmoid(self.gk_proj(x).float()).view(B, T, -1, Kd) / a.gate_logit_normalizer
+        # every projection of x that has no bias, in one call (one launch at decode)
+        gates = [self.gk_proj] + ([self.gr_proj] if a.use_refining_gate else [])
+        low = a.gate_low_rank_dim > 0
+        ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        ws += [m[0].weight for m in gates] if low else []
+        ws += [self.g_proj.weight] if a.use_output_gate else []
+        q, k, v, *rest = linear_many(x, ws)
+        q, k, v = q.view(B, T, -1, Kd), k.view(B, T, -1, Kd), v.view(B, T, -1, Vd)
+        gate_logits = [m[1](r) for m, r in zip(gates, rest)] if low else [m(x) for m in gates]
+        out_gate = rest[-1] if a.use_output_gate else None
+        log_f = F.logsigmoid(gate_logits[0].float()).view(B, T, -1, Kd) / a.gate_logit_normalizer
         if a.use_refining_gate:
-            g = refined_log_gate(log_f, self.gr_proj(x).float().view(B, T, -1, Kd))
+            g = refined_log_gate(log_f, gate_logits[1].float().view(B, T, -1, Kd))
         else:
             g = log_f
         if a.clamp_min is not None:
@@ -226,7 +234,7 @@ class LinearAttention(nn.Module):
             o = getattr(self, a.norm_name)(o)
         o = o.reshape(B, T, -1)
         if a.use_output_gate:
-            o = o * F.silu(self.g_proj(x))
+            o = o * F.silu(out_gate)
         return self.o_proj(o), ((S, m_last) if use_cache else None)
 
 

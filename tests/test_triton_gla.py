@@ -323,3 +323,23 @@ def test_long_strong_gates_bf16_finite():
     ro, _ = spec.recurrent_gla(*(x[:, t0:].detach().cpu().double().numpy() for x in (q, k, v, g)),
                                initial_state=h_mid.cpu().numpy())
     assert rel(o[:, t0:], ro) <= 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 4])
+def test_grouped_gemv(M, dtype):
+    """One launch for several x @ w.T: every group's columns land in place, ragged sizes
+    (rows not a multiple of the block, K not a multiple of the K block) included."""
+    from regla_torch.ops.triton import grouped_gemv
+    gen = torch.Generator().manual_seed(M)
+    K = 600
+    ns = [40, 17, 64, 1, 33, 5]
+    x = torch.randn(M, K, generator=gen).to(DEV, dtype)
+    ws = [torch.randn(n, K, generator=gen).to(DEV, dtype) for n in ns]
+    for G in (1, 2, 6):
+        y = grouped_gemv(x, ws[:G])
+        ref = torch.cat([x.double() @ w.double().T for w in ws[:G]], -1)
+        assert y.shape == (M, sum(ns[:G])) and y.dtype == dtype
+        assert rel(y, ref) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    with pytest.raises(ValueError, match="weights must be contiguous"):
+        grouped_gemv(x, [ws[0].T.contiguous().T])

@@ -13,6 +13,8 @@ little (see SPAN below) skip the sub-chunk split and use one reference row.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -65,13 +67,14 @@ def _prep_kernel(q, k, g, gc, kd, qg, cu, cidx,
 
 
 @triton.jit
-def _fwd_h_kernel(kd, v, gc, h, h0, ht, cu, coff,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """State entering every chunk (h[chunk]) and, optionally, the final state:
-    h <- diag(exp2(b_last)) h + kd^T v, serially over the chunks of one segment."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _scan(x, y, gc, out, init, final, cu, coff, scale, i_k, i_v, i_nh,
+          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+          USE_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+    """One serial pass over the chunks of a segment, a [BK, BV] block of the state:
+    s <- diag(exp2(b_last)) s + scale x^T y, storing the s met at every chunk before its
+    update. In time order with (x, y) = (kd, v) that is the state entering each chunk; in
+    reverse order with (qg, do), the gradient w.r.t. the state leaving it."""
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -84,24 +87,51 @@ def _fwd_h_kernel(kd, v, gc, h, h0, ht, cu, coff,
     mv = vc < V
     m_kv = mk[:, None] & mv[None, :]
     off_kv = kc[:, None] * V + vc[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
-    for i_c in range(NT):
-        tl.store(h + ((c0 + i_c) * H + i_h) * K * V + off_kv,
-                 b_h.to(h.dtype.element_ty), mask=m_kv)
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INIT:
+        b_s += tl.load(init + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    for j in range(NT):
+        if REVERSE:
+            i_c = NT - 1 - j
+        else:
+            i_c = j
+        tl.store(out + ((c0 + i_c) * H + i_h) * K * V + off_kv, b_s.to(out.dtype.element_ty), mask=m_kv)
         t0 = bos + i_c * BT
         rows = t0 + tl.arange(0, BT)
         mr = rows < eos
         last = tl.minimum(t0 + BT, eos) - 1
-        b_kd = tl.load(kd + (rows[None, :] * H + i_h) * K + kc[:, None],
-                       mask=mk[:, None] & mr[None, :], other=0.)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + vc[None, :],
-                      mask=mr[:, None] & mv[None, :], other=0.)
+        b_x = tl.load(x + (rows[None, :] * H + i_h) * K + kc[:, None], mask=mk[:, None] & mr[None, :], other=0.)
+        b_y = tl.load(y + (rows[:, None] * H + i_h) * V + vc[None, :], mask=mr[:, None] & mv[None, :], other=0.)
         b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
-        b_h = b_h * tl.exp2(b_gl)[:, None] + tl.dot(b_kd, b_v, input_precision=PREC)
-    if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + off_kv, b_h, mask=m_kv)
+        b_s = b_s * tl.exp2(b_gl)[:, None] + scale * tl.dot(b_x, b_y, input_precision=PREC)
+    if STORE_FINAL:
+        tl.store(final + i_nh.to(tl.int64) * K * V + off_kv, b_s, mask=m_kv)
+
+
+@triton.jit
+def _fwd_h_kernel(kd, v, gc, h, h0, ht, cu, coff,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+    """h[chunk]: the state entering every chunk; optionally the final state."""
+    _scan(kd, v, gc, h, h0, ht, cu, coff, 1.0, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+          H, K, V, BT, BK, BV, False, USE_H0, STORE_HT, PREC)
+
+
+@triton.jit
+def _bwd_scans_kernel(kd, v, qg, do, gc, h, dh, h0, dht, dh0, cu, coff, scale, NH,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      USE_H0: tl.constexpr, USE_DHT: tl.constexpr, PREC: tl.constexpr):
+    """The backward's two independent serial passes in one launch: the first NH programs
+    along axis 2 rebuild h (time order), the rest make dh (reverse order) and d(h0)."""
+    i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if i_p < NH:
+        _scan(kd, v, gc, h, h0, dh0, cu, coff, 1.0, i_k, i_v, i_p,
+              H, K, V, BT, BK, BV, False, USE_H0, False, PREC)
+    else:
+        _scan(qg, do, gc, dh, dht, dh0, cu, coff, scale, i_k, i_v, i_p - NH,
+              H, K, V, BT, BK, BV, True, USE_DHT, USE_H0, PREC)
 
 
 @triton.jit
@@ -200,53 +230,11 @@ def _fwd_o_kernel(q, k, v, gc, h, o, cu, cidx, scale,
 
 
 @triton.jit
-def _bwd_dh_kernel(qg, gc, do, dh, dht, dh0, cu, coff, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
-    """Reverse scan: dh[chunk] = gradient w.r.t. the state leaving that chunk,
-    dh <- diag(exp2(b_last)) dh + scale qg^T do."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    c0 = tl.load(coff + i_n).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
-    kc = i_k * BK + tl.arange(0, BK)
-    vc = i_v * BV + tl.arange(0, BV)
-    mk = kc < K
-    mv = vc < V
-    m_kv = mk[:, None] & mv[None, :]
-    off_kv = kc[:, None] * V + vc[None, :]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
-    for j in range(NT):
-        i_c = NT - 1 - j
-        tl.store(dh + ((c0 + i_c) * H + i_h) * K * V + off_kv,
-                 b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        t0 = bos + i_c * BT
-        rows = t0 + tl.arange(0, BT)
-        mr = rows < eos
-        last = tl.minimum(t0 + BT, eos) - 1
-        b_qg = tl.load(qg + (rows[None, :] * H + i_h) * K + kc[:, None],
-                       mask=mk[:, None] & mr[None, :], other=0.)
-        b_do = tl.load(do + (rows[:, None] * H + i_h) * V + vc[None, :],
-                       mask=mr[:, None] & mv[None, :], other=0.)
-        b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
-        b_dh = b_dh * tl.exp2(b_gl)[:, None] + scale * tl.dot(b_qg, b_do, input_precision=PREC)
-    if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + off_kv, b_dh, mask=m_kv)
-
-
-@triton.jit
-def _bwd_dv_kernel(q, k, gc, do, dh, dv, cu, cidx, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
+def _dv_part(q, k, gc, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
     """dv_j = scale * sum_{i>=j} A_ij do_i + (k_j exp(b_last - b_j)) @ dh."""
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(cidx + 2 * i_t)
     i_c = tl.load(cidx + 2 * i_t + 1)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -346,17 +334,16 @@ def _bwd_dv_kernel(q, k, gc, do, dh, dv, cu, cidx, scale,
 
 
 @triton.jit
-def _bwd_dqkg_kernel(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
+def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_h,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
     """dq, dk and the gate gradient of one chunk, one block of key channels.
 
     With b the chunk cumsum, d/db_i = q_i dq_i - k_i dk_i everywhere, plus, at the
     chunk's last row, sum_v h_next * dh_next (the decay of the state carried out);
     dg is the reverse cumsum of that within the chunk.
     """
-    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(cidx + 2 * i_t)
     i_c = tl.load(cidx + 2 * i_t + 1)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -503,6 +490,23 @@ def _bwd_dqkg_kernel(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale,
                 tl.store(dg + off_i, b_dg.to(dg.dtype.element_ty), mask=m_i)
 
 
+@triton.jit
+def _bwd_intra_kernel(q, k, v, gc, h, do, dh, dq, dk, dv, dg, cu, cidx, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BC: tl.constexpr, NV_DV: tl.constexpr,
+                      BK_DV: tl.constexpr, BV_DV: tl.constexpr, BK_QK: tl.constexpr, BV_QK: tl.constexpr,
+                      PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
+    """dv, and dq, dk, dg, of every chunk in one launch (they need only h and dh): the first
+    NV_DV programs along axis 0 are value blocks of dv, the rest key blocks of dq/dk/dg."""
+    i_b, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if i_b < NV_DV:
+        _dv_part(q, k, gc, do, dh, dv, cu, cidx, scale, i_b, i_t, i_h, H, K, V, BT, BC, BK_DV, BV_DV,
+                 PREC, SPAN, F32OPS)
+    else:
+        _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_b - NV_DV, i_t, i_h, H, K, V, BT, BC,
+                   BK_QK, BV_QK, PREC, SPAN, F32OPS)
+
+
 # ------------------------------------------------------------------ launchers
 # Fast path: when the gates of a chunk decay by at most 2^SPAN over the whole chunk
 # (max over channels of b_first - b_last, in log2 units) one reference row, the
@@ -515,22 +519,22 @@ SPAN = 30.0
 # Launch shapes per kernel: caps on the key/value blocks (clipped to the head dims),
 # warps, pipeline stages. bench/bench_ops.py --tune times alternatives.
 CFG = {
-    "h": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "scan": dict(BK=64, BV=64, num_warps=4, num_stages=3),
     "o": dict(BK=64, BV=128, num_warps=4, num_stages=2),
-    "dh": dict(BK=64, BV=64, num_warps=8, num_stages=2),
-    "dv": dict(BK=64, BV=128, num_warps=4, num_stages=2),
-    "dqkg": dict(BK=32, BV=64, num_warps=4, num_stages=2),
+    "intra": dict(BK_DV=64, BV_DV=128, BK_QK=32, BV_QK=64, num_warps=4, num_stages=2),
 }
 
 
-def _cfg(name, K, V, seqs_heads=None):
+@functools.lru_cache(maxsize=None)
+def _cfg(name, K, V, scans=None):
     c = dict(CFG[name])
-    c["BK"] = min(c["BK"], max(16, next_pow2(K)))
-    c["BV"] = min(c["BV"], max(16, next_pow2(V)))
-    if seqs_heads is not None:
-        # the state scans run one program per (segment, head, block) serially over the
-        # chunks; with few segments and heads, narrower value blocks fill the GPU
-        while c["BV"] > 16 and seqs_heads * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) < 264:
+    for b, d in (("BK", K), ("BV", V), ("BK_DV", K), ("BV_DV", V), ("BK_QK", K), ("BV_QK", V)):
+        if b in c:
+            c[b] = min(c[b], max(16, next_pow2(d)))
+    if scans is not None:
+        # a scan runs one program per (segment, head, block) serially over the chunks; with
+        # few segments and heads, narrower value blocks fill the GPU
+        while c["BV"] > 16 and scans * triton.cdiv(K, c["BK"]) * triton.cdiv(V, c["BV"]) < 264:
             c["BV"] //= 2
     return c
 
@@ -549,7 +553,7 @@ def _prep(q, k, g, ch: Chunks, store_qg: bool):
 def _fwd_h(kd, v, gc, h0, ch: Chunks, store_ht: bool):
     _, _, H, K = kd.shape
     V = v.shape[-1]
-    c = _cfg("h", K, V, ch.N * H)
+    c = _cfg("scan", K, V, ch.N * H)
     h = torch.empty(ch.NT, H, K, V, device=kd.device, dtype=state_dtype(kd.dtype))
     ht = torch.empty(ch.N, H, K, V, device=kd.device, dtype=torch.float32) if store_ht else None
     _fwd_h_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), ch.N * H)](
@@ -570,52 +574,40 @@ def _fwd_o(q, k, v, gc, h, scale, ch: Chunks):
     return o
 
 
-def _bwd_dh(qg, gc, do, h0, dht, scale, ch: Chunks, h_dtype):
-    _, _, H, K = qg.shape
-    V = do.shape[-1]
-    c = _cfg("dh", K, V, ch.N * H)
-    dh = torch.empty(ch.NT, H, K, V, device=qg.device, dtype=h_dtype)
-    dh0 = torch.empty(ch.N, H, K, V, device=qg.device, dtype=torch.float32) if h0 is not None else None
-    _bwd_dh_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), ch.N * H)](
-        qg, gc, do, dh, dht, dh0, ch.cu, ch.coff, scale, H=H, K=K, V=V, BT=BT,
-        USE_DHT=dht is not None, STORE_DH0=h0 is not None, PREC=dot_precision(qg.dtype), **c)
-    return dh, dh0
+def _bwd_scans(kd, v, qg, do, gc, h0, dht, scale, ch: Chunks):
+    """h (rebuilt) and dh, and d(initial state), from one launch."""
+    _, _, H, K = kd.shape
+    V = v.shape[-1]
+    c = _cfg("scan", K, V, 2 * ch.N * H)
+    h = torch.empty(ch.NT, H, K, V, device=kd.device, dtype=state_dtype(kd.dtype))
+    dh = torch.empty_like(h)
+    dh0 = torch.empty(ch.N, H, K, V, device=kd.device, dtype=torch.float32) if h0 is not None else None
+    _bwd_scans_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(V, c["BV"]), 2 * ch.N * H)](
+        kd, v, qg, do, gc, h, dh, h0, dht, dh0, ch.cu, ch.coff, scale, ch.N * H, H=H, K=K, V=V, BT=BT,
+        USE_H0=h0 is not None, USE_DHT=dht is not None, PREC=dot_precision(kd.dtype), **c)
+    return h, dh, dh0
 
 
-def _bwd_dv(q, k, gc, do, dh, scale, ch: Chunks):
-    _, _, H, K = q.shape
-    V = do.shape[-1]
-    c = _cfg("dv", K, V)
-    dv = torch.empty_like(do)
-    _bwd_dv_kernel[(triton.cdiv(V, c["BV"]), ch.NT, H)](
-        q, k, gc, do, dh, dv, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC,
-        PREC=dot_precision(q.dtype), SPAN=SPAN,
-        F32OPS=q.dtype == torch.float16, **c)
-    return dv
-
-
-def _bwd_dqkg(q, k, v, g, gc, h, do, dh, scale, ch: Chunks):
+def _bwd_intra(q, k, v, g, gc, h, do, dh, scale, ch: Chunks):
     _, _, H, K = q.shape
     V = v.shape[-1]
-    c = _cfg("dqkg", K, V)
+    c = _cfg("intra", K, V)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
+    dv = torch.empty_like(do)
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
-    _bwd_dqkg_kernel[(triton.cdiv(K, c["BK"]), ch.NT, H)](
-        q, k, v, gc, h, do, dh, dq, dk, dg, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC,
-        PREC=dot_precision(q.dtype), SPAN=SPAN,
-        F32OPS=q.dtype == torch.float16, **c)
-    return dq, dk, dg
+    nv = triton.cdiv(V, c["BV_DV"])
+    _bwd_intra_kernel[(nv + triton.cdiv(K, c["BK_QK"]), ch.NT, H)](
+        q, k, v, gc, h, do, dh, dq, dk, dv, dg, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC, NV_DV=nv,
+        PREC=dot_precision(q.dtype), SPAN=SPAN, F32OPS=q.dtype == torch.float16, **c)
+    return dq, dk, dv, dg
 
 
 def _bwd(q, k, v, g, h0, do, dht, scale, ch: Chunks):
     gc, kd, qg = _prep(q, k, g, ch, store_qg=True)
-    h, _ = _fwd_h(kd, v, gc, h0, ch, store_ht=False)
-    del kd
-    dh, dh0 = _bwd_dh(qg, gc, do, h0, dht, scale, ch, h.dtype)
-    del qg
-    dv = _bwd_dv(q, k, gc, do, dh, scale, ch)
-    dq, dk, dg = _bwd_dqkg(q, k, v, g, gc, h, do, dh, scale, ch)
+    h, dh, dh0 = _bwd_scans(kd, v, qg, do, gc, h0, dht, scale, ch)
+    del kd, qg
+    dq, dk, dv, dg = _bwd_intra(q, k, v, g, gc, h, do, dh, scale, ch)
     return dq, dk, dv, dg, dh0
 
 
