@@ -5,8 +5,11 @@ torch.compile'd CUDA-graph step) beside fla's own GLA model through HF generate,
 
 Random bf16 weights of a GLA-shaped model (fla's gla-1.3B: hidden 2048, 24 layers, 4 heads,
 expand_k 0.5). Tokens/s = batch * new tokens / time of the decode steps (prefill excluded:
-fla's figure is generate(n) minus generate(1)). The bandwidth bound reads every weight once per
-step: bytes of the parameters / 4.3 TB/s.
+fla's figure is generate(n) minus generate(1)). The graph columns feed each step's argmax
+straight back on the GPU; "stream_tokens" is the library's generation loop (what ``regla
+generate`` and chat run: the token goes to the host every step), timed as generate(n) minus
+generate(8). The bandwidth bound reads every weight once per step: bytes of the parameters /
+4.3 TB/s.
 """
 import argparse
 import os
@@ -81,6 +84,15 @@ def ours(cfg_kw, batch, prompt_len, new, profile=False):
             res[mode] = batch * new / timed(run)
             if profile and mode == "compiled":
                 print_kernels(lambda: step(nxt), f"compiled + graph step, batch {batch}")
+    if batch == 1:  # the library's own loop: sampling on the host, a sync per token
+        from regla_torch.generate import stream_tokens
+
+        def gen(n):
+            cache = model.make_cache()
+            for _ in stream_tokens(model, ids[0].tolist(), cache, n, {"temp": 0.0}):
+                pass
+        gen(8)
+        res["stream"] = (new - 8) / (timed(lambda: gen(new)) - timed(lambda: gen(8)))
     return res, n_bytes, sum(p.numel() for p in model.parameters())
 
 
@@ -119,13 +131,15 @@ def main():
     cfg_kw.update(vocab_size=32000, expand_k=0.5)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GLA {a.preset}, prompt {a.prompt}, "
           f"{a.new} new tokens, bf16, greedy", flush=True)
-    print("| batch | regla eager tok/s | regla CUDA graph tok/s | regla compiled + graph tok/s | bound tok/s |")
-    print("|---|---|---|---|---|")
+    print("| batch | regla eager tok/s | regla CUDA graph tok/s | regla compiled + graph tok/s "
+          "| regla stream_tokens tok/s | bound tok/s |")
+    print("|---|---|---|---|---|---|")
     ours_graph = {}
     for b in a.batches:
         res, n_bytes, n_params = ours(cfg_kw, b, a.prompt, a.new, a.profile)
         ours_graph[b] = res["compiled"]
-        print(f"| {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {res['compiled']:,.0f} | "
+        stream = f"{res['stream']:,.0f}" if "stream" in res else "-"
+        print(f"| {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {res['compiled']:,.0f} | {stream} | "
               f"{b * BW / n_bytes:,.0f} |  (setup: capture {res['graph setup s']:.1f} s, "
               f"compile + capture {res['compiled setup s']:.1f} s)", flush=True)
     if not a.no_fla:  # after ours: fla's first generate compiles and autotunes for minutes

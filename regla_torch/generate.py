@@ -145,7 +145,7 @@ def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
             with torch.no_grad():
                 logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         # the same 20-token window mlx-lm's repetition penalty looks at
-        scores = procs(torch.tensor([recent[-20:]], device=device), logits)
+        scores = procs(torch.tensor([recent[-20:]], device=device), logits) if procs else logits
         if temp > 0:
             tok = int(torch.multinomial(torch.softmax(scores, -1), 1))
         else:

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from regla.spec import ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
-from .ops.linear import linear_many
+from .ops.linear import linear, project, project_add
 from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
@@ -182,19 +182,19 @@ class LinearAttention(nn.Module):
             setattr(self, args.norm_name, nn.LayerNorm(args.head_v_dim, eps=args.norm_eps))
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
-    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
         a = self.args
-        B, T, _ = x.shape
+        B, T, _ = h.shape
         Kd, Vd, G = a.head_k_dim, a.head_v_dim, a.num_kv_groups
-        # every projection of x that has no bias, in one call (one launch at decode)
+        # every projection of norm(h) in one call (one launch at decode); biases come after
         gates = [self.gk_proj] + ([self.gr_proj] if a.use_refining_gate else [])
         low = a.gate_low_rank_dim > 0
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        ws += [m[0].weight for m in gates] if low else []
+        ws += [m[0].weight if low else m.weight for m in gates]
         ws += [self.g_proj.weight] if a.use_output_gate else []
-        q, k, v, *rest = linear_many(x, ws)
+        q, k, v, *rest = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
         q, k, v = q.view(B, T, -1, Kd), k.view(B, T, -1, Kd), v.view(B, T, -1, Vd)
-        gate_logits = [m[1](r) for m, r in zip(gates, rest)] if low else [m(x) for m in gates]
+        gate_logits = [linear(r, m[1].weight, m[1].bias) if low else r + m.bias for m, r in zip(gates, rest)]
         out_gate = rest[-1] if a.use_output_gate else None
         log_f = F.logsigmoid(gate_logits[0].float()).view(B, T, -1, Kd) / a.gate_logit_normalizer
         if a.use_refining_gate:
@@ -235,7 +235,7 @@ class LinearAttention(nn.Module):
         o = o.reshape(B, T, -1)
         if a.use_output_gate:
             o = o * F.silu(out_gate)
-        return self.o_proj(o), ((S, m_last) if use_cache else None)
+        return project_add(o, self.o_proj.weight, h), ((S, m_last) if use_cache else None)
 
 
 class GatedSlotAttention(nn.Module):
@@ -252,14 +252,16 @@ class GatedSlotAttention(nn.Module):
         self.g_norm = RMSNorm(d, args.norm_eps)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
-    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
         a = self.args
-        B, T, _ = x.shape
+        B, T, _ = h.shape
         G = a.num_kv_groups
-        q = feature_map(self.q_proj(x).view(B, T, -1, a.head_k_dim), a.feature_map)
-        k = feature_map(self.k_proj(x).view(B, T, -1, a.head_k_dim), a.feature_map)
-        v = F.silu(self.v_proj(x).view(B, T, -1, a.head_v_dim))
-        g = F.logsigmoid(self.f_proj(x).float()).view(B, T, -1, a.num_slots) / a.gate_logit_normalizer
+        ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.f_proj.weight]
+        q, k, v, f = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
+        q = feature_map(q.view(B, T, -1, a.head_k_dim), a.feature_map)
+        k = feature_map(k.view(B, T, -1, a.head_k_dim), a.feature_map)
+        v = F.silu(v.view(B, T, -1, a.head_v_dim))
+        g = F.logsigmoid(f.float()).view(B, T, -1, a.num_slots) / a.gate_logit_normalizer
         s = -torch.expm1(g)
         if G > 1:
             k, v, g, s = (t.repeat_interleave(G, dim=2) for t in (k, v, g, s))
@@ -275,7 +277,7 @@ class GatedSlotAttention(nn.Module):
             states.append(st)
         o = torch.cat(outs, 1).reshape(B, T, -1)
         new_state = tuple(torch.cat([st[i] for st in states], 0) for i in range(2)) if use_cache else None
-        return self.o_proj(self.g_norm(F.silu(o))), new_state
+        return project_add(self.g_norm(F.silu(o)), self.o_proj.weight, h), new_state
 
 
 def rope(x, positions, theta):
@@ -299,18 +301,17 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=False)
 
-    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
         a = self.args
-        B, T, _ = x.shape
+        B, T, _ = h.shape
         D = a.softmax_head_dim
-        q = self.q_proj(x).view(B, T, -1, D)
-        k = self.k_proj(x).view(B, T, -1, D)
-        v = self.v_proj(x).view(B, T, -1, D)
+        ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        q, k, v = (t.view(B, T, -1, D) for t in project(h, ws, norm).split([w.shape[0] for w in ws], -1))
         past = 0 if state is None else state[0].shape[1]
         if cu_seqlens is None:
-            pos = torch.arange(past, past + T, device=x.device)
+            pos = torch.arange(past, past + T, device=h.device)
         else:  # positions restart at every packed sequence
-            pos = torch.cat([torch.arange(e - b, device=x.device) for b, e in segments(cu_seqlens, T)])
+            pos = torch.cat([torch.arange(e - b, device=h.device) for b, e in segments(cu_seqlens, T)])
         q, k = rope(q, pos, a.rope_theta), rope(k, pos, a.rope_theta)
         if state is not None:
             k, v = torch.cat([state[0], k], 1), torch.cat([state[1], v], 1)
@@ -319,17 +320,17 @@ class SoftmaxAttention(nn.Module):
         if G > 1:
             kt, vt = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
         if cu_seqlens is not None:
-            seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=x.device),
-                                          (cu_seqlens[1:] - cu_seqlens[:-1]).to(x.device))
-            mask = (seg[:, None] == seg[None, :]) & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=h.device),
+                                          (cu_seqlens[1:] - cu_seqlens[:-1]).to(h.device))
+            mask = (seg[:, None] == seg[None, :]) & torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
         elif past == 0:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         else:
-            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+            mask = torch.arange(past + T, device=h.device)[None, :] <= (past + torch.arange(T, device=h.device))[:, None]
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
         o = o.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(o), ((k, v) if use_cache else None)
+        return project_add(o, self.o_proj.weight, h), ((k, v) if use_cache else None)
 
 
 class MLP(nn.Module):
@@ -340,8 +341,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=False)
         self.down_proj = nn.Linear(m, d, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, h, norm):
+        """``h + down(silu(gate(norm(h))) * up(norm(h)))``."""
+        gate_up = project(h, [self.gate_proj.weight, self.up_proj.weight], norm)
+        return project_add(gate_up, self.down_proj.weight, h, glu=True)
 
 
 ATTENTION = {"regla": LinearAttention, "gla": LinearAttention, "gsa": GatedSlotAttention,
@@ -357,9 +360,10 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, h, state=None, cu_seqlens=None, use_cache=False):
-        y, state = self.attn(self.attn_norm(h), state, cu_seqlens, use_cache)
-        h = h + y
-        return h + self.mlp(self.mlp_norm(h)), state
+        # Mixer and MLP take the residual stream and their pre-norm and return the updated
+        # stream: at decode the norm and the residual add then run inside the projections.
+        h, state = self.attn(h, self.attn_norm, state, cu_seqlens, use_cache)
+        return self.mlp(h, self.mlp_norm), state
 
 
 class ReGLAModel(nn.Module):
@@ -448,11 +452,10 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
         for block, st in zip(self.model.layers, states):
             h, st = block(h, st, cu_seqlens, use_cache)
             new.append(st)
-        h = self.model.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         head = self.model.embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, head), new
+        return project(h, [head], self.model.norm), new
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       use_cache=True, **kwargs):

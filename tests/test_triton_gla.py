@@ -326,20 +326,35 @@ def test_long_strong_gates_bf16_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 3, 4])
-def test_grouped_gemv(M, dtype):
+@pytest.mark.parametrize("M,K", [(1, 600), (3, 640), (4, 600)])
+def test_grouped_gemv(M, K, dtype):
     """One launch for several x @ w.T: every group's columns land in place, ragged sizes
-    (rows not a multiple of the block, K not a multiple of the K block) included."""
+    (rows not a multiple of the block, K not a multiple of 16 or of the K block) included;
+    and the folded-in RMSNorm, gating and residual add against their plain torch."""
     from regla_torch.ops.triton import grouped_gemv
     gen = torch.Generator().manual_seed(M)
-    K = 600
     ns = [40, 17, 64, 1, 33, 5]
     x = torch.randn(M, K, generator=gen).to(DEV, dtype)
     ws = [torch.randn(n, K, generator=gen).to(DEV, dtype) for n in ns]
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
     for G in (1, 2, 6):
         y = grouped_gemv(x, ws[:G])
         ref = torch.cat([x.double() @ w.double().T for w in ws[:G]], -1)
         assert y.shape == (M, sum(ns[:G])) and y.dtype == dtype
-        assert rel(y, ref) <= (1e-6 if dtype == torch.float32 else 4e-3)
+        assert rel(y, ref) <= tol
+    # RMSNorm first (x scaled far from 1, so a missing normalization shows)
+    nw = (1 + torch.rand(K, generator=gen)).to(DEV, dtype)
+    xs = x * 30
+    xn = xs.double() * torch.rsqrt(xs.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    y = grouped_gemv(xs, ws[:3], norm_weight=nw, eps=1e-5)
+    assert rel(y, torch.cat([xn @ w.double().T for w in ws[:3]], -1)) <= tol
+    # silu(gate) * up, plus a residual
+    gu = torch.randn(M, 2 * K, generator=gen).to(DEV, dtype)
+    res = torch.randn(M, ns[2], generator=gen).to(DEV, dtype)
+    a, b = gu.double().chunk(2, -1)
+    ref = res.double() + (a * torch.sigmoid(a) * b) @ ws[2].double().T
+    assert rel(grouped_gemv(gu, [ws[2]], glu=True, residual=res), ref) <= tol
     with pytest.raises(ValueError, match="weights must be contiguous"):
         grouped_gemv(x, [ws[0].T.contiguous().T])
+    with pytest.raises(ValueError, match="residual must be"):
+        grouped_gemv(x, ws[:2], residual=res)

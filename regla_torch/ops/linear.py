@@ -1,11 +1,19 @@
-"""Projections by several weights of one input: ``[F.linear(x, w) for w in weights]``.
+"""The model's projections, written so a decode step can fuse what sits around them.
 
-At decode on CUDA (a few rows, no autograd), three or more weights run as one grouped
-Triton GEMV (``regla_torch.ops.triton.grouped_gemv``): one launch instead of one cuBLAS call
-each, three times faster for a layer's input projections. One or two weights stay with
-cuBLAS, which reads a single big weight as fast as the grouped kernel (bench/bench_gemv.py).
-Everywhere else they are plain ``F.linear``.
+- ``project(x, weights, norm)``: ``F.linear(norm(x), cat(weights))``, a block's input
+  projections after its pre-norm;
+- ``project_add(x, weight, residual, glu)``: ``residual + F.linear(glu(x), weight)``, a block's
+  output projection onto the residual stream;
+- ``linear(x, weight, bias)``: ``F.linear``, for the gates' low-rank second factors.
+
+At decode on CUDA (at most four rows, no autograd) the first two are one Triton GEMV launch
+each (``regla_torch.ops.triton.grouped_gemv``) with the norm, the MLP's gating and the
+residual add inside it: one launch per projection instead of one cuBLAS call per weight
+plus an elementwise kernel on each side (bench/bench_gemv.py). Inside a compiled decode step,
+``linear`` with a short inner dimension is a broadcast sum that torch.compile fuses into the
+gate's elementwise kernel. Everywhere else all three are the plain torch they describe.
 """
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -13,22 +21,67 @@ import torch.nn.functional as F
 from .utils import use_triton
 
 
-def linear_many(x, weights):
-    if (3 <= len(weights) <= 6 and not torch.is_grad_enabled() and use_triton(x) and x.numel() // x.shape[-1] <= 4
-            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)):
-        y = _grouped_gemv(x.reshape(-1, x.shape[-1]), list(weights))
-        return [o.view(*x.shape[:-1], o.shape[-1]) for o in y.split([w.shape[0] for w in weights], -1)]
-    return [F.linear(x, w) for w in weights]
+def _rms_norm(x, norm):
+    return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
+
+
+def _gemv_ok(x, weights):
+    if torch.is_grad_enabled() or not use_triton(x):
+        return False
+    from .triton.gemv import MAX_GROUPS, MAX_ROWS
+
+    return (x.numel() // x.shape[-1] <= MAX_ROWS and len(weights) <= MAX_GROUPS
+            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
+
+
+def project(x, weights, norm=None):
+    """``F.linear(norm(x), torch.cat(weights))``: [..., sum of the weights' rows]. ``norm`` is
+    an RMSNorm module (``weight``, ``eps``) or None."""
+    if _gemv_ok(x, weights):
+        y = _grouped_gemv(x.reshape(-1, x.shape[-1]), list(weights), None if norm is None else norm.weight,
+                          1e-6 if norm is None else norm.eps, False, None)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    if norm is not None:
+        x = _rms_norm(x, norm)
+    if len(weights) == 1:
+        return F.linear(x, weights[0])
+    # stack whichever is smaller: the weights (one GEMM, for training and prefill) or the
+    # outputs (decode, where copying every weight each step would cost more than the GEMMs)
+    if x.numel() < weights[0].numel():
+        return torch.cat([F.linear(x, w) for w in weights], -1)
+    return F.linear(x, torch.cat(weights))
+
+
+def project_add(x, weight, residual, glu=False):
+    """``residual + F.linear(x, weight)``; with ``glu``, x is ``[gate | up]`` and the product
+    is with ``silu(gate) * up``."""
+    if _gemv_ok(x, [weight]) and residual.dtype == x.dtype:
+        rows = residual.reshape(-1, residual.shape[-1])
+        y = _grouped_gemv(x.reshape(-1, x.shape[-1]), [weight], None, 1e-6, glu, rows)
+        return y.view(residual.shape)
+    if glu:
+        gate, up = x.chunk(2, -1)
+        x = F.silu(gate) * up
+    return residual + F.linear(x, weight)
+
+
+def linear(x, weight, bias=None):
+    if (torch.compiler.is_compiling() and x.shape[-1] <= 64 and not torch.is_grad_enabled()
+            and x.numel() // x.shape[-1] <= 4):
+        y = (x.float().unsqueeze(-2) * weight.float()).sum(-1)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 # A registered op, so torch.compile keeps the launch as one opaque call in a compiled decode step.
 @torch.library.custom_op("regla::grouped_gemv", mutates_args=())
-def _grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+def _grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None, eps: float,
+                  glu: bool, residual: torch.Tensor | None) -> torch.Tensor:
     from .triton import grouped_gemv
 
-    return grouped_gemv(x, weights)
+    return grouped_gemv(x, weights, norm_weight, eps, glu, residual)
 
 
 @_grouped_gemv.register_fake
-def _(x, weights):
+def _(x, weights, norm_weight, eps, glu, residual):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))

@@ -1,11 +1,19 @@
-"""Decode-time projections: several ``x @ W.T`` with one input and a few rows, one launch.
+"""Decode-time projections: ``x @ W.T`` for a few rows of x, several weights in one launch,
+with the block's pre-norm, the MLP's gating and the residual add folded in.
 
-At batch 1 a decode step is matrix-vector products that read every weight once; cuBLAS
-runs the small ones far under the memory bandwidth (five projections of a 1.3B layer,
-25 MB: 50 us, 0.5 TB/s on the H200), mostly launch and ramp-up. This kernel reads up to
-six weights of one input (q, k, v, the gates' first factors, the output gate) in one
-launch, in row blocks spread over the whole GPU, fp32 accumulation: 16 us. For one or two
-big weights cuBLAS is as fast or faster (bench/bench_gemv.py), so it keeps those.
+At batch 1 a decode step is matrix-vector products that read every weight once, and a layer
+is only a few dozen microseconds of reading: cuBLAS runs small ones far under the memory
+bandwidth (five projections of a 1.3B layer, 25 MB: 50 us, 0.5 TB/s on the H200), mostly
+launch and ramp-up, and each elementwise kernel between them (a norm, a residual add) costs
+a launch and a gap as long as a small GEMV. This kernel reads up to six weights of one input
+(q, k, v, the gates' first factors, the output gate) in one launch, in row blocks spread over
+the whole GPU, with fp32 accumulation, and takes what sits next to the products with it:
+
+- ``norm_weight``: RMSNorm of x first. ``W (x * r * w) = r * (W (x * w))`` for the row's
+  ``r = rsqrt(mean(x^2) + eps)``: the loop accumulates ``x^2`` beside the products and
+  scales once at the end, so the norm adds no pass over x.
+- ``glu``: x is ``[gate | up]`` (2K wide) and the product is with ``silu(gate) * up``.
+- ``residual``: the output is ``residual + x @ W.T`` (the block's residual stream).
 """
 from __future__ import annotations
 
@@ -17,12 +25,14 @@ MAX_GROUPS = 6
 MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
 
 
-# sizes stay runtime values: a size of 1 specialized to a constant would give one group's
-# branch a different type than the others'
-@triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5", "M", "K", "NY"])
-def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, M, K, NY,
-                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[:, off_g + n] = x @ w_g[n].T for the row block this program owns; the groups' row
+# Row counts stay runtime values: a count of 1 specialized to a constant would give one
+# group's branch a different type than the others'. K must stay specialized (divisible by
+# 16), or the weight rows lose their alignment and the loads their 16-byte width.
+@triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5", "M"])
+def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, M, K, XS, NY, eps,
+                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr):
+    """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
     pid = tl.program_id(0)
     w = w0
@@ -56,39 +66,80 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, M, K, NY,
     # products accumulate elementwise and are reduced once at the end: the loop is only
     # loads and multiply-adds, so the next block's loads can issue while this one computes
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
+    ss = tl.zeros([BM, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         mk = rk < K
         b_w = tl.load(w + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.)
-        b_x = tl.load(x + rm[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.)
-        acc += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
-    tl.store(y + rm[:, None] * NY + col + rn[None, :], tl.sum(acc, 2).to(y.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
+        mx = mm[:, None] & mk[None, :]
+        b_x = tl.load(x + rm[:, None] * XS + rk[None, :], mask=mx, other=0.).to(tl.float32)
+        if GLU:
+            b_u = tl.load(x + rm[:, None] * XS + K + rk[None, :], mask=mx, other=0.).to(tl.float32)
+            b_x = b_x * tl.sigmoid(b_x) * b_u
+        if NORM:
+            ss += b_x * b_x
+            b_x *= tl.load(nw + rk, mask=mk, other=0.).to(tl.float32)[None, :]
+        acc += b_x[:, None, :] * b_w.to(tl.float32)[None, :, :]
+    b_y = tl.sum(acc, 2)
+    if NORM:
+        b_y *= tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
+    my = mm[:, None] & mn[None, :]
+    p_y = rm[:, None] * NY + col + rn[None, :]
+    if RES:
+        b_y += tl.load(res + p_y, mask=my, other=0.).to(tl.float32)
+    tl.store(y + p_y, b_y.to(y.dtype.element_ty), mask=my)
 
 
-# Launch shape: rows of W per program, K block, warps, pipeline stages: the best of
-# `bench/bench_gemv.py --tune` for a 1.3B model's five input projections on the H200.
-CFG = dict(BN=16, BK=512, num_warps=8, num_stages=1)
+# Launch shapes (rows of W per program, K block, warps, pipeline stages) by the shape of the
+# product: the best of `bench/bench_gemv.py --tune` on the H200 for a 1.3B model's layer.
+# Keyed by (total rows N, K); the first entry whose bounds hold wins.
+CFGS = [
+    (lambda N, K: K > 4096, dict(BN=4, BK=2048, num_warps=4, num_stages=1)),    # down (K = 5632)
+    (lambda N, K: N <= 4096, dict(BN=4, BK=2048, num_warps=4, num_stages=1)),   # o (2048)
+    (lambda N, K: N <= 8192, dict(BN=16, BK=512, num_warps=4, num_stages=1)),   # q,k,v,gates (6160)
+    (lambda N, K: N <= 16384, dict(BN=32, BK=256, num_warps=4, num_stages=1)),  # gate+up (11264)
+    (lambda N, K: True, dict(BN=8, BK=512, num_warps=4, num_stages=1)),         # head (32000)
+]
 
 
-def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat([x @ w.T for w in weights], -1)`` for x [M, K] with M <= 4 rows and up to
-    six contiguous weights [N_g, K] of x's dtype. Returns [M, sum N_g] in x's dtype."""
-    M, K = x.shape
+def config(N: int, K: int) -> dict:
+    return next(dict(c) for test, c in CFGS if test(N, K))
+
+
+def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
+                 eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.cat([f(x) @ w.T for w in weights], -1) (+ residual)`` for x [M, K] with M <= 4
+    rows and up to six contiguous weights [N_g, K] of x's dtype, where f is nothing, the
+    RMSNorm with ``norm_weight`` [K], or (``glu``, x [M, 2K]) ``silu(x[:, :K]) * x[:, K:]``.
+    Returns [M, sum N_g] in x's dtype."""
+    M = x.shape[0]
+    K = x.shape[1] // 2 if glu else x.shape[1]
     G = len(weights)
-    if not (1 <= G <= MAX_GROUPS and 1 <= M <= MAX_ROWS):
-        raise ValueError(f"grouped_gemv takes 1..{MAX_GROUPS} weights and 1..{MAX_ROWS} rows, got {G}, {M}")
+    if not (1 <= G <= MAX_GROUPS and 1 <= M <= MAX_ROWS) or x.dim() != 2:
+        raise ValueError(f"grouped_gemv takes x [M, K] with 1..{MAX_ROWS} rows and 1..{MAX_GROUPS} weights, "
+                         f"got x {tuple(x.shape)}, {G} weights")
+    if glu and norm_weight is not None:
+        raise ValueError("grouped_gemv: glu and norm_weight do not combine")
     for w in weights:
         if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or not w.is_contiguous():
             raise ValueError(f"weights must be contiguous [N, {K}] in {x.dtype}; got {tuple(w.shape)} {w.dtype}")
-    x = x.contiguous()
     ns = [w.shape[0] for w in weights]
     NY = sum(ns)
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+    if residual is not None and residual.shape != (M, NY):
+        raise ValueError(f"residual must be [{M}, {NY}], got {tuple(residual.shape)}")
+    x = x.contiguous()
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
-    c = dict(CFG)
-    c["BK"] = min(c["BK"], max(16, triton.next_power_of_2(K)))
+    c = config(NY, K)
+    BM = triton.next_power_of_2(M)
+    # the accumulator holds BM * BN * BK fp32: at most the tuned one-row tile's 8192
+    c["BK"] = max(16, min(c["BK"], triton.next_power_of_2(K), 8192 // (BM * c["BN"])))
     ws = list(weights) + [weights[0]] * (MAX_GROUPS - G)
     ns_all = ns + [0] * (MAX_GROUPS - G)
     grid = (sum(triton.cdiv(n, c["BN"]) for n in ns),)
-    _gemv_kernel[grid](x, y, *ws, *ns_all, M, K, NY, G=G, BM=triton.next_power_of_2(M), **c)
+    nw = x if norm_weight is None else norm_weight.contiguous()
+    res = x if residual is None else residual.contiguous()
+    _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, M, K, x.shape[1], NY, eps, G=G, BM=BM,
+                       NORM=norm_weight is not None, GLU=glu, RES=residual is not None, **c)
     return y
