@@ -60,27 +60,11 @@ def case(ns, K, fold, rows):
     return [lambda ws=ws: ours(ws) for ws in layers], [lambda ws=ws: ref(ws) for ws in layers], sum(ns) * K * 2
 
 
-def graph_us(calls, reps=20):
+def graph_us(calls):
     """Microseconds per call of ``calls`` replayed back to back as one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles outside the capture
-        for f in calls:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in calls:
-            f()
-    for _ in range(3):
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / len(calls)
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(lambda: [f() for f in calls], rep=20, return_mode="median") * 1e3 / len(calls)
 
 
 def main():

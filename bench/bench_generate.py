@@ -33,23 +33,14 @@ def timed(fn):
 
 def print_kernels(fn, title, steps=5):
     """GPU time per kernel of one step (torch.profiler sees the kernels a graph replays)."""
-    from collections import defaultdict
+    from profile_ops import kernel_times
 
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    acc = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            acc[e.name][0] += 1
-            acc[e.name][1] += e.device_time
-    total = sum(t for _, t in acc.values()) / steps
-    print(f"\n{title}: {sum(n for n, _ in acc.values()) / steps:.0f} kernels, {total:.0f} us of kernel time "
+    acc = kernel_times(fn, steps)  # {name: (calls, us)} per step
+    total = sum(t for _, t in acc.values())
+    print(f"\n{title}: {sum(n for n, _ in acc.values()):.0f} kernels, {total:.0f} us of kernel time "
           "per step", flush=True)
     for name, (n, t) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:25]:
-        print(f"  {t / steps:8.1f} us  {n / steps:5.0f}x  {name[:100]}")
+        print(f"  {t:8.1f} us  {n:5.0f}x  {name[:100]}")
 
 
 def ours(cfg_kw, batch, prompt_len, new, profile=False):

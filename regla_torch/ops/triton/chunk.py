@@ -23,6 +23,16 @@ from ._common import BC, BT, Chunks, chunks, dot_precision, next_pow2, state_dty
 
 
 @triton.jit
+def _chunk_rows(cu, cidx, i_t, BT: tl.constexpr):
+    """Chunk i_t of the flattened (sequence, chunk) list: its sequence's first and end rows
+    and its own first row."""
+    i_n = tl.load(cidx + 2 * i_t)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    return bos, eos, bos + tl.load(cidx + 2 * i_t + 1) * BT
+
+
+@triton.jit
 def _op(x, ref, F32OPS: tl.constexpr):
     """Operand of a fast-path dot: in the input dtype, or fp32 for fp16 inputs (their
     factors exp(r - b_j) may reach 2^SPAN, past fp16's range)."""
@@ -43,11 +53,7 @@ def _prep_kernel(q, k, g, gc, kd, qg, cu, cidx,
     ready dot operands, which the compiler can prefetch a chunk ahead, and the cumsum is done
     once per chunk, not once per value block of the scan."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(cidx + 2 * i_t)
-    i_c = tl.load(cidx + 2 * i_t + 1)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + i_c * BT
+    bos, eos, t0 = _chunk_rows(cu, cidx, i_t, BT)
     rows = t0 + tl.arange(0, BT)
     kc = i_k * BK + tl.arange(0, BK)
     m = (rows < eos)[:, None] & (kc < K)[None, :]
@@ -140,11 +146,7 @@ def _fwd_o_kernel(q, k, v, gc, h, o, cu, cidx, scale,
                   BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(cidx + 2 * i_t)
-    i_c = tl.load(cidx + 2 * i_t + 1)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + i_c * BT
+    bos, eos, t0 = _chunk_rows(cu, cidx, i_t, BT)
     NC: tl.constexpr = BT // BC
     vc = i_v * BV + tl.arange(0, BV)
     mv = vc < V
@@ -235,11 +237,7 @@ def _dv_part(q, k, gc, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
              BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
     """dv_j = scale * sum_{i>=j} A_ij do_i + (k_j exp(b_last - b_j)) @ dh."""
-    i_n = tl.load(cidx + 2 * i_t)
-    i_c = tl.load(cidx + 2 * i_t + 1)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + i_c * BT
+    bos, eos, t0 = _chunk_rows(cu, cidx, i_t, BT)
     last = tl.minimum(t0 + BT, eos) - 1
     NC: tl.constexpr = BT // BC
     vc = i_v * BV + tl.arange(0, BV)
@@ -344,11 +342,7 @@ def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_
     chunk's last row, sum_v h_next * dh_next (the decay of the state carried out);
     dg is the reverse cumsum of that within the chunk.
     """
-    i_n = tl.load(cidx + 2 * i_t)
-    i_c = tl.load(cidx + 2 * i_t + 1)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = bos + i_c * BT
+    bos, eos, t0 = _chunk_rows(cu, cidx, i_t, BT)
     last = tl.minimum(t0 + BT, eos) - 1
     NC: tl.constexpr = BT // BC
     kc = i_k * BK + tl.arange(0, BK)
