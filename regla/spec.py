@@ -18,9 +18,32 @@ from typing import Any, Optional
 
 import numpy as np
 
+from . import layer_math as lm
+from .layer_math import FEATURE_MAPS, NUMPY
+
 MODEL_TYPES = ("regla", "gla", "gsa")
-FEATURE_MAPS = ("safe_exp", "identity", "elu", "relu", "softmax", "swish")
 ATTN_NORMS = ("rmsnorm", "layernorm", "none")
+HIDDEN_ACTS = ("swish", "silu")
+# fla's GatedSlotAttention normalises its output with rms_norm_linear(...) without passing its
+# eps, so fla's default of 1e-5 applies whatever norm_eps says; gsa layers here do the same.
+GSA_OUTPUT_NORM_EPS = 1e-5
+
+# fla 0.6.0 builds its layers from some config fields and stores the rest unused; reading an
+# fla checkpoint we drop the same ones, so the numbers are fla's. (GLA's gate normalizer and
+# rank are hard-coded to 16 in fla's layer; GSA's clamp/output-gate/norm flags are not passed on.)
+_FLA_IGNORED = {
+    "gla": ("gate_logit_normalizer", "gate_low_rank_dim", "use_gk", "use_gv", "use_refining_gate",
+            "qk_scale", "attn_norm", "softmax_layers"),
+    "gsa": ("clamp_min", "clamp_max", "use_output_gate", "use_norm", "gate_low_rank_dim",
+            "use_refining_gate", "qk_scale", "attn_norm", "softmax_layers"),
+}
+# fla's names for the maps it applies to GLA queries and keys (fla.modules.activations.ACT2FN)
+# and GSA's (fla.modules.feature_map); None means no map.
+_FLA_FEATURE_MAPS = {
+    "gla": {None: "identity", "relu": "relu", "swish": "swish", "silu": "swish", "sigmoid": "sigmoid",
+            "sqrelu": "sqrelu"},
+    "gsa": {None: "swish", "swish": "swish", "relu": "relu"},  # null: older configs, the layer default
+}
 
 # Per-model-type defaults for the fields whose default depends on the layer type
 # (MATH.md sections 2-4). A field left at None in ModelArgs takes these.
@@ -67,7 +90,7 @@ class ModelArgs:
     use_refining_gate: Optional[bool] = None
     qk_scale: Optional[float] = None
     clamp_min: Optional[float] = None
-    num_slots: int = 64
+    num_slots: Optional[int] = 64
     norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     softmax_layers: list = field(default_factory=list)
@@ -77,7 +100,10 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     fuse_norm: bool = True
+    elementwise_affine: bool = True
     use_short_conv: bool = False
+    conv_size: int = 4
+    conv_bias: bool = False
     attn_mode: str = "chunk"
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
@@ -93,6 +119,10 @@ class ModelArgs:
                 setattr(self, name, value)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if self.num_slots is None:  # fla's GSA: one slot per key channel of a head
+            self.num_slots = self.head_k_dim
+        if self.hidden_ratio is None:
+            self.hidden_ratio = 4.0
         if self.softmax_num_heads is None:
             self.softmax_num_heads = self.num_heads
         if self.softmax_num_kv_heads is None:
@@ -120,9 +150,11 @@ class ModelArgs:
                 bad(f"gsa layers take feature_map swish, relu or identity, not {self.feature_map!r}")
             if self.use_refining_gate:
                 bad("use_refining_gate applies to regla layers only; gsa has per-slot gates")
-        if self.use_short_conv:
-            bad("use_short_conv=True checkpoints are not supported: regla has no short "
-                "convolution. Use a checkpoint trained without it.")
+        if self.hidden_act not in HIDDEN_ACTS:
+            bad(f"hidden_act {self.hidden_act!r} is not supported: regla's MLP (and fla's GLA/GSA MLP) is "
+                "SwiGLU; use hidden_act='swish'")
+        if self.conv_size < 1:
+            bad(f"conv_size must be >= 1, got {self.conv_size}")
         for name in ("hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads", "vocab_size"):
             if int(getattr(self, name)) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
@@ -216,20 +248,42 @@ class ModelArgs:
                 raise ConfigError(
                     f"unknown model_type {mt!r}: regla loads regla, gla and gsa checkpoints "
                     "(fla-hub gla/gsa, or its own). Check the config.json of this checkpoint.")
-            d["attn_type"] = mt
-        for old, new in (("exapnd_k", "expand_k"), ("exapnd_v", "expand_v")):
-            if old in d:
-                d.setdefault(new, d.pop(old))
+            d = _from_fla(mt, d)
         if d.get("feature_map") is None:
-            d.pop("feature_map", None)  # fla writes null for "no map": take the type default
-        if "num_slots" in d and d["num_slots"] is None:
-            d.pop("num_slots")
+            d.pop("feature_map", None)  # null means "the type's default map"
         known = {f.name for f in dataclasses.fields(cls)}
         args = {k: v for k, v in d.items() if k in known}
         return cls(**args)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "regla", **dataclasses.asdict(self)}
+
+
+def _from_fla(kind: str, d: dict) -> dict:
+    """An fla ``gla``/``gsa`` config.json read the way fla 0.6.0's model classes read it.
+
+    Fields fla ignores are dropped; fields that change fla's math and that regla does not
+    implement raise a ConfigError naming them (never silently different numbers).
+    """
+    d = {k: v for k, v in d.items() if k not in _FLA_IGNORED[kind]}
+    d["attn_type"] = kind
+    for old, new in (("exapnd_k", "expand_k"), ("exapnd_v", "expand_v")):
+        if old in d:
+            d.setdefault(new, d.pop(old))
+    if d.get("attn"):
+        raise ConfigError("this fla checkpoint mixes in fla's softmax attention layers (config 'attn' = "
+                          f"{d['attn']}); regla cannot load fla's hybrid layers yet: use a checkpoint without 'attn'")
+    if d.get("attnres_block_size") is not None:
+        raise ConfigError("this fla checkpoint uses attention residuals ('attnres_block_size' = "
+                          f"{d['attnres_block_size']}), which regla does not implement")
+    name = d.get("feature_map")
+    if name not in _FLA_FEATURE_MAPS[kind]:
+        raise ConfigError(f"feature_map {name!r} of this fla {kind} checkpoint is not supported; regla reads fla's "
+                          + ", ".join(str(n) for n in _FLA_FEATURE_MAPS[kind]))
+    d["feature_map"] = _FLA_FEATURE_MAPS[kind][name]
+    if kind == "gsa" and "num_slots" not in d:
+        d["num_slots"] = 64  # GSAConfig's default (None would mean one slot per key channel)
+    return d
 
 
 def safe_exp_scale(head_k_dim: int) -> float:
@@ -300,43 +354,18 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, chunk_size=64):
     return o, S
 
 
-# ============================================================ feature maps
+# ============================================================ feature maps and gates
+# The elementwise math lives in regla.layer_math, shared with both backends; these are its
+# float64 NumPy entry points.
 def feature_map(x, name):
     """The per-token maps (queries always; keys for every map except safe-exp)."""
-    x = _f64(x)
-    if name == "safe_exp":
-        return np.exp(x - x.max(-1, keepdims=True))
-    if name == "identity":
-        return x
-    if name == "elu":
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
-    if name == "relu":
-        return np.maximum(x, 0.0)
-    if name == "softmax":
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-    if name == "swish":
-        return x / (1.0 + np.exp(-x))
-    raise ConfigError(f"unknown feature_map {name!r}")
+    return lm.feature_map(NUMPY, _f64(x), name)
 
 
 def safe_exp_keys_causal(k, m_prev=None):
-    """Causal safe-exp key map (MATH.md section 2).
-
-    ``m_t = max(m_{t-1}, max_j k_t[j])`` per head, ``phi(k_t) = exp(k_t - m_t)`` and the
-    log-gate term ``-(m_t - m_{t-1})`` (with ``m_0 = m_1`` unless ``m_prev`` [B,H] is
-    carried in). Returns ``(phi_k, gate_term [B,T,H], m_last [B,H])``.
-    """
-    k = _f64(k)
-    tok_max = k.max(-1)  # [B,T,H]
-    if m_prev is not None:
-        tok_max = np.concatenate([_f64(m_prev)[:, None], tok_max], 1)
-    m = np.maximum.accumulate(tok_max, axis=1)
-    if m_prev is None:
-        m_before = np.concatenate([m[:, :1], m[:, :-1]], 1)
-    else:
-        m_before, m = m[:, :-1], m[:, 1:]
-    return np.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+    """Causal safe-exp key map (MATH.md section 2): ``(phi_k, gate_term [B,T,H], m_last [B,H])``;
+    see ``regla.layer_math.safe_exp_keys``."""
+    return lm.safe_exp_keys(NUMPY, _f64(k), None if m_prev is None else _f64(m_prev))
 
 
 def safe_exp_keys_global(k):
@@ -346,29 +375,14 @@ def safe_exp_keys_global(k):
     return np.exp(k - M)
 
 
-# ============================================================ gates
 def logsigmoid(x):
-    x = _f64(x)
-    return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
+    return NUMPY.log_sigmoid(_f64(x))
 
 
 def refined_log_gate(log_f, z_r):
-    """log alpha for alpha = r(1-(1-f)^2) + (1-r) f^2, r = sigmoid(z_r) (MATH.md section 2.4).
-
-    Equal to MATH.md's ``log1p(-(1-f)(1+f(1-2r)))``; written in two branches so that it is
-    exact in floating point everywhere: near f = 1 that log1p form (its factor
-    ``1 + f(1-2r)`` written as ``(1-f) + 2f(1-r)``), and for small f the
-    factored form ``log f + log(f + 2r(1-f))``, a sum of positive terms, which the log1p
-    form would round to log(0).
-    """
-    log_f, z_r = _f64(log_f), _f64(z_r)
-    big = np.maximum(log_f, -1.0)
-    one_minus_f = -np.expm1(big)
-    # 1 + f(1-2r) == (1-f) + 2f(1-r): two positive terms, no cancellation as r -> 1
-    near_one = np.log1p(-one_minus_f * (one_minus_f + 2.0 * np.exp(big) * sigmoid(-z_r)))
-    small = np.minimum(log_f, -1.0)
-    far = small + np.logaddexp(small, math.log(2.0) + logsigmoid(z_r) + np.log1p(-np.exp(small)))
-    return np.where(log_f > -1.0, near_one, far)
+    """log alpha of ReGLA's refining gate (MATH.md section 2.4); see
+    ``regla.layer_math.refined_log_gate`` for its two exact branches."""
+    return lm.refined_log_gate(NUMPY, _f64(log_f), _f64(z_r))
 
 
 # ============================================================ norms and layers
@@ -430,30 +444,36 @@ def head_norm(o, w, cfg: ModelArgs, eps=None):
     return o
 
 
+def _projections(x, w, cfg: ModelArgs, conv_state):
+    """q, k, v of a linear layer [B,T,width], through fla's short convolutions when the config
+    has them; returns them with the convolutions' new states (an empty tuple without)."""
+    q, k, v = (linear(x, w[f"{n}_proj.weight"]) for n in "qkv")
+    if not cfg.use_short_conv:
+        return q, k, v, ()
+    conv_state = conv_state or (None, None, None)
+    out = [lm.short_conv(NUMPY, t, _f64(w[f"{n}_conv1d.weight"]), _f64(w.get(f"{n}_conv1d.bias")), st)
+           for n, t, st in zip("qkv", (q, k, v), conv_state)]
+    return (*(y for y, _ in out), tuple(st for _, st in out))
+
+
 def linear_attention(x, w, cfg: ModelArgs, state=None, key_map="causal", norm_eps=None,
                      chunk_size=None):
     """A regla or gla layer (MATH.md sections 2-3) from a dict of its weights.
 
     ``w`` holds the layer's attention weights without the ``model.layers.{i}.attn.`` prefix.
-    ``state`` is ``(S [B,H,K,V], m [B,Hkv])`` (m is None unless the key map is safe-exp).
-    ``key_map="global"`` runs the paper's literal whole-sequence key max instead of the
-    causal running max (no state in or out then). Returns ``(y, (S, m))``.
+    ``state`` is ``(S [B,H,K,V], m [B,Hkv])`` (m is None unless the key map is safe-exp),
+    followed by the three short-convolution states ``[B,W-1,width]`` of q, k, v when the
+    config has them. ``key_map="global"`` runs the paper's literal whole-sequence key max
+    instead of the causal running max (no state in or out then). Returns ``(y, state)``.
     """
     x = _f64(x)
     B, T, _ = x.shape
     Kd, Vd, G = cfg.head_k_dim, cfg.head_v_dim, cfg.num_kv_groups
-    q = _heads(linear(x, w["q_proj.weight"]), Kd)
-    k = _heads(linear(x, w["k_proj.weight"]), Kd)
-    v = _heads(linear(x, w["v_proj.weight"]), Vd)
-    z_f = _heads(gate_proj(x, w, "gk_proj"), Kd)
-    log_f = logsigmoid(z_f) / cfg.gate_logit_normalizer
-    if cfg.use_refining_gate:
-        g = refined_log_gate(log_f, _heads(gate_proj(x, w, "gr_proj"), Kd))
-    else:
-        g = log_f
-    if cfg.clamp_min is not None:
-        g = np.maximum(g, cfg.clamp_min)
-    S0, m0 = (None, None) if state is None else state
+    S0, m0, *conv0 = (None, None) if state is None else state
+    q, k, v, conv = _projections(x, w, cfg, conv0)
+    q, k, v = _heads(q, Kd), _heads(k, Kd), _heads(v, Vd)
+    z_r = _heads(gate_proj(x, w, "gr_proj"), Kd) if cfg.use_refining_gate else None
+    g = lm.log_forget_gate(NUMPY, _heads(gate_proj(x, w, "gk_proj"), Kd), z_r, cfg)
     m_last = None
     q = feature_map(q, cfg.feature_map)
     if cfg.feature_map == "safe_exp":
@@ -474,29 +494,32 @@ def linear_attention(x, w, cfg: ModelArgs, state=None, key_map="causal", norm_ep
     o = o.reshape(B, T, -1)
     if cfg.use_output_gate:
         o = o * silu(linear(x, w["g_proj.weight"]))
-    return linear(o, w["o_proj.weight"]), (S, m_last)
+    return linear(o, w["o_proj.weight"]), (S, m_last, *conv)
 
 
 def gsa_attention(x, w, cfg: ModelArgs, state=None):
     """A gsa layer (MATH.md section 4, fla's GatedSlotAttention) from its weights.
 
     ``state`` is ``(Kt [B,H,K,m], Vt [B,H,m,V])``: the slot keys (key-major, as fla keeps
-    them) and slot values. Returns ``(y, (Kt, Vt))``.
+    them) and slot values, followed by the short-convolution states when the config has
+    them. Returns ``(y, state)``.
     """
     x = _f64(x)
     B, T, _ = x.shape
     Kd, Vd, G, M = cfg.head_k_dim, cfg.head_v_dim, cfg.num_kv_groups, cfg.num_slots
-    q = feature_map(_heads(linear(x, w["q_proj.weight"]), Kd), cfg.feature_map)
-    k = feature_map(_heads(linear(x, w["k_proj.weight"]), Kd), cfg.feature_map)
-    v = silu(_heads(linear(x, w["v_proj.weight"]), Vd))
+    Kt0, Vt0, *conv0 = (None, None) if state is None else state
+    q, k, v, conv = _projections(x, w, cfg, conv0)
+    q = feature_map(_heads(q, Kd), cfg.feature_map)
+    k = feature_map(_heads(k, Kd), cfg.feature_map)
+    v = silu(_heads(v, Vd))
     g = logsigmoid(_heads(linear(x, w["f_proj.weight"]), M)) / cfg.gate_logit_normalizer
     s = 1.0 - np.exp(g)
     k, v, g, s = (_repeat_kv(t, G) for t in (k, v, g, s))
     H = cfg.num_heads
-    if state is None:
+    if Kt0 is None:
         Kt, Vt = np.zeros((B, H, Kd, M)), np.zeros((B, H, M, Vd))
     else:
-        Kt, Vt = (_f64(t).copy() for t in state)
+        Kt, Vt = _f64(Kt0).copy(), _f64(Vt0).copy()
     o = np.zeros((B, T, H, Vd))
     for t in range(T):
         a = np.exp(g[:, t])  # [B,H,M]
@@ -507,8 +530,8 @@ def gsa_attention(x, w, cfg: ModelArgs, state=None):
         p /= p.sum(-1, keepdims=True)
         o[:, t] = np.einsum("bhm,bhmv->bhv", p, Vt)
     o = silu(o.reshape(B, T, -1))
-    o = rms_norm(o, w.get("g_norm.weight"), cfg.norm_eps)
-    return linear(o, w["o_proj.weight"]), (Kt, Vt)
+    o = rms_norm(o, w.get("g_norm.weight"), GSA_OUTPUT_NORM_EPS)
+    return linear(o, w["o_proj.weight"]), (Kt, Vt, *conv)
 
 
 def rope(x, positions, theta):
@@ -625,19 +648,25 @@ def expected_shapes(cfg: ModelArgs) -> dict[str, tuple]:
         shapes[a + "k_proj.weight"] = (Kkv, d)
         shapes[a + "v_proj.weight"] = (Vkv, d)
         shapes[a + "o_proj.weight"] = (d, cfg.value_dim)
+        if cfg.use_short_conv:  # depthwise Conv1d weights, torch layout [width, 1, kernel]
+            for n, width in (("q", cfg.key_dim), ("k", Kkv), ("v", Vkv)):
+                shapes[a + f"{n}_conv1d.weight"] = (width, 1, cfg.conv_size)
+                if cfg.conv_bias:
+                    shapes[a + f"{n}_conv1d.bias"] = (width,)
         if kind == "gsa":
             shapes[a + "f_proj.weight"] = (cfg.num_kv_heads * cfg.num_slots, d)
-            shapes[a + "g_norm.weight"] = (d,)
+            if cfg.elementwise_affine:
+                shapes[a + "g_norm.weight"] = (d,)
             continue
         shapes.update({a + k: s for k, s in low_rank("gk_proj", Kkv).items()})
         if cfg.use_refining_gate:
             shapes.update({a + k: s for k, s in low_rank("gr_proj", Kkv).items()})
         if cfg.use_output_gate:
             shapes[a + "g_proj.weight"] = (cfg.value_dim, d)
-        if cfg.attn_norm != "none":
+        if cfg.attn_norm != "none" and cfg.elementwise_affine:
             shapes[a + cfg.norm_name + ".weight"] = (cfg.head_v_dim,)
-        if cfg.attn_norm == "layernorm":
-            shapes[a + cfg.norm_name + ".bias"] = (cfg.head_v_dim,)
+            if cfg.attn_norm == "layernorm":
+                shapes[a + cfg.norm_name + ".bias"] = (cfg.head_v_dim,)
     return shapes
 
 
@@ -671,6 +700,8 @@ def init_weights(cfg: ModelArgs, seed: int = 0, std: float | None = None) -> dic
             out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif len(shape) == 1:
             out[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        elif "conv1d" in name:  # a short kernel: weights of order one keep its output in scale
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
         else:
             out[name] = (std * rng.standard_normal(shape)).astype(np.float32)
     return out

@@ -7,13 +7,12 @@ it unchanged. Weight names are the HF/fla ones (``regla.spec.expected_shapes``).
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-from regla.spec import ModelArgs
+from regla import layer_math as lm
+from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, recurrent_gla
 
@@ -36,95 +35,150 @@ def apply(proj, x):
     return proj(x)
 
 
-def refined_log_gate(log_f, z_r):
-    """log alpha of the refining gate; see ``regla.spec.refined_log_gate`` for the branches."""
-    big = mx.maximum(log_f, -1.0)
-    one_minus_f = -mx.expm1(big)
-    near_one = mx.log1p(-one_minus_f * (one_minus_f + 2.0 * mx.exp(big) * mx.sigmoid(-z_r)))
-    small = mx.minimum(log_f, -1.0)
-    far = small + mx.logaddexp(small, math.log(2.0) + nn.log_sigmoid(z_r) + mx.log1p(-mx.exp(small)))
-    return mx.where(log_f > -1.0, near_one, far)
+class _MLXOps:
+    """``xp`` of ``regla.layer_math`` for MLX arrays."""
+
+    exp, expm1, log1p, logaddexp, sigmoid = mx.exp, mx.expm1, mx.log1p, mx.logaddexp, mx.sigmoid
+    maximum, minimum, where, stop_gradient = mx.maximum, mx.minimum, mx.where, mx.stop_gradient
+    log_sigmoid, silu, relu = staticmethod(nn.log_sigmoid), staticmethod(nn.silu), staticmethod(nn.relu)
+
+    @staticmethod
+    def amax(x, axis, keepdims):
+        return mx.max(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def sum(x, axis, keepdims):
+        return mx.sum(x, axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def cummax(x, axis):
+        return mx.cummax(x, axis=axis)
+
+    @staticmethod
+    def concat(xs, axis):
+        return mx.concatenate(xs, axis)
+
+    @staticmethod
+    def zeros(shape, like):
+        return mx.zeros(shape, like.dtype)
+
+    @staticmethod
+    def take(x, index, axis):
+        return mx.take(x, index, axis=axis)
+
+    @staticmethod
+    def to_f64(x):
+        return x.astype(mx.float64)
+
+    @staticmethod
+    def cast_like(x, like):
+        return x.astype(like.dtype)
 
 
-def feature_map(x, name):
-    if name == "safe_exp":
-        return mx.exp(x - mx.max(x, axis=-1, keepdims=True))
-    if name == "identity":
-        return x
-    if name == "elu":
-        return nn.elu(x) + 1.0
-    if name == "relu":
-        return nn.relu(x)
-    if name == "softmax":
-        return mx.softmax(x, axis=-1)
-    if name == "swish":
-        return nn.silu(x)
-    raise ValueError(f"unknown feature_map {name!r}")
-
-
-def safe_exp_keys(k, m_prev=None):
-    """Causal safe-exp key map: ``(exp(k - m_t), log-gate term, m_T)``, m a stop-gradient running max."""
-    tok = mx.stop_gradient(mx.max(k, axis=-1))  # [B,T,H]
-    if m_prev is not None:
-        tok = mx.concatenate([m_prev[:, None].astype(tok.dtype), tok], 1)
-    m = mx.cummax(tok, axis=1)
-    if m_prev is None:
-        m_before = mx.concatenate([m[:, :1], m[:, :-1]], 1)
-    else:
-        m_before, m = m[:, :-1], m[:, 1:]
-    return mx.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+MLX = _MLXOps()
 
 
 def repeat_heads(x, groups):
     return x if groups == 1 else mx.repeat(x, groups, axis=2)
 
 
-class LinearAttention(nn.Module):
-    """A regla or gla layer."""
+class ShortConvolution(nn.Module):
+    """fla's ShortConvolution (depthwise causal conv over time + silu) with its parameter names
+    and shapes; the arithmetic is ``layer_math.short_conv``."""
+
+    def __init__(self, width, kernel, bias=False):
+        super().__init__()
+        self.weight = mx.zeros((width, 1, kernel))
+        if bias:
+            self.bias = mx.zeros((width,))
+
+    def __call__(self, x, state=None):
+        return lm.short_conv(MLX, x, self.weight, getattr(self, "bias", None), state)
+
+
+def head_norm(args: ModelArgs, width):
+    """The per-head norm of a linear layer's output (MATH.md section 2, step 6), or None."""
+    if args.attn_norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=args.norm_eps) if args.elementwise_affine else _PlainRMSNorm(args.norm_eps)
+    if args.attn_norm == "layernorm":
+        return nn.LayerNorm(width, eps=args.norm_eps, affine=args.elementwise_affine)
+    return None
+
+
+class _PlainRMSNorm(nn.Module):
+    """RMSNorm without a weight (fla's ``elementwise_affine=False``)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class _Mixer(nn.Module):
+    """What the linear layers share: q/k/v projections of the pre-normed input, optionally
+    through fla's short convolutions (whose states sit in cache slots 2-4)."""
+
+    def _init_qkv(self, args: ModelArgs):
+        d, G = args.hidden_size, args.num_kv_groups
+        widths = (args.key_dim, args.key_dim // G, args.value_dim // G)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, w, bias=False) for w in widths)
+        if args.use_short_conv:
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConvolution(w, args.conv_size, args.conv_bias)
+                                                           for w in widths)
+
+    def _qkv(self, x, cache):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if not self.args.use_short_conv:
+            return q, k, v
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        out = [conv(t, None if cache is None else cache[2 + i]) for i, (conv, t) in enumerate(zip(convs, (q, k, v)))]
+        if cache is not None:
+            for i, (_, st) in enumerate(out):
+                cache[2 + i] = st
+        return tuple(y for y, _ in out)
+
+
+class LinearAttention(_Mixer):
+    """A regla or gla layer. Cache slots: the state S, the keys' running max m (safe-exp maps
+    only), then the short convolutions' states."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         d, G = args.hidden_size, args.num_kv_groups
-        self.q_proj = nn.Linear(d, args.key_dim, bias=False)
-        self.k_proj = nn.Linear(d, args.key_dim // G, bias=False)
-        self.v_proj = nn.Linear(d, args.value_dim // G, bias=False)
+        self._init_qkv(args)
         self.gk_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
         if args.use_refining_gate:
             self.gr_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
         if args.use_output_gate:
             self.g_proj = nn.Linear(d, args.value_dim, bias=False)
-        if args.attn_norm == "rmsnorm":
-            setattr(self, args.norm_name, nn.RMSNorm(args.head_v_dim, eps=args.norm_eps))
-        elif args.attn_norm == "layernorm":
-            setattr(self, args.norm_name, nn.LayerNorm(args.head_v_dim, eps=args.norm_eps))
+        norm = head_norm(args, args.head_v_dim)
+        if norm is not None:
+            setattr(self, args.norm_name, norm)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
-    def __call__(self, x, cache=None):
+    def __call__(self, h, norm, cache=None):
         a = self.args
+        x = norm(h)
         B, T, _ = x.shape
         Kd, Vd = a.head_k_dim, a.head_v_dim
-        q = self.q_proj(x).reshape(B, T, -1, Kd)
-        k = self.k_proj(x).reshape(B, T, -1, Kd)
-        v = self.v_proj(x).reshape(B, T, -1, Vd)
-        log_f = nn.log_sigmoid(apply(self.gk_proj, x).astype(mx.float32)).reshape(B, T, -1, Kd)
-        log_f = log_f / a.gate_logit_normalizer
-        if a.use_refining_gate:
-            g = refined_log_gate(log_f, apply(self.gr_proj, x).astype(mx.float32).reshape(B, T, -1, Kd))
-        else:
-            g = log_f
-        if a.clamp_min is not None:
-            g = mx.maximum(g, a.clamp_min)
+        q, k, v = self._qkv(x, cache)
+        q, k, v = q.reshape(B, T, -1, Kd), k.reshape(B, T, -1, Kd), v.reshape(B, T, -1, Vd)
+        z_f = apply(self.gk_proj, x).astype(mx.float32).reshape(B, T, -1, Kd)
+        z_r = apply(self.gr_proj, x).astype(mx.float32).reshape(B, T, -1, Kd) if a.use_refining_gate else None
+        g = lm.log_forget_gate(MLX, z_f, z_r, a)
         S0 = m0 = None
         if cache is not None:
             S0, m0 = cache[0], cache[1]
-        q = feature_map(q, a.feature_map)
+        q = lm.feature_map(MLX, q, a.feature_map)
         if a.feature_map == "safe_exp":
-            k, term, m_last = safe_exp_keys(k.astype(mx.float32), m0)
+            k, term, m_last = lm.safe_exp_keys(MLX, k.astype(mx.float32), m0)
             k = k.astype(q.dtype)
             g = g + term[..., None]
         else:
-            k, m_last = feature_map(k, a.feature_map), None
+            k, m_last = lm.feature_map(MLX, k, a.feature_map), None
         k, v, g = (repeat_heads(t, a.num_kv_groups) for t in (k, v, g))
         op = recurrent_gla if T <= RECURRENT_MAX_T else chunk_gla
         o, S = op(q, k, v, g, a.scale, S0, cache is not None)
@@ -135,29 +189,31 @@ class LinearAttention(nn.Module):
         o = o.reshape(B, T, -1)
         if a.use_output_gate:
             o = o * nn.silu(self.g_proj(x))
-        return self.o_proj(o)
+        return h + self.o_proj(o)
 
 
-class GatedSlotAttention(nn.Module):
-    """A gsa layer, laid out as fla's ``GatedSlotAttention``."""
+class GatedSlotAttention(_Mixer):
+    """A gsa layer, laid out as fla's ``GatedSlotAttention``. Cache slots: the slot keys and
+    values, then the short convolutions' states."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        d, G = args.hidden_size, args.num_kv_groups
-        self.q_proj = nn.Linear(d, args.key_dim, bias=False)
-        self.k_proj = nn.Linear(d, args.key_dim // G, bias=False)
-        self.v_proj = nn.Linear(d, args.value_dim // G, bias=False)
+        d = args.hidden_size
+        self._init_qkv(args)
         self.f_proj = nn.Linear(d, args.num_kv_heads * args.num_slots, bias=False)
-        self.g_norm = nn.RMSNorm(d, eps=args.norm_eps)
+        self.g_norm = nn.RMSNorm(d, eps=GSA_OUTPUT_NORM_EPS) if args.elementwise_affine \
+            else _PlainRMSNorm(GSA_OUTPUT_NORM_EPS)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
-    def __call__(self, x, cache=None):
+    def __call__(self, h, norm, cache=None):
         a = self.args
+        x = norm(h)
         B, T, _ = x.shape
-        q = feature_map(self.q_proj(x).reshape(B, T, -1, a.head_k_dim), a.feature_map)
-        k = feature_map(self.k_proj(x).reshape(B, T, -1, a.head_k_dim), a.feature_map)
-        v = nn.silu(self.v_proj(x).reshape(B, T, -1, a.head_v_dim))
+        q, k, v = self._qkv(x, cache)
+        q = lm.feature_map(MLX, q.reshape(B, T, -1, a.head_k_dim), a.feature_map)
+        k = lm.feature_map(MLX, k.reshape(B, T, -1, a.head_k_dim), a.feature_map)
+        v = nn.silu(v.reshape(B, T, -1, a.head_v_dim))
         g = nn.log_sigmoid(self.f_proj(x).astype(mx.float32)).reshape(B, T, -1, a.num_slots)
         g = g / a.gate_logit_normalizer
         s = -mx.expm1(g)
@@ -168,7 +224,7 @@ class GatedSlotAttention(nn.Module):
         o, state = chunk_gsa(q, k, v, s.astype(q.dtype), g, a.scale, state, True, chunked=T > RECURRENT_MAX_T)
         if cache is not None:
             cache[0], cache[1] = state
-        return self.o_proj(self.g_norm(nn.silu(o.reshape(B, T, -1))))
+        return h + self.o_proj(self.g_norm(nn.silu(o.reshape(B, T, -1))))
 
 
 class SoftmaxAttention(nn.Module):
@@ -183,8 +239,9 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=False)
 
-    def __call__(self, x, cache=None):
+    def __call__(self, h, norm, cache=None):
         a = self.args
+        x = norm(h)
         B, T, _ = x.shape
         D = a.softmax_head_dim
         q = self.q_proj(x).reshape(B, T, -1, D).transpose(0, 2, 1, 3)
@@ -197,7 +254,7 @@ class SoftmaxAttention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         mask = "causal" if T > 1 else None
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return h + self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -208,8 +265,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=False)
         self.down_proj = nn.Linear(m, d, bias=False)
 
-    def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, h, norm):
+        """``h + down(silu(gate(norm(h))) * up(norm(h)))``."""
+        x = norm(h)
+        return h + self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 ATTENTION = {"regla": LinearAttention, "gla": LinearAttention, "gsa": GatedSlotAttention,
@@ -225,8 +284,10 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def __call__(self, h, cache=None):
-        h = h + self.attn(self.attn_norm(h), cache)
-        return h + self.mlp(self.mlp_norm(h))
+        # Mixers and the MLP take the residual stream and their pre-norm and return the updated
+        # stream: one contract with the PyTorch layers (which fuse norm and residual at decode).
+        h = self.attn(h, self.attn_norm, cache)
+        return self.mlp(h, self.mlp_norm)
 
 
 class ReGLAModel(nn.Module):
@@ -260,9 +321,11 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self):
-        """Fixed-size state for linear layers (``ArraysCache(2)``: ``(S, m)``, ``(S, None)`` or
-        ``(hk, hv)``), a growing KV cache only for softmax layers."""
-        return [KVCache() if self.args.layer_type(i) == "softmax" else ArraysCache(size=2)
+        """Fixed-size state for linear layers (an ``ArraysCache``: ``(S, m)``, ``(S, None)`` or
+        ``(hk, hv)``, then three short-convolution states when the config has them), a growing
+        KV cache only for softmax layers."""
+        size = 5 if self.args.use_short_conv else 2
+        return [KVCache() if self.args.layer_type(i) == "softmax" else ArraysCache(size=size)
                 for i in range(self.args.num_hidden_layers)]
 
     def sanitize(self, weights):

@@ -7,14 +7,14 @@ layer not listed in ``softmax_layers``. Weight names are fla's, so fla-hub ``gla
 
 from __future__ import annotations
 
-import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from regla.spec import ModelArgs
+from regla import layer_math as lm
+from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
 from .ops.linear import linear, project, project_add
@@ -78,10 +78,10 @@ def rms_norm(x, weight, eps):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim, eps=1e-6, affine=True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
@@ -94,64 +94,111 @@ def low_rank(d_in, d_out, rank):
     return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=True))
 
 
-def refined_log_gate(log_f, z_r):
-    """log alpha of the refining gate (see ``regla.spec.refined_log_gate`` for why two branches).
+class _TorchOps:
+    """``xp`` of ``regla.layer_math`` for torch tensors."""
 
-    Each branch is evaluated on inputs clamped to its own side, so neither produces an inf
-    whose zero-weighted gradient would turn into NaN.
-    """
-    big = log_f.clamp(min=-1.0)
-    one_minus_f = -torch.expm1(big)
-    near_one = torch.log1p(-one_minus_f * (one_minus_f + 2.0 * big.exp() * torch.sigmoid(-z_r)))
-    small = log_f.clamp(max=-1.0)
-    far = small + torch.logaddexp(small, math.log(2.0) + F.logsigmoid(z_r) + torch.log1p(-small.exp()))
-    return torch.where(log_f > -1.0, near_one, far)
+    exp, expm1, log1p, logaddexp = torch.exp, torch.expm1, torch.log1p, torch.logaddexp
+    sigmoid, where, log_sigmoid = torch.sigmoid, torch.where, F.logsigmoid
+    silu, relu = staticmethod(F.silu), staticmethod(F.relu)  # Python functions: keep them unbound
+
+    @staticmethod
+    def maximum(x, c):
+        return x.clamp(min=c)
+
+    @staticmethod
+    def minimum(x, c):
+        return x.clamp(max=c)
+
+    @staticmethod
+    def amax(x, axis, keepdims):
+        return x.amax(axis, keepdim=keepdims)
+
+    @staticmethod
+    def sum(x, axis, keepdims):
+        return x.sum(axis, keepdim=keepdims)
+
+    @staticmethod
+    def cummax(x, axis):
+        return torch.cummax(x, axis).values
+
+    @staticmethod
+    def concat(xs, axis):
+        return torch.cat(xs, axis)
+
+    @staticmethod
+    def zeros(shape, like):
+        return like.new_zeros(shape)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x.detach()
+
+    @staticmethod
+    def take(x, index, axis):
+        return x.index_select(axis, index)
+
+    @staticmethod
+    def to_f64(x):
+        return x.double()
+
+    @staticmethod
+    def cast_like(x, like):
+        return x.to(like.dtype)
 
 
-def feature_map(x, name):
-    if name == "safe_exp":
-        return torch.exp(x - x.amax(-1, keepdim=True))
-    if name == "identity":
-        return x
-    if name == "elu":
-        return F.elu(x) + 1.0
-    if name == "relu":
-        return F.relu(x)
-    if name == "softmax":
-        return torch.softmax(x, -1)
-    if name == "swish":
-        return F.silu(x)
-    raise ValueError(f"unknown feature_map {name!r}")
+TORCH = _TorchOps()
 
 
-def safe_exp_keys(k, m_prev=None, seg=None):
-    """Causal safe-exp key map: ``(exp(k - m_t), log-gate term -(m_t - m_{t-1}), m_T)``.
+class ShortConvolution(nn.Module):
+    """fla's ShortConvolution (depthwise causal conv over time + silu), same parameter names and
+    shapes (``weight [width, 1, kernel]``, ``bias``); the arithmetic is ``layer_math.short_conv``."""
 
-    ``m`` is a running max over time and channels per head, detached: the normalized output
-    does not depend on it (MATH.md section 2). ``seg`` ([T] sequence index of a packed row,
-    B == 1) restarts it at every sequence.
-    """
-    tok = k.detach().amax(-1)  # [B,T,H]
-    if seg is not None:
-        # One cummax for the whole row: lift each sequence above every earlier one (float64 keeps
-        # the lift exact enough), so no maximum leaks across a sequence start.
-        t = tok.double()
-        lift = seg.double()[None, :, None] * 2.0 * (float(t.max() - t.min()) + 1.0)
-        m = (torch.cummax(t + lift, 1).values - lift).to(tok.dtype)
-        first = torch.ones_like(seg, dtype=torch.bool)
-        first[1:] = seg[1:] != seg[:-1]
-        last = torch.ones_like(first)
-        last[:-1] = first[1:]
-        m_before = torch.where(first[None, :, None], m, torch.cat([m[:, :1], m[:, :-1]], 1))
-        return torch.exp(k - m[..., None]), -(m - m_before), m[0, last]  # m_last: [N, H]
-    if m_prev is not None:
-        tok = torch.cat([m_prev[:, None].to(tok.dtype), tok], 1)
-    m = torch.cummax(tok, 1).values
-    if m_prev is None:
-        m_before = torch.cat([m[:, :1], m[:, :-1]], 1)
-    else:
-        m_before, m = m[:, :-1], m[:, 1:]
-    return torch.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+    def __init__(self, width, kernel, bias=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width, 1, kernel))
+        self.bias = nn.Parameter(torch.zeros(width)) if bias else None
+
+    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+        """``(silu(conv(x)), new state [N, kernel-1, width])``; with ``cu_seqlens`` (B == 1) no
+        sequence sees another's inputs, and the states (in and out) are per sequence."""
+        if cu_seqlens is None:
+            return lm.short_conv(TORCH, x, self.weight, self.bias, state)
+        if state is None and not use_cache:  # packed training rows: one pass, masked at boundaries
+            return lm.short_conv(TORCH, x, self.weight, self.bias, seg=segment_ids(cu_seqlens, x.shape[1]))[0], None
+        parts = [lm.short_conv(TORCH, x[:, b:e], self.weight, self.bias, None if state is None else state[n:n + 1])
+                 for n, (b, e) in enumerate(segments(cu_seqlens, x.shape[1]))]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
+
+
+def head_norm(args: ModelArgs, width):
+    """The per-head norm of a linear layer's output (MATH.md section 2, step 6), or None."""
+    if args.attn_norm == "rmsnorm":
+        return RMSNorm(width, args.norm_eps, args.elementwise_affine)
+    if args.attn_norm == "layernorm":
+        return nn.LayerNorm(width, eps=args.norm_eps, elementwise_affine=args.elementwise_affine)
+    return None
+
+
+class _Mixer(nn.Module):
+    """What the linear layers share: q/k/v projections of the pre-normed input, optionally
+    through fla's short convolutions."""
+
+    def _init_qkv(self, args: ModelArgs):
+        d, G = args.hidden_size, args.num_kv_groups
+        widths = (args.key_dim, args.key_dim // G, args.value_dim // G)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, w, bias=False) for w in widths)
+        if args.use_short_conv:
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConvolution(w, args.conv_size, args.conv_bias)
+                                                           for w in widths)
+
+    def _convolve(self, q, k, v, states, cu_seqlens, use_cache):
+        """q, k, v through the short convolutions; returns them and the new conv states."""
+        if not self.args.use_short_conv:
+            return q, k, v, ()
+        states = states or (None, None, None)
+        out = [conv(x, st, cu_seqlens, use_cache)
+               for conv, x, st in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), states)]
+        return (*(y for y, _ in out), tuple(st for _, st in out))
 
 
 def segments(cu_seqlens, T):
@@ -161,25 +208,25 @@ def segments(cu_seqlens, T):
     return list(zip(b[:-1], b[1:]))
 
 
-class LinearAttention(nn.Module):
-    """A regla or gla layer: gated linear attention with the chosen feature map and gate."""
+class LinearAttention(_Mixer):
+    """A regla or gla layer: gated linear attention with the chosen feature map and gate.
+
+    Its state is ``(S, m)`` (m, the keys' running max, is None unless the map is safe-exp),
+    followed by the short convolutions' states when the config has them."""
 
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.args, self.layer_idx = args, layer_idx
         d, G = args.hidden_size, args.num_kv_groups
-        self.q_proj = nn.Linear(d, args.key_dim, bias=False)
-        self.k_proj = nn.Linear(d, args.key_dim // G, bias=False)
-        self.v_proj = nn.Linear(d, args.value_dim // G, bias=False)
+        self._init_qkv(args)
         self.gk_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
         if args.use_refining_gate:
             self.gr_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
         if args.use_output_gate:
             self.g_proj = nn.Linear(d, args.value_dim, bias=False)
-        if args.attn_norm == "rmsnorm":
-            setattr(self, args.norm_name, RMSNorm(args.head_v_dim, args.norm_eps))
-        elif args.attn_norm == "layernorm":
-            setattr(self, args.norm_name, nn.LayerNorm(args.head_v_dim, eps=args.norm_eps))
+        norm = head_norm(args, args.head_v_dim)
+        if norm is not None:
+            setattr(self, args.norm_name, norm)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
     def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
@@ -193,31 +240,29 @@ class LinearAttention(nn.Module):
         ws += [m[0].weight if low else m.weight for m in gates]
         ws += [self.g_proj.weight] if a.use_output_gate else []
         q, k, v, *rest = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
+        S0, m0, *conv0 = (None, None) if state is None else state
+        q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache)
         q, k, v = q.view(B, T, -1, Kd), k.view(B, T, -1, Kd), v.view(B, T, -1, Vd)
-        gate_logits = [linear(r, m[1].weight, m[1].bias) if low else r + m.bias for m, r in zip(gates, rest)]
+        z = [(linear(r, m[1].weight, m[1].bias) if low else r + m.bias).float().view(B, T, -1, Kd)
+             for m, r in zip(gates, rest)]
         out_gate = rest[-1] if a.use_output_gate else None
-        log_f = F.logsigmoid(gate_logits[0].float()).view(B, T, -1, Kd) / a.gate_logit_normalizer
-        if a.use_refining_gate:
-            g = refined_log_gate(log_f, gate_logits[1].float().view(B, T, -1, Kd))
-        else:
-            g = log_f
-        if a.clamp_min is not None:
-            g = g.clamp(min=a.clamp_min)
-        S0, m0 = (None, None) if state is None else state
-        q = feature_map(q, a.feature_map)
+        g = lm.log_forget_gate(TORCH, z[0], z[1] if a.use_refining_gate else None, a)
+        q = lm.feature_map(TORCH, q, a.feature_map)
         m_last = None
         if a.feature_map == "safe_exp":
             if cu_seqlens is not None and m0 is not None:  # packed sequences carrying states in
-                parts = [safe_exp_keys(k[:, s:e].float(), m0[n:n + 1])
+                parts = [lm.safe_exp_keys(TORCH, k[:, s:e].float(), m0[n:n + 1])
                          for n, (s, e) in enumerate(segments(cu_seqlens, T))]
                 phi, term, m_last = (torch.cat([p[i] for p in parts], 1 if i < 2 else 0) for i in range(3))
+            elif cu_seqlens is not None:
+                phi, term, m_last = lm.safe_exp_keys(TORCH, k.float(), seg=segment_ids(cu_seqlens, T),
+                                                     ends=(cu_seqlens[1:] - 1).long())
             else:
-                seg = None if cu_seqlens is None else segment_ids(cu_seqlens, T)
-                phi, term, m_last = safe_exp_keys(k.float(), m0, seg)
+                phi, term, m_last = lm.safe_exp_keys(TORCH, k.float(), m0)
             k = phi.to(q.dtype)
             g = g + term[..., None]
         else:
-            k = feature_map(k, a.feature_map)
+            k = lm.feature_map(TORCH, k, a.feature_map)
         if G > 1:
             k, v, g = (t.repeat_interleave(G, dim=2) for t in (k, v, g))
         # Under autocast the feature maps' exp runs in float32 while the projections give bf16;
@@ -235,21 +280,20 @@ class LinearAttention(nn.Module):
         o = o.reshape(B, T, -1)
         if a.use_output_gate:
             o = o * F.silu(out_gate)
-        return project_add(o, self.o_proj.weight, h), ((S, m_last) if use_cache else None)
+        return project_add(o, self.o_proj.weight, h), ((S, m_last, *conv) if use_cache else None)
 
 
-class GatedSlotAttention(nn.Module):
-    """A gsa layer, laid out as fla's ``GatedSlotAttention`` (no short convolution)."""
+class GatedSlotAttention(_Mixer):
+    """A gsa layer, laid out as fla's ``GatedSlotAttention``; its state is the slot keys and
+    values ``(hk, hv)``, followed by the short convolutions' states when it has them."""
 
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.args, self.layer_idx = args, layer_idx
-        d, G = args.hidden_size, args.num_kv_groups
-        self.q_proj = nn.Linear(d, args.key_dim, bias=False)
-        self.k_proj = nn.Linear(d, args.key_dim // G, bias=False)
-        self.v_proj = nn.Linear(d, args.value_dim // G, bias=False)
+        d = args.hidden_size
+        self._init_qkv(args)
         self.f_proj = nn.Linear(d, args.num_kv_heads * args.num_slots, bias=False)
-        self.g_norm = RMSNorm(d, args.norm_eps)
+        self.g_norm = RMSNorm(d, GSA_OUTPUT_NORM_EPS, args.elementwise_affine)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
     def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
@@ -258,8 +302,10 @@ class GatedSlotAttention(nn.Module):
         G = a.num_kv_groups
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.f_proj.weight]
         q, k, v, f = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
-        q = feature_map(q.view(B, T, -1, a.head_k_dim), a.feature_map)
-        k = feature_map(k.view(B, T, -1, a.head_k_dim), a.feature_map)
+        hk0, hv0, *conv0 = (None, None) if state is None else state
+        q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache)
+        q = lm.feature_map(TORCH, q.view(B, T, -1, a.head_k_dim), a.feature_map)
+        k = lm.feature_map(TORCH, k.view(B, T, -1, a.head_k_dim), a.feature_map)
         v = F.silu(v.view(B, T, -1, a.head_v_dim))
         g = F.logsigmoid(f.float()).view(B, T, -1, a.num_slots) / a.gate_logit_normalizer
         s = -torch.expm1(g)
@@ -268,15 +314,17 @@ class GatedSlotAttention(nn.Module):
         chunked = T > RECURRENT_MAX_T or self.training
         outs, states = [], []
         for n, (b, e) in enumerate(segments(cu_seqlens, T)):
-            st = state
-            if state is not None and cu_seqlens is not None:
-                st = tuple(t[n:n + 1] for t in state)
+            st = None if hk0 is None else (hk0, hv0)
+            if st is not None and cu_seqlens is not None:
+                st = tuple(t[n:n + 1] for t in st)
             o, st = chunk_gsa(q[:, b:e], k[:, b:e], v[:, b:e], s[:, b:e].to(q.dtype), g[:, b:e], a.scale,
                               st, True, chunked=chunked)
             outs.append(o)
             states.append(st)
         o = torch.cat(outs, 1).reshape(B, T, -1)
-        new_state = tuple(torch.cat([st[i] for st in states], 0) for i in range(2)) if use_cache else None
+        new_state = None
+        if use_cache:
+            new_state = (*(torch.cat([st[i] for st in states], 0) for i in range(2)), *conv)
         return project_add(self.g_norm(F.silu(o)), self.o_proj.weight, h), new_state
 
 
@@ -388,10 +436,13 @@ class ReGLAPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, (nn.Embedding, ShortConvolution)):
             nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-            nn.init.ones_(module.weight)
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
