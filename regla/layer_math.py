@@ -7,7 +7,12 @@ normalizer, ReGLA's refining gate, the clamp), the causal safe-exp key map with 
 max (MATH.md section 2) and fla's short convolution. A namespace needs: exp, expm1, log1p,
 logaddexp, sigmoid, log_sigmoid, silu, relu, maximum(x, scalar), minimum(x, scalar), where,
 amax(x, axis, keepdims), sum(x, axis, keepdims), cummax(x, axis), concat(xs, axis),
-zeros(shape, like), stop_gradient, take(x, index, axis), to_f64, cast_like(x, like).
+zeros(shape, like), stop_gradient, take(x, index, axis), take_along_axis(x, index, axis) (index
+[..., 1], spread over the last axis), arange(n, like) (integers, on like's device), to_f64, cast_like(x, like).
+
+Padded batches: where a function takes ``mask`` ([B,T] bool, True at real tokens), padded
+positions neither write the state nor decay it nor move the running max, so every row gets
+what it would get alone (mlx-lm's batching, transformers' left-padded ``generate``).
 
 Imports nothing but the standard library, so it travels with the MLX model file.
 """
@@ -73,7 +78,7 @@ def log_forget_gate(xp, z_f, z_r, args):
     return g
 
 
-def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None):
+def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None, mask=None):
     """Causal safe-exp key map (MATH.md section 2): ``(exp(k - m_t), log-gate term, m_T)``.
 
     ``m_t = max(m_{t-1}, max_j k_t[j])`` per head (a running max over time and channels),
@@ -83,6 +88,9 @@ def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None):
 
     ``seg`` ([T] sequence index of a packed row, B == 1, no ``m_prev``) restarts the max at
     every sequence; ``ends`` ([N] index of each sequence's last row) picks the N final maxima.
+    ``mask`` ([B,T], True at real tokens) leaves padded positions out: their keys map to 0
+    and their gate term is 0, and a row that starts with padding starts its max at its
+    first real token.
     """
     tok = xp.stop_gradient(xp.amax(k, -1, False))  # [B,T,H]
     if seg is not None:
@@ -95,6 +103,8 @@ def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None):
         first = xp.concat([seg[:1] == seg[:1], seg[1:] != seg[:-1]], 0)
         m_before = xp.where(first[None, :, None], m, xp.concat([m[:, :1], m[:, :-1]], 1))
         return xp.exp(k - m[..., None]), -(m - m_before), xp.take(m[0], ends, 0)
+    if mask is not None:
+        tok = xp.where(mask[..., None], tok, float("-inf"))
     if m_prev is not None:
         tok = xp.concat([xp.cast_like(m_prev, tok)[:, None], tok], 1)
     m = xp.cummax(tok, 1)
@@ -102,22 +112,32 @@ def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None):
         m_before = xp.concat([m[:, :1], m[:, :-1]], 1)
     else:
         m_before, m = m[:, :-1], m[:, 1:]
-    return xp.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+    if mask is None:
+        return xp.exp(k - m[..., None]), -(m - m_before), m[:, -1]
+    # before a row's first real token m is -inf: that token starts the max (m_0 = m_1)
+    m_before = xp.where(m_before == float("-inf"), m, m_before)
+    keep = mask[..., None]
+    phi = xp.where(keep[..., None], xp.exp(k - xp.where(keep, m, 0.0)[..., None]), 0.0)
+    return phi, xp.where(keep, -(m - m_before), 0.0), m[:, -1]
 
 
-def short_conv(xp, x, weight, bias=None, state=None, seg=None):
+def short_conv(xp, x, weight, bias=None, state=None, seg=None, mask=None):
     """fla's ShortConvolution: a depthwise causal convolution over time, then silu.
 
     ``x`` [B,T,D]; ``weight`` [D,1,W] (torch's Conv1d layout, as fla saves it); ``state``
     [B,W-1,D], the inputs just before x (None: zeros, a sequence start). Returns
     ``(y [B,T,D], new_state [B,W-1,D])``: the cache a decode step needs stays W-1 rows.
     ``seg`` ([T] sequence index of a packed row, B == 1, no state) keeps every sequence's
-    window inside it (the returned state is then meaningless).
+    window inside it (the returned state is then meaningless). ``mask`` ([B,T], True at real
+    tokens; left or right padding) zeroes padded inputs, so a left-padded row starts from a
+    zero window as it would alone, and takes each row's state after its last real token.
     """
     B, T, D = x.shape
     W = weight.shape[-1]
     if state is None:
         state = xp.zeros((B, W - 1, D), x)
+    if mask is not None:
+        x = xp.where(mask[..., None], x, 0.0)
     xs = xp.concat([xp.cast_like(state, x), x], 1)  # [B, T+W-1, D]: row p is time p - (W-1)
     y = xs[:, W - 1:] * weight[:, 0, W - 1]
     for lag in range(1, W):
@@ -128,7 +148,12 @@ def short_conv(xp, x, weight, bias=None, state=None, seg=None):
         y = y + term
     if bias is not None:
         y = y + bias
-    return xp.silu(y), xs[:, T:]
+    if mask is None:
+        return xp.silu(y), xs[:, T:]
+    # a row's state holds the W-1 inputs up to its last real token: xs rows end .. end+W-2
+    end = xp.amax(xp.where(mask, xp.arange(T, mask)[None, :] + 1, 0), 1, False)  # [B]
+    rows = end[:, None] + xp.arange(W - 1, mask)[None, :]
+    return xp.silu(y), xp.take_along_axis(xs, rows[..., None], 1)
 
 
 class _NumPyOps:
@@ -174,6 +199,12 @@ class _NumPyOps:
 
     def take(self, x, index, axis):
         return self.np.take(x, index, axis)
+
+    def take_along_axis(self, x, index, axis):
+        return self.np.take_along_axis(x, self.np.broadcast_to(index, index.shape[:-1] + (x.shape[-1],)), axis)
+
+    def arange(self, n, like):
+        return self.np.arange(n)
 
     def to_f64(self, x):
         return self.np.asarray(x, self.np.float64)

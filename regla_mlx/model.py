@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from regla import layer_math as lm
@@ -67,6 +68,14 @@ class _MLXOps:
         return mx.take(x, index, axis=axis)
 
     @staticmethod
+    def take_along_axis(x, index, axis):
+        return mx.take_along_axis(x, mx.broadcast_to(index, (*index.shape[:-1], x.shape[-1])), axis=axis)
+
+    @staticmethod
+    def arange(n, like):
+        return mx.arange(n)
+
+    @staticmethod
     def to_f64(x):
         return x.astype(mx.float64)
 
@@ -92,8 +101,8 @@ class ShortConvolution(nn.Module):
         if bias:
             self.bias = mx.zeros((width,))
 
-    def __call__(self, x, state=None):
-        return lm.short_conv(MLX, x, self.weight, getattr(self, "bias", None), state)
+    def __call__(self, x, state=None, mask=None):
+        return lm.short_conv(MLX, x, self.weight, getattr(self, "bias", None), state, mask=mask)
 
 
 def head_norm(args: ModelArgs, width):
@@ -118,7 +127,15 @@ class _PlainRMSNorm(nn.Module):
 
 class _Mixer(nn.Module):
     """What the linear layers share: q/k/v projections of the pre-normed input, optionally
-    through fla's short convolutions (whose states sit in cache slots 2-4)."""
+    through fla's short convolutions. Cache slots: the layer's own states first (``n_states``),
+    then the three convolution states. Every slot holds an array once used (mlx-lm's batching
+    slices them all)."""
+
+    n_states = 2
+
+    @property
+    def cache_size(self):
+        return self.n_states + (3 if self.args.use_short_conv else 0)
 
     def _init_qkv(self, args: ModelArgs):
         d, G = args.hidden_size, args.num_kv_groups
@@ -128,16 +145,21 @@ class _Mixer(nn.Module):
             self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConvolution(w, args.conv_size, args.conv_bias)
                                                            for w in widths)
 
-    def _qkv(self, x, cache):
+    def _qkv(self, x, cache, mask):
+        """q, k, v [B,T,width]; padded positions (``mask`` False) give zeros, so they write
+        nothing into the state or the short convolutions' windows."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if not self.args.use_short_conv:
-            return q, k, v
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        out = [conv(t, None if cache is None else cache[2 + i]) for i, (conv, t) in enumerate(zip(convs, (q, k, v)))]
-        if cache is not None:
-            for i, (_, st) in enumerate(out):
-                cache[2 + i] = st
-        return tuple(y for y, _ in out)
+        if self.args.use_short_conv:
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            out = [conv(t, None if cache is None else cache[self.n_states + i], mask)
+                   for i, (conv, t) in enumerate(zip(convs, (q, k, v)))]
+            if cache is not None:
+                for i, (_, st) in enumerate(out):
+                    cache[self.n_states + i] = st
+            q, k, v = (y for y, _ in out)
+        if mask is not None:
+            q, k, v = (mx.where(mask[..., None], t, 0) for t in (q, k, v))
+        return q, k, v
 
 
 class LinearAttention(_Mixer):
@@ -147,6 +169,7 @@ class LinearAttention(_Mixer):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.n_states = 2 if args.feature_map == "safe_exp" else 1
         d, G = args.hidden_size, args.num_kv_groups
         self._init_qkv(args)
         self.gk_proj = low_rank(d, args.key_dim // G, args.gate_low_rank_dim)
@@ -164,26 +187,34 @@ class LinearAttention(_Mixer):
         x = norm(h)
         B, T, _ = x.shape
         Kd, Vd = a.head_k_dim, a.head_v_dim
-        q, k, v = self._qkv(x, cache)
+        mask = create_ssm_mask(x, cache)  # padded batches (mlx-lm's BatchGenerator), else None
+        q, k, v = self._qkv(x, cache, mask)
         q, k, v = q.reshape(B, T, -1, Kd), k.reshape(B, T, -1, Kd), v.reshape(B, T, -1, Vd)
         z_f = apply(self.gk_proj, x).astype(mx.float32).reshape(B, T, -1, Kd)
         z_r = apply(self.gr_proj, x).astype(mx.float32).reshape(B, T, -1, Kd) if a.use_refining_gate else None
         g = lm.log_forget_gate(MLX, z_f, z_r, a)
+        if mask is not None:  # no decay at padded positions
+            g = mx.where(mask[..., None, None], g, 0.0)
         S0 = m0 = None
         if cache is not None:
-            S0, m0 = cache[0], cache[1]
+            S0, m0 = cache[0], (cache[1] if self.n_states == 2 else None)
         q = lm.feature_map(MLX, q, a.feature_map)
         if a.feature_map == "safe_exp":
-            k, term, m_last = lm.safe_exp_keys(MLX, k.astype(mx.float32), m0)
+            k, term, m_last = lm.safe_exp_keys(MLX, k.astype(mx.float32), m0, mask=mask)
             k = k.astype(q.dtype)
             g = g + term[..., None]
         else:
             k, m_last = lm.feature_map(MLX, k, a.feature_map), None
+            if mask is not None:  # maps with phi(0) != 0 (elu, sigmoid) must not write either
+                k = mx.where(mask[..., None, None], k, 0)
         k, v, g = (repeat_heads(t, a.num_kv_groups) for t in (k, v, g))
         op = recurrent_gla if T <= RECURRENT_MAX_T else chunk_gla
         o, S = op(q, k, v, g, a.scale, S0, cache is not None)
         if cache is not None:
-            cache[0], cache[1] = S, m_last
+            cache[0] = S
+            if self.n_states == 2:
+                cache[1] = m_last
+            cache.advance(T)
         if a.attn_norm != "none":
             o = getattr(self, a.norm_name)(o)
         o = o.reshape(B, T, -1)
@@ -210,12 +241,15 @@ class GatedSlotAttention(_Mixer):
         a = self.args
         x = norm(h)
         B, T, _ = x.shape
-        q, k, v = self._qkv(x, cache)
+        mask = create_ssm_mask(x, cache)
+        q, k, v = self._qkv(x, cache, mask)
         q = lm.feature_map(MLX, q.reshape(B, T, -1, a.head_k_dim), a.feature_map)
         k = lm.feature_map(MLX, k.reshape(B, T, -1, a.head_k_dim), a.feature_map)
         v = nn.silu(v.reshape(B, T, -1, a.head_v_dim))
         g = nn.log_sigmoid(self.f_proj(x).astype(mx.float32)).reshape(B, T, -1, a.num_slots)
         g = g / a.gate_logit_normalizer
+        if mask is not None:  # padded positions: no slot write (s = 0), no decay (g = 0)
+            g = mx.where(mask[..., None, None], g, 0.0)
         s = -mx.expm1(g)
         k, v, g, s = (repeat_heads(t, a.num_kv_groups) for t in (k, v, g, s))
         state = None
@@ -224,6 +258,7 @@ class GatedSlotAttention(_Mixer):
         o, state = chunk_gsa(q, k, v, s.astype(q.dtype), g, a.scale, state, True, chunked=T > RECURRENT_MAX_T)
         if cache is not None:
             cache[0], cache[1] = state
+            cache.advance(T)
         return h + self.o_proj(self.g_norm(nn.silu(o.reshape(B, T, -1))))
 
 
@@ -247,13 +282,15 @@ class SoftmaxAttention(nn.Module):
         q = self.q_proj(x).reshape(B, T, -1, D).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, T, -1, D).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, -1, D).transpose(0, 2, 1, 3)
+        # mlx-lm's mask and offsets: with its batched caches (BatchKVCache) they carry each
+        # row's padding and position
+        mask = create_attention_mask(x, cache)
         offset = 0 if cache is None else cache.offset
         q = mx.fast.rope(q, D, traditional=False, base=a.rope_theta, scale=1.0, offset=offset)
         k = mx.fast.rope(k, D, traditional=False, base=a.rope_theta, scale=1.0, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        mask = "causal" if T > 1 else None
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, mask=mask)
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=D ** -0.5, mask=mask)
         return h + self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -321,12 +358,11 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self):
-        """Fixed-size state for linear layers (an ``ArraysCache``: ``(S, m)``, ``(S, None)`` or
+        """Fixed-size state for linear layers (an ``ArraysCache``: ``(S, m)``, ``(S,)`` or
         ``(hk, hv)``, then three short-convolution states when the config has them), a growing
         KV cache only for softmax layers."""
-        size = 5 if self.args.use_short_conv else 2
-        return [KVCache() if self.args.layer_type(i) == "softmax" else ArraysCache(size=size)
-                for i in range(self.args.num_hidden_layers)]
+        return [KVCache() if isinstance(layer.attn, SoftmaxAttention) else ArraysCache(size=layer.attn.cache_size)
+                for layer in self.layers]
 
     def sanitize(self, weights):
         from regla.checkpoint import sanitize

@@ -138,6 +138,14 @@ class _TorchOps:
         return x.index_select(axis, index)
 
     @staticmethod
+    def take_along_axis(x, index, axis):
+        return x.gather(axis, index.expand(*index.shape[:-1], x.shape[-1]))
+
+    @staticmethod
+    def arange(n, like):
+        return torch.arange(n, device=like.device)
+
+    @staticmethod
     def to_f64(x):
         return x.double()
 
@@ -158,11 +166,12 @@ class ShortConvolution(nn.Module):
         self.weight = nn.Parameter(torch.empty(width, 1, kernel))
         self.bias = nn.Parameter(torch.zeros(width)) if bias else None
 
-    def forward(self, x, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, x, state=None, cu_seqlens=None, use_cache=False, mask=None):
         """``(silu(conv(x)), new state [N, kernel-1, width])``; with ``cu_seqlens`` (B == 1) no
-        sequence sees another's inputs, and the states (in and out) are per sequence."""
+        sequence sees another's inputs, and the states (in and out) are per sequence; ``mask``
+        ([B,T], padded batches) keeps padded inputs out of every window and state."""
         if cu_seqlens is None:
-            return lm.short_conv(TORCH, x, self.weight, self.bias, state)
+            return lm.short_conv(TORCH, x, self.weight, self.bias, state, mask=mask)
         if state is None and not use_cache:  # packed training rows: one pass, masked at boundaries
             return lm.short_conv(TORCH, x, self.weight, self.bias, seg=segment_ids(cu_seqlens, x.shape[1]))[0], None
         parts = [lm.short_conv(TORCH, x[:, b:e], self.weight, self.bias, None if state is None else state[n:n + 1])
@@ -191,14 +200,19 @@ class _Mixer(nn.Module):
             self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConvolution(w, args.conv_size, args.conv_bias)
                                                            for w in widths)
 
-    def _convolve(self, q, k, v, states, cu_seqlens, use_cache):
-        """q, k, v through the short convolutions; returns them and the new conv states."""
-        if not self.args.use_short_conv:
-            return q, k, v, ()
-        states = states or (None, None, None)
-        out = [conv(x, st, cu_seqlens, use_cache)
-               for conv, x, st in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), states)]
-        return (*(y for y, _ in out), tuple(st for _, st in out))
+    def _convolve(self, q, k, v, states, cu_seqlens, use_cache, mask):
+        """q, k, v through the short convolutions; returns them and the new conv states.
+        Padded positions (``mask`` False) come out as zeros: they write nothing into the state."""
+        conv = ()
+        if self.args.use_short_conv:
+            states = states or (None, None, None)
+            out = [c(x, st, cu_seqlens, use_cache, mask)
+                   for c, x, st in zip((self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), states)]
+            (q, _), (k, _), (v, _) = out
+            conv = tuple(st for _, st in out)
+        if mask is not None:
+            q, k, v = (torch.where(mask[..., None], x, 0) for x in (q, k, v))
+        return q, k, v, conv
 
 
 def segments(cu_seqlens, T):
@@ -229,10 +243,11 @@ class LinearAttention(_Mixer):
             setattr(self, args.norm_name, norm)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
-    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False, pad=None):
         a = self.args
         B, T, _ = h.shape
         Kd, Vd, G = a.head_k_dim, a.head_v_dim, a.num_kv_groups
+        mask = None if pad is None else pad[:, -T:]  # padded batch: False at padding
         # every projection of norm(h) in one call (one launch at decode); biases come after
         gates = [self.gk_proj] + ([self.gr_proj] if a.use_refining_gate else [])
         low = a.gate_low_rank_dim > 0
@@ -241,12 +256,14 @@ class LinearAttention(_Mixer):
         ws += [self.g_proj.weight] if a.use_output_gate else []
         q, k, v, *rest = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
         S0, m0, *conv0 = (None, None) if state is None else state
-        q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache)
+        q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache, mask)
         q, k, v = q.view(B, T, -1, Kd), k.view(B, T, -1, Kd), v.view(B, T, -1, Vd)
         z = [(linear(r, m[1].weight, m[1].bias) if low else r + m.bias).float().view(B, T, -1, Kd)
              for m, r in zip(gates, rest)]
         out_gate = rest[-1] if a.use_output_gate else None
         g = lm.log_forget_gate(TORCH, z[0], z[1] if a.use_refining_gate else None, a)
+        if mask is not None:  # no decay at padded positions
+            g = torch.where(mask[..., None, None], g, 0.0)
         q = lm.feature_map(TORCH, q, a.feature_map)
         m_last = None
         if a.feature_map == "safe_exp":
@@ -258,11 +275,13 @@ class LinearAttention(_Mixer):
                 phi, term, m_last = lm.safe_exp_keys(TORCH, k.float(), seg=segment_ids(cu_seqlens, T),
                                                      ends=(cu_seqlens[1:] - 1).long())
             else:
-                phi, term, m_last = lm.safe_exp_keys(TORCH, k.float(), m0)
+                phi, term, m_last = lm.safe_exp_keys(TORCH, k.float(), m0, mask=mask)
             k = phi.to(q.dtype)
             g = g + term[..., None]
         else:
             k = lm.feature_map(TORCH, k, a.feature_map)
+            if mask is not None:  # maps with phi(0) != 0 (elu, sigmoid) must not write either
+                k = torch.where(mask[..., None, None], k, 0)
         if G > 1:
             k, v, g = (t.repeat_interleave(G, dim=2) for t in (k, v, g))
         # Under autocast the feature maps' exp runs in float32 while the projections give bf16;
@@ -296,18 +315,21 @@ class GatedSlotAttention(_Mixer):
         self.g_norm = RMSNorm(d, GSA_OUTPUT_NORM_EPS, args.elementwise_affine)
         self.o_proj = nn.Linear(args.value_dim, d, bias=False)
 
-    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False, pad=None):
         a = self.args
         B, T, _ = h.shape
         G = a.num_kv_groups
+        mask = None if pad is None else pad[:, -T:]
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.f_proj.weight]
         q, k, v, f = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
         hk0, hv0, *conv0 = (None, None) if state is None else state
-        q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache)
+        q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache, mask)
         q = lm.feature_map(TORCH, q.view(B, T, -1, a.head_k_dim), a.feature_map)
         k = lm.feature_map(TORCH, k.view(B, T, -1, a.head_k_dim), a.feature_map)
         v = F.silu(v.view(B, T, -1, a.head_v_dim))
         g = F.logsigmoid(f.float()).view(B, T, -1, a.num_slots) / a.gate_logit_normalizer
+        if mask is not None:  # padded positions: no decay (g = 0) and so no slot write (s = 0)
+            g = torch.where(mask[..., None, None], g, 0.0)
         s = -torch.expm1(g)
         if G > 1:
             k, v, g, s = (t.repeat_interleave(G, dim=2) for t in (k, v, g, s))
@@ -329,10 +351,14 @@ class GatedSlotAttention(_Mixer):
 
 
 def rope(x, positions, theta):
+    """Llama's rotary embedding (rotate-half) on ``x [B,T,H,D]``; ``positions`` is [T], or [B,T]
+    when rows of a padded batch sit at different positions."""
     D = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = positions.float()[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1)[None, :, None], torch.cat([ang.sin()] * 2, -1)[None, :, None]
+    ang = positions.float()[..., None] * inv  # [T or B,T, D/2]
+    if ang.dim() == 2:
+        ang = ang[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, :, None], torch.cat([ang.sin()] * 2, -1)[:, :, None]
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return (x.float() * cos + torch.cat([-x2, x1], -1).float() * sin).to(x.dtype)
 
@@ -349,14 +375,16 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=False)
 
-    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False, pad=None):
         a = self.args
         B, T, _ = h.shape
         D = a.softmax_head_dim
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
         q, k, v = (t.view(B, T, -1, D) for t in project(h, ws, norm).split([w.shape[0] for w in ws], -1))
         past = 0 if state is None else state[0].shape[1]
-        if cu_seqlens is None:
+        if pad is not None:  # padded batch: each row counts positions from its first real token
+            pos = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        elif cu_seqlens is None:
             pos = torch.arange(past, past + T, device=h.device)
         else:  # positions restart at every packed sequence
             pos = torch.cat([torch.arange(e - b, device=h.device) for b, e in segments(cu_seqlens, T)])
@@ -367,7 +395,15 @@ class SoftmaxAttention(nn.Module):
         G = a.softmax_num_heads // a.softmax_num_kv_heads
         if G > 1:
             kt, vt = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
-        if cu_seqlens is not None:
+        if pad is not None:
+            # keys: real ones, causally; a padded query sees only itself (a row of -inf would
+            # give NaN, which the linear layers' masking cannot contain)
+            j = torch.arange(past + T, device=h.device)
+            i = past + torch.arange(T, device=h.device)
+            causal = j[None, :] <= i[:, None]
+            mask = (causal[None] & pad[:, None, :]) | (j[None, None, :] == i[None, :, None])
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None])
+        elif cu_seqlens is not None:
             seg = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=h.device),
                                           (cu_seqlens[1:] - cu_seqlens[:-1]).to(h.device))
             mask = (seg[:, None] == seg[None, :]) & torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
@@ -407,10 +443,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, h, state=None, cu_seqlens=None, use_cache=False):
+    def forward(self, h, state=None, cu_seqlens=None, use_cache=False, pad=None):
         # Mixer and MLP take the residual stream and their pre-norm and return the updated
         # stream: at decode the norm and the residual add then run inside the projections.
-        h, state = self.attn(h, self.attn_norm, state, cu_seqlens, use_cache)
+        h, state = self.attn(h, self.attn_norm, state, cu_seqlens, use_cache, pad)
         return self.mlp(h, self.mlp_norm), state
 
 
@@ -478,15 +514,19 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
                 use_cache=None, cu_seqlens=None, logits_to_keep=0, **kwargs):
+        pad = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding masks are not supported by recurrent layers: pack sequences with "
-                             "cu_seqlens, or run prompts of equal length")
+            # a padded batch (transformers' generate pads on the left): padded positions neither
+            # write nor decay any state, so every row gets what it gets alone
+            if cu_seqlens is not None:
+                raise ValueError("give attention_mask (padded rows) or cu_seqlens (packed rows), not both")
+            pad = attention_mask.bool()
         cache = cache if cache is not None else past_key_values
         use_cache = (not self.training) if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = self.make_cache()
         states = cache.states if cache is not None else [None] * len(self.model.layers)
-        logits, states = self.run_layers(input_ids, states, cu_seqlens, use_cache, logits_to_keep)
+        logits, states = self.run_layers(input_ids, states, cu_seqlens, use_cache, logits_to_keep, pad)
         if use_cache:
             cache.states = states
             cache.seen_tokens += input_ids.shape[1]
@@ -495,13 +535,14 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
-    def run_layers(self, input_ids, states, cu_seqlens=None, use_cache=False, logits_to_keep=0):
+    def run_layers(self, input_ids, states, cu_seqlens=None, use_cache=False, logits_to_keep=0, pad=None):
         """Logits and the layers' new states: the forward pass on plain tensors and lists (no
-        cache object), which is what ``GraphStep`` compiles and captures."""
+        cache object), which is what ``GraphStep`` compiles and captures. ``pad`` [B, seen + T]
+        (False at padding) is the attention mask of a padded batch."""
         h = self.model.embeddings(input_ids)
         new = []
         for block, st in zip(self.model.layers, states):
-            h, st = block(h, st, cu_seqlens, use_cache)
+            h, st = block(h, st, cu_seqlens, use_cache, pad)
             new.append(st)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -515,5 +556,5 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
             # input_ids is the whole sequence (transformers' convention) and the state already
             # holds its first seen_tokens: feed only the rest, O(1) a token
             input_ids = input_ids[:, cache.seen_tokens:]
-        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache,
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask,
                 "logits_to_keep": kwargs.get("logits_to_keep", 1) or 1}
