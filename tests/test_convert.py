@@ -38,7 +38,7 @@ def torch_logits(folder, dtype=None):
 
 
 def mlx_logits(folder_or_model):
-    m = regla_mlx.load_model(folder_or_model) if not isinstance(folder_or_model, regla_mlx.Model) else folder_or_model
+    m = regla_mlx.load_model(folder_or_model) if isinstance(folder_or_model, (str, os.PathLike)) else folder_or_model
     return np.array(m(mx.array(IDS)).astype(mx.float32), dtype=np.float64)
 
 
