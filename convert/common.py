@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,40 +24,90 @@ class ConvertError(RuntimeError):
     """A conversion that cannot go on; the message names the problem and the fix."""
 
 
+PARTIAL_MARK = ".regla-partial"  # inside every staging folder: what may be swept as stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Remove staging folders that earlier conversions left in ``parent`` when they were killed
+    (SIGKILL, power loss): ours by their mark, and only when their process is gone."""
+    removed = []
+    for p in Path(parent).glob(".*.tmp-*"):
+        pid = p.name.rpartition(".tmp-")[2]
+        if p.is_dir() and pid.isdigit() and (p / PARTIAL_MARK).exists() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM and SIGHUP end the process without running ``finally`` blocks; while a folder is
+    being written they raise SystemExit instead, so the cleanup below still runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, stop) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def staged_output(dst: Path):
     """Yield a temporary folder next to ``dst``; rename it to ``dst`` only when the body succeeds.
 
     Written beside ``dst`` (same file system) so the final rename is atomic, and removed on any
-    failure so a crash or a full disk never leaves a half-written checkpoint behind.
+    failure, Ctrl-C or SIGTERM so a crash or a full disk never leaves a half-written checkpoint
+    behind; what a SIGKILL leaves is swept by the next conversion into the same parent folder.
     """
     dst = Path(dst).expanduser().absolute()
     if dst.exists():
         raise ConvertError(f"{dst} already exists: choose a new output folder or remove it first")
     if not dst.parent.is_dir():
         raise ConvertError(f"{dst.parent} does not exist: create the parent folder first")
+    remove_stale(dst.parent)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with _terminate_as_exit():
+        tmp.mkdir()
         try:
-            yield tmp
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise ConvertError(f"no space left on the disk while writing {dst}: free some space "
-                                   "or pick an output folder on another disk") from None
-            raise
-        except RuntimeError as e:
-            # MLX reports a failed write as a RuntimeError carrying the C library's message.
-            if "No space left" in str(e):
-                raise ConvertError(f"no space left on the disk while writing {dst}: free some space "
-                                   "or pick an output folder on another disk") from None
-            raise
-        if dst.exists():
-            raise ConvertError(f"{dst} appeared while converting: remove it or choose another folder")
-        os.rename(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / PARTIAL_MARK).touch()
+            try:
+                yield tmp
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise ConvertError(f"no space left on the disk while writing {dst}: free some space "
+                                       "or pick an output folder on another disk") from None
+                raise
+            except RuntimeError as e:
+                # MLX reports a failed write as a RuntimeError carrying the C library's message.
+                if "No space left" in str(e):
+                    raise ConvertError(f"no space left on the disk while writing {dst}: free some space "
+                                       "or pick an output folder on another disk") from None
+                raise
+            if dst.exists():
+                raise ConvertError(f"{dst} appeared while converting: remove it or choose another folder")
+            (tmp / PARTIAL_MARK).unlink()
+            os.rename(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
+from .bundle import MODEL_FILE, write_bundle
 from .common import ConvertError, copy_tokenizer, staged_output
-
-MODEL_FILE = "regla_model.py"
 
 
 def hf_to_mlx(src, dst, dtype: Optional[str] = None, q_bits: Optional[int] = None, q_group_size: int = 64,
               log=print) -> Path:
     """Write ``dst``: config.json (model_type regla, attn_type, ``quantization`` when quantized,
     ``model_file``), ``model*.safetensors`` + index (mlx-lm's ``save_model``), tokenizer files and
-    ``regla_model.py`` so stock ``mlx_lm.generate --trust-remote-code`` runs it too."""
+    the model's own code (``bundle.write_bundle``), so stock ``mlx_lm.generate --trust-remote-code``
+    runs it with only mlx and mlx-lm installed."""
     from mlx_lm.utils import save_config, save_model
 
     from regla import checkpoint
@@ -42,8 +41,8 @@ def hf_to_mlx(src, dst, dtype: Optional[str] = None, q_bits: Optional[int] = Non
         config = quantize(model, config, q_bits, q_group_size)
     with staged_output(dst) as tmp:
         save_model(tmp, model)
+        write_bundle(tmp)
         save_config(config, tmp / "config.json")
-        shutil.copy2(Path(__file__).with_name(MODEL_FILE), tmp / MODEL_FILE)
         copy_tokenizer(folder, tmp)
     log(f"wrote {dst}")
     return dst

@@ -62,6 +62,15 @@ def read_args(folder: Path) -> ModelArgs:
         raise CheckpointError(f"{Path(folder) / 'config.json'}: a field has the wrong type ({e})") from None
 
 
+def check_not_quantized(folder: Path, what_to_do: str):
+    """Raise when ``folder`` holds MLX-quantized weights (packed integers with per-group scales),
+    which only MLX reads; ``what_to_do`` ends the message."""
+    quant = read_config(folder).get("quantization")
+    if quant:
+        raise CheckpointError(f"{folder} holds MLX-quantized weights ({quant.get('bits', '?')}-bit, "
+                              f"groups of {quant.get('group_size', '?')}), which PyTorch cannot read: {what_to_do}")
+
+
 def weight_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"

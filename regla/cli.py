@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from regla.spec import MODEL_TYPES
 
 app = typer.Typer(
     name="regla",
@@ -23,30 +27,166 @@ def fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def not_available(what: str):
-    fail(f"`regla {what}` is not available yet in this version.", code=2)
+# ----------------------------------------------------------------------------------------------
+# Option checks. Each option's rule is written once here and shared by the commands (and so by
+# both backends): a bad value is typer's one-line usage error, exit 2, before any model loads.
+
+class Backend(str, Enum):
+    mlx = "mlx"
+    torch = "torch"
+
+
+AttnType = Enum("AttnType", {t: t for t in MODEL_TYPES}, type=str)
+
+DTYPES = ("bf16", "f16", "f32")
+DTYPE_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _dtype(value: Optional[str]) -> Optional[str]:
+    """bf16 | f16 | f32; other common spellings (fp32, float16, ...) mean the same."""
+    if value is None:
+        return None
+    name = DTYPE_ALIASES.get(value.lower(), value.lower())
+    if name not in DTYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(DTYPES)}")
+    return name
+
+
+def _autocast_dtype(value: Optional[str]) -> Optional[str]:
+    return value if value in (None, "auto") else _dtype(value)
+
+
+def _positive(value):
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
+def _one_of(*allowed):
+    def check(value):
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, allowed))}")
+        return value
+    return check
+
+
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise typer.BadParameter("the prompt is empty: give some text to continue")
+    return value
+
+
+def model_option():
+    return typer.Option(None, "--model", "-m", help="Checkpoint folder or hub repo id (default: the small "
+                        "model shipped in the package).")
+
+
+def max_tokens_option(default: int, help: str):
+    return typer.Option(default, min=1, help=help)
+
+
+def temp_option(default: float):
+    return typer.Option(default, min=0.0, help="Sampling temperature (0 = greedy).")
+
+
+def top_p_option(default: float):
+    return typer.Option(default, min=0.0, max=1.0, help="Nucleus sampling threshold (0 or 1 = off).")
+
+
+def min_p_option():
+    return typer.Option(0.0, min=0.0, max=1.0, help="Min-p sampling threshold (0 = off).")
+
+
+def repetition_penalty_option():
+    return typer.Option(1.0, callback=_positive, help="Penalty for recently used tokens (> 0; 1 = off).")
+
+
+def seed_option(default=None):
+    return typer.Option(default, min=0, help="Random seed, for reproducible sampling.")
+
+
+def backend_option():
+    return typer.Option(Backend.mlx, case_sensitive=False, help="mlx, or torch (on CUDA when available).")
+
+
+@contextlib.contextmanager
+def busy(message: str):
+    """A spinner on stderr while something slow happens before the first output (loading a
+    model, importing PyTorch). Only on a terminal: piped or captured output stays clean."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# chat
+
+def _chat_help(session, arg):
+    for name, (text, _) in CHAT_COMMANDS.items():
+        if text:
+            typer.secho(f"  {name:8s} {text}", dim=True)
+    typer.secho("  A line that starts with // is sent as text with one / (e.g. //etc/hosts).", dim=True)
+    return True
+
+
+def _chat_reset(session, arg):
+    session.reset()
+    typer.secho("(conversation cleared)", dim=True)
+    return True
+
+
+def _chat_quit(session, arg):
+    return False
+
+
+# The chat's slash commands: name -> (help line, or None for an alias; handler(session, argument
+# text) returning False to end the chat). New commands are one entry here.
+CHAT_COMMANDS = {
+    "/help": ("list these commands", _chat_help),
+    "/reset": ("forget the conversation and start again", _chat_reset),
+    "/quit": ("leave the chat (also /exit or Ctrl-D; Ctrl-C stops an answer)", _chat_quit),
+    "/exit": (None, _chat_quit),
+}
+
+
+def chat_command(session, line: str) -> Optional[bool]:
+    """Run ``line`` if it is a slash command: True to go on, False to leave; None when ``line``
+    is a message for the model."""
+    if not line.startswith("/") or line.startswith("//"):
+        return None
+    name, _, arg = line.partition(" ")
+    entry = CHAT_COMMANDS.get(name.lower())
+    if entry is None:
+        typer.secho(f"unknown command {name}: /help lists the commands; start the line with // to send "
+                    "it to the model as text", fg=typer.colors.YELLOW)
+        return True
+    return entry[1](session, arg.strip())
 
 
 @app.command()
 def chat(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint folder or hub repo id "
-                                        "(default: the small model shipped in the package)."),
-    max_tokens: int = typer.Option(512, help="Most tokens per answer."),
-    temp: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling threshold."),
-    min_p: float = typer.Option(0.0, help="Min-p sampling threshold (0 = off)."),
-    repetition_penalty: float = typer.Option(1.0, help="Penalty for recently used tokens (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
-    backend: str = typer.Option("mlx", help="mlx or torch (on CUDA when available)."),
+    model: Optional[str] = model_option(),
+    max_tokens: int = max_tokens_option(512, "Most tokens per answer."),
+    temp: float = temp_option(0.7),
+    top_p: float = top_p_option(0.95),
+    min_p: float = min_p_option(),
+    repetition_penalty: float = repetition_penalty_option(),
+    seed: Optional[int] = seed_option(),
+    backend: Backend = backend_option(),
 ):
     """Interactive streaming chat; the conversation lives in the recurrent state."""
     import sys
 
     sampling = dict(temp=temp, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
-    session = _open_session(_model_path(model), backend, max_tokens, sampling, seed)
+    session = _open_session(_model_path(model), backend.value, max_tokens, sampling, seed)
     mode = "chat template" if session.use_template else "plain continuation (no chat template)"
-    typer.secho(f"regla chat: {backend} backend, {mode}. /reset clears the conversation, /quit or "
-                "Ctrl-D exits, Ctrl-C stops an answer.", dim=True)
+    typer.secho(f"regla chat: {backend.value} backend, {mode}. /help lists commands, /reset clears the "
+                "conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer.", dim=True)
 
     def show(text):
         sys.stdout.write(text)
@@ -64,12 +204,13 @@ def chat(
         msg = line.strip()
         if not msg:
             continue
-        if msg in ("/quit", "/exit"):
-            break
-        if msg == "/reset":
-            session.reset()
-            typer.secho("(conversation cleared)", dim=True)
+        done = chat_command(session, msg)
+        if done is not None:
+            if not done:
+                break
             continue
+        if msg.startswith("//"):
+            msg = msg[1:]
         turn = session.ask(msg, on_text=show)
         typer.echo()
         note = ", interrupted" if turn.interrupted else ""
@@ -78,15 +219,15 @@ def chat(
 
 @app.command()
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint folder or hub repo id."),
-    max_tokens: int = typer.Option(128, help="Most new tokens."),
-    temp: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(0.0, help="Nucleus sampling threshold (0 = off)."),
-    min_p: float = typer.Option(0.0, help="Min-p sampling threshold (0 = off)."),
-    repetition_penalty: float = typer.Option(1.0, help="Penalty for recently used tokens (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed, for reproducible sampling."),
-    backend: str = typer.Option("mlx", help="mlx or torch (on CUDA when available)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", callback=_not_empty, help="Text to continue."),
+    model: Optional[str] = model_option(),
+    max_tokens: int = max_tokens_option(128, "Most new tokens."),
+    temp: float = temp_option(0.0),
+    top_p: float = top_p_option(0.0),
+    min_p: float = min_p_option(),
+    repetition_penalty: float = repetition_penalty_option(),
+    seed: Optional[int] = seed_option(),
+    backend: Backend = backend_option(),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print prompt and generation speed."),
 ):
     """One-shot generation from a prompt."""
@@ -94,7 +235,7 @@ def generate(
     import time
 
     sampling = dict(temp=temp, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
-    session = _open_session(_model_path(model), backend, max_tokens, sampling, seed)
+    session = _open_session(_model_path(model), backend.value, max_tokens, sampling, seed)
 
     def show(text):
         sys.stdout.write(text)
@@ -106,17 +247,25 @@ def generate(
     if verbose:
         typer.secho(f"prompt: {turn.prompt_tokens} tokens; generation: {turn.tokens} tokens, "
                     f"{turn.tokens_per_second:.1f} tokens/s; total {time.perf_counter() - start:.2f} s "
-                    f"({backend})", dim=True, err=True)
+                    f"({backend.value})", dim=True, err=True)
+
+
+class Target(str, Enum):
+    mlx = "mlx"
+    hf = "hf"
 
 
 @app.command()
 def convert(
     src: str = typer.Argument(..., help="Source checkpoint: folder or hub repo id."),
     dst: Path = typer.Argument(..., help="Output folder (must not exist)."),
-    to: str = typer.Option("mlx", help="mlx or hf."),
-    dtype: Optional[str] = typer.Option(None, help="bf16, f16 or f32 (default: keep the source's)."),
-    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Quantize to this many bits (MLX output; 4 or 8)."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Weights per quantization group."),
+    to: Target = typer.Option(Target.mlx, case_sensitive=False, help="mlx, or hf (PyTorch / transformers)."),
+    dtype: Optional[str] = typer.Option(None, callback=_dtype, metavar="[bf16|f16|f32]",
+                                        help="Weights' dtype (default: keep the source's)."),
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", callback=_one_of(2, 3, 4, 6, 8), metavar="[2|3|4|6|8]",
+                                         help="Quantize to this many bits (MLX output)."),
+    q_group_size: int = typer.Option(64, "--q-group-size", callback=_one_of(32, 64, 128), metavar="[32|64|128]",
+                                     help="Weights per quantization group."),
 ):
     """Convert a checkpoint between Hugging Face (PyTorch) and MLX formats."""
     import warnings
@@ -124,15 +273,18 @@ def convert(
     from regla.convert import ConvertError
     from regla.convert import convert as run
 
+    if q_bits is not None and to is not Target.mlx:
+        raise typer.BadParameter("quantization applies to MLX output only: use --to mlx", param_hint="'--q-bits'")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            run(src, dst, to=to, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size, log=typer.echo)
+            run(src, dst, to=to.value, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size, log=typer.echo)
         except ConvertError as e:
             fail(str(e))
         except ImportError as e:
-            fail(f"{e.name or e} is not installed: `pip install 'regla[mlx]'` for MLX output or quantized "
-                 "sources")
+            need = "mlx" if (e.name or "").startswith("mlx") else "torch"
+            fail(f"{e.name or e} is not installed: pip install -e '.[{need}]' (MLX output and quantized sources "
+                 "need [mlx]; --to hf needs [torch])")
     for w in caught:
         typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
 
@@ -148,28 +300,31 @@ def train(
                                             "tokenizer folder / hub id. Default: bytes."),
     out: Optional[Path] = typer.Option(None, help="Run folder: checkpoints, log.jsonl, final/."),
     preset: Optional[str] = typer.Option(None, help="tiny, 10m, 15m, 40m, 125m, 350m, 760m, 1.3b."),
-    attn_type: Optional[str] = typer.Option(None, help="regla, gla or gsa."),
+    attn_type: Optional[AttnType] = typer.Option(None, case_sensitive=False, help="Layer type."),
     softmax_layers: Optional[str] = typer.Option(None, help="Comma-separated indices of softmax layers "
                                                  "(hybrid stacks), e.g. 1,3."),
     model_json: Optional[str] = typer.Option(None, "--model", help="Model fields as JSON, e.g. "
                                              "'{\"feature_map\": \"elu\"}'."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-step and process."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-steps per optimizer step."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    time_limit: Optional[float] = typer.Option(None, help="Seconds; shortens max_steps to fit, measured "
-                                               "after 25 steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    warmup_steps: Optional[int] = typer.Option(None),
-    weight_decay: Optional[float] = typer.Option(None),
-    grad_clip: Optional[float] = typer.Option(None, help="Max gradient norm (0: off)."),
-    eval_interval: Optional[int] = typer.Option(None, help="Steps between validation runs."),
-    eval_batches: Optional[int] = typer.Option(None),
-    save_interval: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    dtype: Optional[str] = typer.Option(None, help="Autocast: auto (bf16 on CUDA), bf16, fp32."),
-    export_dtype: Optional[str] = typer.Option(None, help="dtype of OUT/final: fp32, bf16, fp16."),
+    seq_len: Optional[int] = typer.Option(None, min=2, help="Tokens per sequence."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Sequences per micro-step and process."),
+    grad_accum: Optional[int] = typer.Option(None, min=1, help="Micro-steps per optimizer step."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps."),
+    time_limit: Optional[float] = typer.Option(None, min=0.0, help="Seconds; shortens max_steps to fit, "
+                                               "measured after 25 steps (0: no limit)."),
+    lr: Optional[float] = typer.Option(None, callback=_positive, help="Peak learning rate (> 0)."),
+    warmup_steps: Optional[int] = typer.Option(None, min=0),
+    weight_decay: Optional[float] = typer.Option(None, min=0.0),
+    grad_clip: Optional[float] = typer.Option(None, min=0.0, help="Max gradient norm (0: off)."),
+    eval_interval: Optional[int] = typer.Option(None, min=1, help="Steps between validation runs."),
+    eval_batches: Optional[int] = typer.Option(None, min=1),
+    save_interval: Optional[int] = typer.Option(None, min=1, help="Steps between checkpoints."),
+    seed: Optional[int] = typer.Option(None, min=0),
+    device: Optional[str] = typer.Option(None, callback=_one_of("auto", "cpu", "cuda"), metavar="[auto|cpu|cuda]",
+                                         help="Where to train (auto: CUDA when there is a GPU)."),
+    dtype: Optional[str] = typer.Option(None, callback=_autocast_dtype, metavar="[auto|bf16|f32]",
+                                        help="Autocast: auto (bf16 on CUDA, none on CPU), bf16, or f32 (none)."),
+    export_dtype: Optional[str] = typer.Option(None, callback=_dtype, metavar="[f32|bf16|f16]",
+                                               help="dtype of OUT/final (default f32)."),
     max_shard_size: Optional[str] = typer.Option(None, help="Shard size of saved weights, e.g. 15MB."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Shard with FSDP instead of DDP (under torchrun)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's last checkpoint."),
@@ -178,7 +333,12 @@ def train(
     """Train a model with PyTorch (CUDA or CPU); under torchrun, on many GPUs."""
     import json
 
-    from regla_torch.train import TrainConfig, TrainError, train as run_train
+    cfg = None
+    with busy("starting: importing PyTorch"):
+        try:
+            from regla_torch.train import TrainConfig, TrainConfigError, TrainError, train as run_train
+        except ImportError as e:
+            fail(f"training needs PyTorch ({e.name} is not installed): pip install -e '.[torch]'")
 
     try:
         if config:
@@ -202,35 +362,53 @@ def train(
             try:
                 model.update(json.loads(model_json))
             except json.JSONDecodeError as e:
-                fail(f"--model is not valid JSON ({e})")
+                raise typer.BadParameter(f"not valid JSON ({e})", param_hint="'--model'") from None
         if attn_type:
-            model["attn_type"] = attn_type
+            model["attn_type"] = attn_type.value
         if softmax_layers is not None:
             try:
                 model["softmax_layers"] = [int(i) for i in softmax_layers.split(",") if i.strip()]
             except ValueError:
-                fail(f"--softmax-layers takes comma-separated integers, not {softmax_layers!r}")
+                raise typer.BadParameter(f"takes comma-separated integers, not {softmax_layers!r}",
+                                         param_hint="'--softmax-layers'") from None
         cfg.model = model
         cfg.fsdp = cfg.fsdp or fsdp
         cfg.resume = cfg.resume or resume
         cfg.progress = cfg.progress and not no_progress
         run_train(cfg)
+    except TrainConfigError as e:
+        fail(str(e), code=2)
     except TrainError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        _train_interrupted(Path(cfg.out) if cfg is not None else out)
 
 
-@app.command()
-def bench():
-    """Run the op benchmarks of this machine's backend."""
-    not_available("bench")
+def _train_interrupted(out: Optional[Path]):
+    """Ctrl-C: say what is kept and how to go on (every process of a torchrun gets the signal;
+    the first one speaks)."""
+    import os
+
+    from regla_torch.train import checkpoints
+
+    if os.environ.get("RANK", "0") == "0":
+        found = checkpoints(out) if out is not None and out.is_dir() else []
+        if found:
+            typer.secho(f"\ninterrupted: the last checkpoint is {found[-1]} (step {found[-1].name.split('-')[-1]}); "
+                        f"continue with: regla train --out {out} --resume", fg=typer.colors.YELLOW, err=True)
+        else:
+            typer.secho(f"\ninterrupted before the first checkpoint: nothing to resume in {out}; start again "
+                        "(--save-interval sets how often checkpoints are written)", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(130)
 
 
 @app.command()
 def parity(
     model: str = typer.Argument(..., help="Checkpoint folder or hub repo id."),
     prompt: str = typer.Option("The quick brown fox jumps over the lazy dog.", help="Prompt to run."),
-    greedy_tokens: int = typer.Option(16, help="Greedy tokens to compare."),
-    spec_max_params: float = typer.Option(50e6, help="Run the float64 spec only below this many parameters."),
+    greedy_tokens: int = typer.Option(16, min=1, help="Greedy tokens to compare."),
+    spec_max_params: float = typer.Option(50e6, min=0.0, help="Run the float64 spec only below this many "
+                                          "parameters."),
 ):
     """Run one prompt through both backends (and the spec) and report the gap."""
     import numpy as np
@@ -242,15 +420,16 @@ def parity(
         import regla_mlx
         import regla_torch
     except ImportError as e:
-        fail(f"parity needs both backends; {e.name} is missing (pip install 'regla[mlx]' torch)")
+        fail(f"parity needs both backends; {e.name} is missing: pip install -e '.[mlx,torch]'")
     from regla import checkpoint, spec
 
     try:
-        folder = checkpoint.resolve(model)
-        if checkpoint.read_config(folder).get("quantization"):
-            fail(f"{folder} is quantized: run parity on the full-precision checkpoint")
-        tm = regla_torch.load(folder).float()
-        mm = regla_mlx.load_model(folder, "f32")
+        with busy("loading the model on both backends"):
+            folder = checkpoint.resolve(model)
+            checkpoint.check_not_quantized(folder, "parity compares full-precision weights; run it on the "
+                                           "checkpoint the quantized folder was converted from")
+            tm = regla_torch.load(folder).float()
+            mm = regla_mlx.load_model(folder, "f32")
     except (checkpoint.CheckpointError, spec.ConfigError) as e:
         fail(str(e))
     args = tm.args
@@ -308,32 +487,31 @@ def _open_session(path: str, backend: str, max_tokens: int, sampling: dict, seed
     from regla.checkpoint import CheckpointError
     from regla.spec import ConfigError
 
-    if backend not in ("mlx", "torch"):
-        fail(f"--backend {backend!r}: choose mlx or torch")
     try:
-        if backend == "mlx":
-            import mlx.core as mx
+        with busy(f"loading {Path(path).name if Path(path).is_dir() else path} ({backend})"):
+            if backend == "mlx":
+                import mlx.core as mx
 
-            import regla_mlx
+                import regla_mlx
+
+                if seed is not None:
+                    mx.random.seed(seed)
+                model, tokenizer = regla_mlx.load(path)
+                return regla_mlx.ChatSession(model, tokenizer, max_tokens, sampling)
+            import torch
+
+            import regla_torch
+            from regla_torch.generate import ChatSession, load_tokenizer
 
             if seed is not None:
-                mx.random.seed(seed)
-            model, tokenizer = regla_mlx.load(path)
-            return regla_mlx.ChatSession(model, tokenizer, max_tokens, sampling)
-        import torch
-
-        import regla_torch
-        from regla_torch.generate import ChatSession, load_tokenizer
-
-        if seed is not None:
-            torch.manual_seed(seed)
-        # on an NVIDIA GPU when there is one: Triton kernels and the CUDA-graph decode step
-        device = "cuda" if torch.cuda.is_available() else None
-        return ChatSession(regla_torch.load(path, device=device), load_tokenizer(path), max_tokens, sampling)
+                torch.manual_seed(seed)
+            # on an NVIDIA GPU when there is one: Triton kernels and the CUDA-graph decode step
+            device = "cuda" if torch.cuda.is_available() else None
+            return ChatSession(regla_torch.load(path, device=device), load_tokenizer(path), max_tokens, sampling)
     except ImportError as e:
-        fail(f"the {backend} backend is not installed ({e.name} missing): "
-             + ("pip install 'regla[mlx]'" if backend == "mlx" else "pip install torch") + ", or use --backend "
-             + ("torch" if backend == "mlx" else "mlx"))
+        other = "torch" if backend == "mlx" else "mlx"
+        fail(f"the {backend} backend is not installed ({e.name} missing): pip install -e '.[{backend}]', "
+             f"or use --backend {other}")
     except (CheckpointError, ConfigError) as e:
         fail(str(e))
 
@@ -350,23 +528,24 @@ def _prompt_ids(folder, prompt: str) -> list:
         return [b % vocab for b in prompt.encode()]
 
 
-@app.command()
+@app.command(hidden=True)  # listed once it works (its own issue)
 def linearize(src: str = typer.Argument(...), dst: Path = typer.Argument(...)):
     """Turn a Llama-family transformers checkpoint into a regla one."""
-    not_available("linearize")
+    fail("`regla linearize` is not available yet in this version.", code=2)
 
 
 @app.command("spec-check")
 def spec_check(
-    attn_type: List[str] = typer.Option(["regla", "gla", "gsa"], help="Layer types to check."),
-    seed: int = typer.Option(0),
+    attn_type: List[AttnType] = typer.Option(list(MODEL_TYPES), case_sensitive=False,
+                                             help="Layer types to check."),
+    seed: int = typer.Option(0, min=0),
 ):
     """Quick self-check: random tiny models through the spec and every installed backend."""
     import numpy as np
 
     from regla import spec
 
-    for at in attn_type:
+    for at in (a.value for a in attn_type):
         args = spec.ModelArgs(attn_type=at, vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2,
                               num_slots=8, softmax_layers=[1])
         w = spec.init_weights(args, seed, std=0.3)

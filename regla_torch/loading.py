@@ -12,6 +12,8 @@ from .model import ReGLAConfig, ReGLAForCausalLM
 
 def load_checkpoint(path_or_repo, dtype=None, device=None) -> ReGLAForCausalLM:
     folder = checkpoint.resolve(path_or_repo)
+    checkpoint.check_not_quantized(folder, f"run it with MLX (--backend mlx), or write a dequantized copy "
+                                   f"for PyTorch with `regla convert {folder} NEW_FOLDER --to hf`")
     args = checkpoint.read_args(folder)
     weights = checkpoint.read_weights(folder, framework="pt")
     weights = checkpoint.sanitize(weights, args)

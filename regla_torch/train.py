@@ -56,6 +56,14 @@ class TrainError(RuntimeError):
     """A run that cannot start or resume; raised before anything is written."""
 
 
+class TrainConfigError(TrainError):
+    """A setting out of range or unknown (the CLI exits with status 2 for it, as for a bad flag)."""
+
+
+# One spelling of the dtypes (bf16 | f16 | f32), as `regla convert`; the others are read as them.
+DTYPE_NAMES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
+
+
 @dataclass
 class TrainConfig:
     data: list = field(default_factory=list)       # text/JSONL files or folders, or .bin/.npy token files
@@ -84,10 +92,10 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 0
     device: str = "auto"                           # auto | cpu | cuda
-    dtype: str = "auto"                            # autocast: auto (bf16 on CUDA, none on CPU) | bf16 | fp32
+    dtype: str = "auto"                            # autocast: auto (bf16 on CUDA, none on CPU) | bf16 | f32
     fsdp: bool = False
     resume: bool = False
-    export_dtype: str = "fp32"                     # dtype of the final model written to OUT/final
+    export_dtype: str = "f32"                      # dtype of the final model written to OUT/final
     max_shard_size: str = "2GB"
     progress: bool = True
 
@@ -112,6 +120,40 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------- helpers
+def check_config(cfg: TrainConfig):
+    """Every setting in range, before anything is read or written: the CLI checks its flags
+    itself; this covers --config files, a run's train_config.json and library calls."""
+    cfg.dtype = DTYPE_NAMES.get(cfg.dtype, cfg.dtype)
+    cfg.export_dtype = DTYPE_NAMES.get(cfg.export_dtype, cfg.export_dtype)
+    def at_least(names, low, integer=True):
+        kinds = (int,) if integer else (int, float)
+        return [f"{k} must be {'an integer' if integer else 'a number'} >= {low}, not {getattr(cfg, k)!r}"
+                for k in names if isinstance(getattr(cfg, k), bool) or not isinstance(getattr(cfg, k), kinds)
+                or not getattr(cfg, k) >= low]
+
+    bad = at_least(("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "save_interval",
+                    "log_interval", "keep_checkpoints"), 1)
+    bad += at_least(("seq_len",), 2) + at_least(("warmup_steps", "seed"), 0)
+    bad += at_least(("weight_decay", "grad_clip", "time_limit", "val_fraction", "min_lr_ratio"), 0, integer=False)
+    if not bad and (cfg.val_fraction >= 1 or cfg.min_lr_ratio > 1):
+        bad.append("val_fraction must be below 1 and min_lr_ratio at most 1")
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0:
+        bad.append(f"lr must be a number > 0, not {cfg.lr!r}")
+    if cfg.preset not in PRESETS:
+        bad.append(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    if cfg.dtype not in ("auto", "bf16", "f32"):
+        bad.append(f"dtype must be auto, bf16 or f32, not {cfg.dtype!r}")
+    if cfg.export_dtype not in ("f32", "bf16", "f16"):
+        bad.append(f"export_dtype must be f32, bf16 or f16, not {cfg.export_dtype!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        bad.append(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+    elif cfg.device == "cuda" and not torch.cuda.is_available():
+        bad.append("device cuda: PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False; a CPU "
+                   "build of torch or no driver); use --device cpu, or auto")
+    if bad:
+        raise TrainConfigError("; ".join(bad))
+
+
 def model_args(cfg: TrainConfig, tokenizer) -> ModelArgs:
     if cfg.preset not in PRESETS:
         raise TrainError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -189,7 +231,9 @@ RESUME_FIXED = ("data", "val_data", "val_fraction", "tokenizer", "seq_len", "max
 
 
 def check_resume_config(cfg: TrainConfig, state: dict, world: int, folder: Path):
-    saved = state["config"]
+    saved = dict(state["config"])
+    for k in ("dtype", "export_dtype"):  # runs saved before the dtypes had one spelling
+        saved[k] = DTYPE_NAMES.get(saved.get(k), saved.get(k))
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIXED
             if saved.get(k) != getattr(cfg, k)]
     was = saved["batch_size"] * saved["grad_accum"] * state["world_size"]
@@ -211,6 +255,7 @@ def log(rank, *msg):
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
     """Run (or resume) a training run; returns the last metrics. ``on_step(step, loss)`` is
     called after every optimizer step (tests use it to simulate a crash)."""
+    check_config(cfg)
     # ---- processes and devices (torchrun sets these; one process otherwise)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -250,18 +295,11 @@ def _train(cfg, on_step, world, rank, device):
 
     run_start = time.perf_counter()
     out = Path(cfg.out)
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.seq_len < 2 or cfg.max_steps < 1:
-        raise TrainError("batch_size, grad_accum and max_steps must be >= 1 and seq_len >= 2")
-    if cfg.export_dtype not in ("fp32", "bf16", "fp16"):
-        raise TrainError(f"export_dtype must be fp32, bf16 or fp16, not {cfg.export_dtype!r}")
-    amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-           "fp32": None}.get(cfg.dtype, "bad")
-    if amp == "bad":
-        raise TrainError(f"dtype must be auto, bf16 or fp32, not {cfg.dtype!r}")
+    amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16, "f32": None}[cfg.dtype]
 
     # ---- data (every check before anything is written)
     if not cfg.data:
-        raise TrainError("no training data: pass --data FILE_OR_FOLDER (text, JSONL, .bin or .npy)")
+        raise TrainConfigError("no training data: pass --data FILE_OR_FOLDER (text, JSONL, .bin or .npy)")
     try:
         tokenizer, tokens = load_corpus(cfg.data, cfg.tokenizer)
         if cfg.val_data:
@@ -477,7 +515,7 @@ def _train(cfg, on_step, world, rank, device):
             if not math.isfinite(loss_val) or not math.isfinite(gnorm if cfg.grad_clip > 0 else 0.0):
                 # Stop before a non-finite update reaches a checkpoint; the last one stays usable.
                 raise TrainError(f"step {step}: loss {loss_val}, gradient norm {gnorm}: training diverged. "
-                                 "Lower --lr, raise --warmup-steps or try --dtype fp32, then --resume.")
+                                 "Lower --lr, raise --warmup-steps or try --dtype f32, then --resume.")
             now = time.perf_counter()
             tps = tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
@@ -514,7 +552,7 @@ def _train(cfg, on_step, world, rank, device):
             t_last = time.perf_counter()  # tokens/s counts training, not evaluation or saving
     if not metrics:
         log(rank, f"the run in {out} had already reached its last step ({step}); writing {out / 'final'} again")
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.export_dtype]
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.export_dtype]
     save("final", with_state=False, dtype=dt)
     if metrics:
         log(rank, f"done: step {step}, loss {metrics['loss']:.4f}"

@@ -1,14 +1,63 @@
+import importlib.util
 import os
-
-import torch
-
-if not torch.cuda.is_available():
-    # Triton decides at import time (when its @jit decorators run) whether to interpret: set
-    # this before any test module can import a kernel, so the kernels run on CPU tensors.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
+
+# The backends are extras: a test that needs one that is not installed is skipped, saying which
+# install brings it, whether it imports it at the top of its module or inside the test.
+OPTIONAL = {"torch": "[torch]", "triton": "[dev] on Linux", "mlx": "[mlx]", "mlx_lm": "[mlx]",
+            "transformers": "[torch] or [mlx]"}
+
+
+def _not_installed(exc):
+    """The optional package whose absence raised ``exc``, or None."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            top = exc.name.split(".")[0]
+            if top in OPTIONAL and importlib.util.find_spec(top) is None:
+                return top
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _reason(top):
+    return f"needs {top}, which is not installed (pip install -e '.{OPTIONAL[top]}')"
+
+
+class _Module(pytest.Module):
+    def _getobj(self):
+        try:
+            return super()._getobj()
+        except self.CollectError as e:
+            top = _not_installed(e.__cause__)
+            if top is None:
+                raise
+            raise pytest.skip.Exception(_reason(top), allow_module_level=True) from None
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    return _Module.from_parent(parent, path=module_path)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if call.excinfo is not None and report.failed:
+        top = _not_installed(call.excinfo.value)
+        if top is not None:
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {_reason(top)}")
+    return report
+
+
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Triton decides at import time (when its @jit decorators run) whether to interpret: set
+        # this before any test module can import a kernel, so the kernels run on CPU tensors.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def rel_rms(a, b):

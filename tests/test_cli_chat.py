@@ -171,3 +171,25 @@ def test_parity_reports_the_gap(model_dirs):
     assert "mlx vs torch" in r.output and "torch vs spec" in r.output and "parity ok" in r.output
     gaps = [float(x) for x in re.findall(r"max rel ([\d.e+-]+)", r.output)]
     assert len(gaps) == 3 and max(gaps) < 1e-4
+
+
+def test_slash_commands_are_not_sent_to_the_model(model_dirs):
+    r = run("chat", "--model", model_dirs["mlx"], "--temp", "0", "--max-tokens", "4",
+            input="/help\n/xyz please\n//etc/hosts\n/QUIT\nnever asked\n")
+    assert r.exit_code == 0, r.output
+    for name in ("/help", "/reset", "/quit"):
+        assert name in r.output
+    assert "unknown command /xyz: /help lists the commands" in r.output
+    assert len(SPEED.findall(r.output)) == 1  # only //etc/hosts reached the model, as "/etc/hosts"
+    model, tok = regla_mlx.load(model_dirs["mlx"])
+    want = regla_mlx.ChatSession(model, tok, 4, {"temp": 0.0}).ask("/etc/hosts").text
+    assert answers_of(r.output)[-1].strip() == want.strip()
+
+
+def test_quantized_mlx_folder_on_the_torch_backend_says_why(model_dirs, tmp_path):
+    q = convert(model_dirs["hf"], tmp_path / "q4", q_bits=4, q_group_size=32, log=lambda *a: None)
+    r = run("generate", "--model", q, "--prompt", "hi", "--backend", "torch")
+    assert r.exit_code == 1 and "MLX-quantized weights (4-bit" in r.output and "PyTorch cannot read" in r.output
+    assert "--backend mlx" in r.output and "--to hf" in r.output and "Traceback" not in r.output
+    r = run("generate", "--model", q, "--prompt", "hi", "--max-tokens", "3")  # MLX reads it
+    assert r.exit_code == 0, r.output

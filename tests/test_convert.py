@@ -38,7 +38,7 @@ def torch_logits(folder, dtype=None):
 
 
 def mlx_logits(folder_or_model):
-    m = regla_mlx.load_model(folder_or_model) if not isinstance(folder_or_model, regla_mlx.Model) else folder_or_model
+    m = regla_mlx.load_model(folder_or_model) if isinstance(folder_or_model, (str, os.PathLike)) else folder_or_model
     return np.array(m(mx.array(IDS)).astype(mx.float32), dtype=np.float64)
 
 
@@ -285,3 +285,171 @@ def test_cli_convert_reports_one_line_errors(sources, tmp_path):
     r = CliRunner().invoke(app, ["convert", str(tmp_path / "q"), str(tmp_path / "hf"), "--to", "hf"])
     assert r.exit_code == 0, r.output
     assert regla_torch.load(tmp_path / "hf").config.attn_type == "gla"
+
+
+# ----------------------------------------------------------------- self-contained MLX folders
+BLOCKER = '''
+import importlib.abc, sys
+
+class NoRegla(importlib.abc.MetaPathFinder):
+    """As in a venv holding only mlx and mlx-lm: regla's packages cannot be imported."""
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("regla", "regla_mlx", "regla_torch"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoRegla())
+'''
+
+STOCK_MLX_LM = BLOCKER + '''
+from pathlib import Path
+import numpy as np
+import mlx.core as mx
+from mlx_lm.utils import load_model
+
+folder, ids_file, out_file = sys.argv[1:4]
+model, _ = load_model(Path(folder), trust_remote_code=True)
+logits = model(mx.array(np.load(ids_file)))
+np.save(out_file, np.array(logits.astype(mx.float32)))
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("regla", "regla_mlx", "regla_torch"))
+assert not ours, ours
+
+from mlx_lm.generate import main
+sys.argv = ["mlx_lm.generate", "--model", folder, "--trust-remote-code", "--prompt", "hello there",
+            "--max-tokens", "3"]
+main()
+'''
+
+
+def run_without_regla(tmp_path, script, *args):
+    import subprocess
+    import sys
+
+    f = tmp_path / "script.py"
+    f.write_text(script)
+    # cwd and path away from the repository, so nothing of regla is found but by the blocker
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(f), *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("q_bits", [None, 4])
+def test_converted_folder_runs_on_stock_mlx_lm_without_regla(sources, tmp_path, q_bits):
+    """The folder carries its model code: mlx-lm alone (regla unimportable) builds the same
+    model, token for token, and its generate prints no transformers model_type warning."""
+    dst = convert(sources["regla_hybrid"], tmp_path / "mlx", q_bits=q_bits, q_group_size=32, log=quiet)
+    code = dst / "regla_code"
+    assert {p.name for p in code.glob("*.py")} >= {"__init__.py", "model.py", "ops.py", "spec.py"}
+    assert {p.name for p in (code / "metal").iterdir()} >= {"gla_common.h", "gla_chunk_fwd.metal"}
+    np.save(tmp_path / "ids.npy", IDS)
+    r = run_without_regla(tmp_path, STOCK_MLX_LM, dst, tmp_path / "ids.npy", tmp_path / "out.npy")
+    assert r.returncode == 0, r.stdout + r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), mlx_logits(dst).astype(np.float32))
+    assert "Generation: 3 tokens" in r.stdout
+    assert "model of type" not in r.stderr + r.stdout, r.stderr
+
+
+def test_folder_code_is_its_own_not_an_installed_regla(sources, tmp_path):
+    """The bundle is a private package: its modules never appear as regla's."""
+    import sys
+
+    from mlx_lm.utils import load_model
+
+    dst = convert(sources["gla"], tmp_path / "mlx", log=quiet)
+    before = sys.modules["regla_mlx.model"]
+    model, _ = load_model(dst, trust_remote_code=True)
+    assert sys.modules["regla_mlx.model"] is before
+    assert type(model).__module__.startswith("_regla_model_") and type(model).__module__.endswith(".model")
+    np.testing.assert_array_equal(np.array(model(mx.array(IDS)).astype(mx.float32)),
+                                  mlx_logits(dst).astype(np.float32))
+
+
+def _package(root, files):
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+def test_bundler_follows_every_import_form(tmp_path, monkeypatch):
+    """New modules are found by following imports, whatever their form; the bundle then runs
+    with the original packages gone."""
+    import importlib
+    import sys
+
+    from regla.convert.bundle import BundleError, collect, write_bundle
+
+    src = tmp_path / "src"
+    _package(src, {
+        "fakea/__init__.py": "from . import unused_by_model\n",
+        "fakea/unused_by_model.py": "X = 1\n",
+        "fakea/model.py": ("from fakeb.maths import double\nfrom . import helpers\nfrom .consts import (\n"
+                           "    SCALE,\n)\nimport fakeb.late as late_mod\n\n\nclass ModelArgs:\n    pass\n\n\n"
+                           "class Model:\n    def f(self, x):\n        from fakeb import lazy\n"
+                           "        return lazy.inc(helpers.half(double(x))) * SCALE + late_mod.ONE\n"),
+        "fakea/helpers.py": "def half(x):\n    return x / 2\n",
+        "fakea/consts.py": "SCALE = 10\n",
+        "fakeb/__init__.py": "",
+        "fakeb/maths.py": "import math\n\n\ndef double(x):\n    return 2 * x + 0 * math.pi\n",
+        "fakeb/lazy.py": "from fakea.consts import SCALE\n\n\ndef inc(x):\n    return x + SCALE - 10 + 1\n",
+        "fakeb/late.py": "ONE = 1\n",
+    })
+    monkeypatch.syspath_prepend(str(src))
+    roots = ("fakea", "fakeb")
+    found = collect("fakea.model", roots)
+    assert set(found) == {"fakea.model", "fakea.helpers", "fakea.consts", "fakeb.maths", "fakeb.lazy", "fakeb.late"}
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    write_bundle(dst, "fakea.model", roots)
+    for name in list(sys.modules):
+        if name.split(".")[0] in roots:
+            del sys.modules[name]
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))
+    sys.path.remove(str(src))
+    spec = importlib.util.spec_from_file_location("custom_model", dst / "regla_model.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.Model().f(3) == (3 + 1) * 10 + 1  # double 6, half 3, inc 4, * 10, + 1
+    assert not [m for m in sys.modules if m.split(".")[0] in roots]
+
+    # two modules that would land on the same flat name, and a form that cannot be rewritten
+    _package(src, {"fakeb/helpers.py": "X = 1\n", "fakea/clash.py": "from . import helpers\nfrom fakeb import helpers as h2\n",
+                   "fakea/bare.py": "import fakeb.late\n"})
+    sys.path.insert(0, str(src))
+    with pytest.raises(BundleError, match="would both be"):
+        collect("fakea.clash", roots)
+    with pytest.raises(BundleError, match="binds the package name"):
+        collect("fakea.bare", roots)
+
+
+def test_interrupted_conversions_leave_nothing(sources, tmp_path):
+    """SIGTERM mid-write removes the staging folder; one a SIGKILL left is swept by the next run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import sys, time\nimport mlx_lm.utils\nfrom regla.convert import convert\n"
+        "real = mlx_lm.utils.save_model\n"
+        "def slow(path, model, **kw):\n    real(path, model, **kw)\n    print('WRITING', flush=True)\n"
+        "    time.sleep(60)\n"
+        "mlx_lm.utils.save_model = slow\n"
+        "convert(sys.argv[1], sys.argv[2], log=lambda *a: None)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = subprocess.Popen([sys.executable, str(script), str(sources["gla"]), str(out / "m")],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "WRITING"
+        assert leftovers(out), "the staging folder should exist while writing"
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        time.sleep(0.1)
+        if sig == signal.SIGTERM:
+            assert p.returncode != 0 and not leftovers(out) and not (out / "m").exists()
+    assert leftovers(out) and not (out / "m").exists()  # SIGKILL runs no cleanup ...
+    keep = out / ".mine.tmp-1"  # ... a look-alike folder that is not ours stays
+    keep.mkdir()
+    convert(sources["gla"], out / "m2", log=quiet)  # ... the next conversion sweeps it
+    assert leftovers(out) == [keep.name] and (out / "m2" / "config.json").is_file()
