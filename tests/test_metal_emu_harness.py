@@ -217,3 +217,90 @@ def test_generic_signature_and_launch(capfd, tmp_path):
     _, ours, *_ = metal_emu.mlx_kernel_source(spec_, [("float32", (8, 8)), ("float32", (3,)), ("int32", ())],
                                               ["float32"])
     assert generated == ours.rstrip("\n") or generated == ours
+
+
+# ---------------------------------------------------------------- strictness
+# A small kernel in the shape of the GLA kernels (threadgroup tile, simdgroup matrix
+# accumulators, a masked tile): out = tril(x) @ w for 16 x 16 matrices, one threadgroup of
+# two simdgroups. Each sabotage below is code a Metal compiler rejects or a GPU runs wrong,
+# which the emulator accepted before it poisoned memory, checked bounds and kept address
+# spaces apart (issue #22).
+PROBE_BODY = """
+  threadgroup float xs[256];
+  const uint tid = thread_index_in_threadgroup;
+  const uint sg = simdgroup_index_in_threadgroup;
+  for (uint e = tid; e < 256; e += 64) {
+    const uint r = e / 16, c = e % 16;
+    xs[e] = c <= r ? x[e] : 0.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  threadgroup float* xt = xs + 0;
+  simdgroup_float8x8 acc[2];
+  for (int j = 0; j < 2; ++j) acc[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  for (int kk = 0; kk < 2; ++kk) {
+    simdgroup_float8x8 a, b;
+    simdgroup_load(a, xt + 8 * sg * 16 + 8 * kk, 16);
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_load(b, w + 8 * kk * 16 + 8 * j, 16);
+      simdgroup_multiply_accumulate(acc[j], a, b, acc[j]);
+    }
+  }
+  for (int j = 0; j < 2; ++j) simdgroup_store(acc[j], out + 8 * sg * 16 + 8 * j, 16);
+"""
+
+SABOTAGE = {
+    # 256 + 8704 floats = 35 KB of threadgroup memory; Apple GPUs have 32 KB
+    "threadgroup_35KB": ("threadgroup float xs[256];", "threadgroup float xs[256 + 8704];", "threadgroup memory"),
+    "double": ("xs[e] = c <= r ? x[e] : 0.0f;", "double d = x[e]; xs[e] = c <= r ? d : 0.0;", "double"),
+    "threadgroup_to_plain_pointer": ("threadgroup float* xt = xs + 0;", "float* xt = xs + 0;", "cannot convert"),
+    "device_to_threadgroup_pointer": ("threadgroup float* xt = xs + 0;", "threadgroup const float* xt = x + 0;",
+                                      "conver"),
+    "accumulator_not_zeroed": ("for (int j = 0; j < 2; ++j) acc[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);",
+                               "", None),
+    "tile_not_zeroed": ("xs[e] = c <= r ? x[e] : 0.0f;", "if (c <= r) xs[e] = x[e];", None),
+    "out_of_bounds_device_read": ("xs[e] = c <= r ? x[e] : 0.0f;", "xs[e] = c <= r ? x[e] + 0.0f * x[e + 16] : 0.0f;",
+                                  "out-of-bounds device access: x\\[2[5-9][0-9]\\], buffer of 256"),
+    "out_of_bounds_device_write": ("simdgroup_store(acc[j], out + 8 * sg * 16 + 8 * j, 16);",
+                                   "simdgroup_store(acc[j], out + 8 * sg * 16 + 8 * j + 8, 16);",
+                                   "out-of-bounds device access: out"),
+    "out_of_bounds_threadgroup": ("simdgroup_load(a, xt + 8 * sg * 16 + 8 * kk, 16);",
+                                  "simdgroup_load(a, xt + 8 * sg * 16 + 8 * kk + 128, 16);",
+                                  "out-of-bounds threadgroup access: xs"),
+}
+
+
+def run_probe(body):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    spec_ = dict(name="probe", source=body, header="", input_names=["x", "w"], output_names=["out"],
+                 template=[], grid=(64, 1, 1), threadgroup=(64, 1, 1))
+    (out,) = metal_emu.run(spec_, [x, w], ["float32", "float32"], [(16, 16)], ["float32"])
+    return out, np.tril(x).astype(np.float64) @ w
+
+
+def test_probe_kernel_is_correct():
+    out, ref = run_probe(PROBE_BODY)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SABOTAGE))
+def test_sabotage_is_caught(name):
+    old, new, message = SABOTAGE[name]
+    assert PROBE_BODY.count(old) == 1
+    body = PROBE_BODY.replace(old, new)
+    if message is not None:
+        with pytest.raises(EmulationError, match=message):
+            run_probe(body)
+    else:  # runs, and the poison shows in the result
+        out, ref = run_probe(body)
+        assert not np.isfinite(out).all()
+
+
+def test_strict_rewrite_leaves_no_unchecked_address_space():
+    """Qualified forms the rewrite does not know (a device reference, a 2-D threadgroup
+    array) fail to compile instead of running unchecked."""
+    for body in ("device float& r = out[0]; r = 1.0f;",
+                 "threadgroup float t2[4][4]; t2[0][0] = 1.0f; out[0] = t2[0][0];"):
+        with pytest.raises(EmulationError, match="EMU_ERROR_unsupported"):
+            run_probe(PROBE_BODY + body)

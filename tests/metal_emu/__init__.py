@@ -7,7 +7,12 @@ input and output buffers in order, ``*_shape`` / ``*_strides`` / ``*_ndim`` buff
 the body mentions them, template parameters, and the position attributes the body
 mentions. The result is compiled against ``metal_emu.h`` (Metal types and built-ins as C++17),
 with a small launcher that runs the grid; see that header for the execution model (one
-fiber per GPU thread, real barriers and simdgroup exchanges, seeded random interleaving).
+fiber per GPU thread, real barriers and simdgroup exchanges, seeded random interleaving)
+and for what it rejects. Before compiling, :func:`strict_source` rewrites the address-space
+qualified types of the text into the header's checked types (``device T*`` ->
+``emu::ptr<emu::kDevice, T>``, ``threadgroup T x[N];`` -> ``EMU_TG(T, x, N)``), so that
+address spaces stay distinct types and every buffer access is bounds-checked; any
+qualified form it does not know is left to fail compilation.
 
 Builds are cached under ``tests/metal_emu/_build/`` keyed by a hash of the generated
 source, the emulator header and the compiler flags.
@@ -37,6 +42,10 @@ CXXFLAGS = [
     "-Wno-attributes", "-Wno-unknown-pragmas",
     # _longjmp between fiber stacks trips glibc's longjmp_chk.
     "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+    # Metal has no double: an unsuffixed literal such as 0.5 is a float there.
+    "-fsingle-precision-constant",
+    # A register read before it is written is undefined on a GPU as well.
+    "-Werror=uninitialized",
 ]
 
 # MLX's get_type_string for the dtypes the kernels see.
@@ -176,34 +185,68 @@ def mlx_kernel_source(spec: dict, inputs: list, output_dtypes: list[str]):
     return kernel_name, src, attributes, shape_infos, template_def
 
 
+# `[const] device|threadgroup|constant [const] T *|&` (T a name, maybe qualified or templated).
+_QUALIFIED = re.compile(
+    r"\b(?:(const)\s+)?(device|threadgroup|constant|thread)\s+(?:(const)\s+)?"
+    r"([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)\s*([*&])")
+# `threadgroup T name[N];` (one dimension).
+_TG_DECL = re.compile(r"\bthreadgroup\s+([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)\s+([A-Za-z_]\w*)\s*\[([^\[\]]+)\]\s*;")
+_SPACE = {"device": "emu::kDevice", "threadgroup": "emu::kThreadgroup", "constant": "emu::kConstant"}
+
+
+def strict_source(src: str) -> str:
+    """Metal text with its address-space qualified types replaced by the emulator's
+    checked ones (see metal_emu.h). Forms not matched here keep their qualifier, which
+    the header defines to an error, so they fail to compile instead of passing unchecked."""
+    src = _TG_DECL.sub(lambda m: f"EMU_TG({m.group(1)}, {m.group(2)}, ({m.group(3)}));", src)
+
+    def qualified(m):
+        const = bool(m.group(1) or m.group(3))
+        space, typ, kind = m.group(2), m.group(4), m.group(5)
+        t = ("const " if const else "") + typ
+        if space == "thread":
+            return t + kind
+        if kind == "&":
+            # a read-only scalar argument (`const constant float& scale`): a plain value
+            return t + "&" if (space == "constant" and const) else m.group(0)
+        return f"emu::ptr<{_SPACE[space]}, {t}>"
+
+    return _QUALIFIED.sub(qualified, src)
+
+
 def _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes, shape_infos):
     args, slot = [], 0
+
+    def buf(space, t, name):
+        nonlocal slot
+        args.append(f'emu::buffer<{space}, {t}>(bufs[{slot}], sizes[{slot}], "{name}")')
+        slot += 1
+
     for i, (dt, shape) in enumerate(inputs):
         t = _tstr(dt)
+        name = spec["input_names"][i]
+        size = int(np.prod(shape)) if len(shape) else 1
         if len(shape) == 0:
             args.append(f"*(const {t}*)bufs[{slot}]")
+            slot += 1
         else:
-            args.append(f"(const {t}*)bufs[{slot}]")
-        slot += 1
+            buf("emu::kConstant" if size < MAX_CONSTANT_ARRAY_SIZE else "emu::kDevice", f"const {t}", name)
         if len(shape) > 0:
             has_shape, has_strides, has_ndim = shape_infos[i]
             if has_shape:
-                args.append(f"(const int*)bufs[{slot}]")
-                slot += 1
+                buf("emu::kConstant", "const int", name + "_shape")
             if has_strides:
-                args.append(f"(const int64_t*)bufs[{slot}]")
-                slot += 1
+                buf("emu::kConstant", "const int64_t", name + "_strides")
             if has_ndim:
                 args.append(f"*(const int*)bufs[{slot}]")
                 slot += 1
-    for dt in output_dtypes:
-        args.append(f"({_tstr(dt)}*)bufs[{slot}]")
-        slot += 1
+    for i, dt in enumerate(output_dtypes):
+        buf("emu::kDevice", _tstr(dt), spec["output_names"][i])
     for a, _ in attributes:
         args.append(ATTRIBUTE_VALUE.get(a, "a." + a))
     call = kernel_name + template_def + "(\n        " + ",\n        ".join(args) + ")"
     return f"""
-extern "C" int regla_emu_launch(void** bufs, const unsigned* grid, const unsigned* tg,
+extern "C" int regla_emu_launch(void** bufs, const unsigned long* sizes, const unsigned* grid, const unsigned* tg,
                                 unsigned seed, int workers, char* err, int errlen) {{
   emu::Launch L;
   for (int d = 0; d < 3; ++d) {{ L.grid[d] = grid[d]; L.tg[d] = tg[d]; }}
@@ -238,12 +281,14 @@ def compile_source(full_source: str) -> ctypes.CDLL:
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 os.unlink(tmp)
-                raise EmulationError(f"g++ failed on {cpp}:\n{r.stderr[-6000:]}")
+                errors = "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln)
+                raise EmulationError(f"the kernel does not compile ({cpp}):\n{errors[:4000]}\n\n{r.stderr[-4000:]}")
             os.replace(tmp, so)
         lib = ctypes.CDLL(str(so))
         lib.regla_emu_launch.restype = ctypes.c_int
         lib.regla_emu_launch.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
+            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+            ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
             ctypes.c_uint, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
         ]
         _libs[key] = lib
@@ -254,7 +299,7 @@ def translation_unit(spec: dict, inputs: list, output_dtypes: list[str]) -> str:
     kernel_name, src, attributes, shape_infos, template_def = mlx_kernel_source(spec, inputs, output_dtypes)
     return (
         '#include "metal_emu.h"\n'
-        + src
+        + strict_source(src)
         + _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes, shape_infos)
     )
 
@@ -297,34 +342,36 @@ def run(spec: dict, arrays: list, dtypes: list[str], output_shapes: list, output
     inputs = [(dt, d.shape) for d, dt in zip(dev, dtypes)]
     lib = compile_source(translation_unit(spec, inputs, output_dtypes))
     _, _, _, shape_infos, _ = mlx_kernel_source(spec, inputs, output_dtypes)
-    keep, ptrs = [], []
+    keep, ptrs, sizes = [], [], []
+
+    def add(a):
+        keep.append(a)
+        ptrs.append(a.ctypes.data)
+        sizes.append(a.size)
+
     for d, (has_shape, has_strides, has_ndim) in zip(dev, shape_infos):
-        keep.append(d)
-        ptrs.append(d.ctypes.data)
+        add(d)
         if d.ndim > 0:
-            extra = []
             if has_shape:
-                extra.append(np.array(d.shape, dtype=np.int32))
+                add(np.array(d.shape, dtype=np.int32))
             if has_strides:
-                extra.append(np.array([s // d.itemsize for s in d.strides], dtype=np.int64))
+                add(np.array([s // d.itemsize for s in d.strides], dtype=np.int64))
             if has_ndim:
-                extra.append(np.array(d.ndim, dtype=np.int32))
-            for e in extra:
-                keep.append(e)
-                ptrs.append(e.ctypes.data)
+                add(np.array(d.ndim, dtype=np.int32))
     outs = []
     for shp, dt in zip(output_shapes, output_dtypes):
         npdt = np.uint16 if dt == "bfloat16" else np.dtype(dt)
         # Garbage, not zeros, so a thread that forgets to write its output is seen.
         o = np.full(shp, 0x7FC0 if dt == "bfloat16" else np.nan, dtype=npdt)
         outs.append(o)
-        ptrs.append(o.ctypes.data)
+        add(o)
     bufs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    csizes = (ctypes.c_ulong * len(sizes))(*sizes)
     grid = (ctypes.c_uint * 3)(*spec["grid"])
     tg = (ctypes.c_uint * 3)(*spec["threadgroup"])
     err = ctypes.create_string_buffer(1024)
     workers = workers or os.cpu_count() or 1
-    rc = lib.regla_emu_launch(bufs, grid, tg, seed, workers, err, len(err))
+    rc = lib.regla_emu_launch(bufs, csizes, grid, tg, seed, workers, err, len(err))
     if rc != 0:
         raise EmulationError(err.value.decode())
     return [from_bf16_bits(o) if dt == "bfloat16" else o for o, dt in zip(outs, output_dtypes)]

@@ -17,10 +17,24 @@
 //
 // A barrier or collective that is not reached by every thread that should reach
 // it (divergent control flow, early return) is reported as a deadlock instead of
-// hanging. Threadgroup memory (`threadgroup T x[N];`) becomes a static
-// thread_local array: shared by the fibers of a threadgroup, private to the OS
-// thread, and it keeps the previous threadgroup's contents (as on hardware,
-// nothing initialises it).
+// hanging.
+//
+// Strictness (what a Metal compiler or GPU rejects or runs wrong must fail here):
+// - Threadgroup memory (`threadgroup T x[N];`, rewritten by metal_emu/__init__.py
+//   into EMU_TG) is a static thread_local tg_array: shared by the fibers of a
+//   threadgroup, private to the OS thread. It is filled with NaN bytes (0xFF) when
+//   each threadgroup first reaches its declaration: nothing initialises it on a
+//   GPU either. More than 32 KB per threadgroup (Apple's limit) is a fault.
+// - Default-constructed simdgroup matrices hold NaN (a GPU leaves them undefined).
+// - Device and constant buffers and threadgroup arrays are reached through
+//   emu::ptr, which carries the bounds of its buffer: any out-of-bounds access is
+//   a fault naming the buffer, the index and the thread.
+// - Address spaces are distinct types: emu::ptr<kDevice, T>, emu::ptr<kThreadgroup,
+//   T> and plain (thread) T* do not convert into each other, so assigning a
+//   threadgroup pointer to a plain pointer does not compile, as in Metal.
+// - `double` does not compile, and unsuffixed floating literals are float
+//   (-fsingle-precision-constant), as in Metal.
+// A fault ends the launch with an error (EmulationError in Python).
 //
 // simdgroup_matrix<T,8,8> is held as two elements per lane (the fragment layout
 // Apple GPUs use); multiply-accumulate gathers the fragments of all 32 lanes,
@@ -36,7 +50,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -78,7 +94,6 @@ struct half_t {
   uint16_t bits;
   half_t() : bits(0) {}
   half_t(float f) : bits(from_float(f)) {}
-  half_t(double f) : bits(from_float((float)f)) {}
   half_t(int f) : bits(from_float((float)f)) {}
   operator float() const { return to_float(bits); }
   static uint16_t from_float(float f) {
@@ -116,7 +131,6 @@ struct bfloat_t {
   uint16_t bits;
   bfloat_t() : bits(0) {}
   bfloat_t(float f) : bits(from_float(f)) {}
-  bfloat_t(double f) : bits(from_float((float)f)) {}
   bfloat_t(int f) : bits(from_float((float)f)) {}
   operator float() const { return u2f((uint32_t)bits << 16); }
   static uint16_t from_float(float f) {
@@ -161,7 +175,7 @@ struct SimdState {
   // Exchange area for collectives: 32 lanes x 16 bytes for scalars, three
   // 8x8 float matrices for simdgroup_matrix products.
   alignas(16) unsigned char slot[kSimdWidth][16];
-  double mat[3][64];
+  float mat[3][64];
 };
 
 struct Group {
@@ -173,11 +187,35 @@ struct Group {
   std::function<void(const Attrs&)>* body = nullptr;
   Fiber* current = nullptr;
   std::string error;
+  bool faulted = false;
 };
 
 inline thread_local Group* tl_group = nullptr;
+// Threadgroup counter of this OS thread (threadgroup memory is poisoned once per
+// threadgroup) and the threadgroup memory the running threadgroup has declared.
+inline thread_local uint64_t tl_epoch = 0;
+inline thread_local size_t tl_tg_bytes = 0;
+constexpr size_t kMaxThreadgroupBytes = 32768;  // Apple GPUs (maxThreadgroupMemoryLength)
+constexpr uint32_t kMaxThreadsPerThreadgroup = 1024;
 
 inline Fiber& self() { return *tl_group->current; }
+
+// A kernel bug that a GPU would not survive (or a Metal compiler would reject):
+// thrown in a fiber, caught in fiber_entry, ends the launch with this message.
+struct Fault {
+  std::string msg;
+};
+
+[[noreturn]] inline void fault(const std::string& what) {
+  std::ostringstream os;
+  os << what;
+  if (tl_group && tl_group->current) {
+    const Attrs& a = tl_group->current->a;
+    os << " (thread " << a.thread_index_in_threadgroup << " of threadgroup (" << a.threadgroup_position_in_grid.x
+       << ", " << a.threadgroup_position_in_grid.y << ", " << a.threadgroup_position_in_grid.z << "))";
+  }
+  throw Fault{os.str()};
+}
 
 // Switch from the running fiber back to the scheduler.
 inline void yield_to_scheduler() {
@@ -188,7 +226,14 @@ inline void yield_to_scheduler() {
 inline void fiber_entry() {
   Group* g = tl_group;
   Fiber* f = g->current;
-  (*g->body)(f->a);
+  try {
+    (*g->body)(f->a);
+  } catch (const Fault& e) {
+    if (!tl_group->faulted) {
+      tl_group->faulted = true;
+      tl_group->error = e.msg;
+    }
+  }
   f = tl_group->current;
   f->done = true;
   tl_group->live--;
@@ -274,6 +319,7 @@ inline bool run_group(Group& g, std::mt19937& rng) {
               _longjmp(f.ctx, 1);
             }
           }
+          if (g.faulted) return false;
         }
         if (!progressed) break;
         any = true;
@@ -308,6 +354,11 @@ inline int launch(const Launch& L, std::function<void(const Attrs&)> body, char*
     if (tg[d] == 0) return 0;
     ngroups[d] = (L.grid[d] + tg[d] - 1) / tg[d];
   }
+  if ((uint64_t)tg[0] * tg[1] * tg[2] > kMaxThreadsPerThreadgroup) {
+    std::snprintf(err, errlen, "threadgroup of %u x %u x %u threads: Metal allows at most %u", tg[0], tg[1], tg[2],
+                  kMaxThreadsPerThreadgroup);
+    return 1;
+  }
   uint64_t total = (uint64_t)ngroups[0] * ngroups[1] * ngroups[2];
   std::atomic<uint64_t> next{0};
   std::atomic<int> failed{0};
@@ -331,6 +382,11 @@ inline int launch(const Launch& L, std::function<void(const Attrs&)> body, char*
       uint32_t ez = std::min(tg[2], L.grid[2] - gz * tg[2]);
       int n = (int)(ex * ey * ez);
       g.n = n;
+      g.faulted = false;
+      g.error.clear();
+      g.tg_gen = 0;
+      tl_epoch++;
+      tl_tg_bytes = 0;
       g.fibers.assign(n, Fiber());
       while ((int)stacks.size() < n) stacks.push_back((char*)std::malloc(kStackBytes));
       int nsimd = (n + kSimdWidth - 1) / kSimdWidth;
@@ -411,7 +467,110 @@ inline T simd_reduce_sum(T x) {
   return v[0];
 }
 
+// ------------------------------------------------------------------ address spaces
+enum Space : int { kDevice = 0, kThreadgroup = 1, kConstant = 2 };
+inline const char* space_name(Space s) {
+  return s == kDevice ? "device" : s == kThreadgroup ? "threadgroup" : "constant";
+}
+
+template <typename I>
+using if_integral = std::enable_if_t<std::is_integral_v<I>, int>;
+
+// A pointer into one buffer of address space S. It converts to nothing but the
+// same space with const added, so mixing address spaces does not compile; every
+// dereference is checked against the buffer's bounds.
+template <Space S, typename T>
+struct ptr {
+  static constexpr int space = S;
+  T* p = nullptr;
+  T* lo = nullptr;
+  T* hi = nullptr;
+  const char* name = "?";
+
+  ptr() = default;
+  ptr(T* p_, T* lo_, T* hi_, const char* n) : p(p_), lo(lo_), hi(hi_), name(n) {}
+  template <typename U, typename = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  ptr(const ptr<S, U>& o) : p(o.p), lo(o.lo), hi(o.hi), name(o.name) {}
+
+  [[noreturn]] void out_of_bounds(std::ptrdiff_t i) const {
+    std::ostringstream os;
+    os << "out-of-bounds " << space_name(S) << " access: " << name << "[" << (p - lo) + i << "], buffer of "
+       << (hi - lo) << " elements";
+    fault(os.str());
+  }
+  T& at(std::ptrdiff_t i) const {
+    if (p + i < lo || p + i >= hi) out_of_bounds(i);
+    return p[i];
+  }
+  template <typename I, if_integral<I> = 0>
+  T& operator[](I i) const { return at((std::ptrdiff_t)i); }
+  T& operator*() const { return at(0); }
+  T* operator->() const { return &at(0); }
+  template <typename I, if_integral<I> = 0>
+  ptr operator+(I i) const { return ptr(p + (std::ptrdiff_t)i, lo, hi, name); }
+  template <typename I, if_integral<I> = 0>
+  ptr operator-(I i) const { return ptr(p - (std::ptrdiff_t)i, lo, hi, name); }
+  template <typename I, if_integral<I> = 0>
+  ptr& operator+=(I i) { p += (std::ptrdiff_t)i; return *this; }
+  template <typename I, if_integral<I> = 0>
+  ptr& operator-=(I i) { p -= (std::ptrdiff_t)i; return *this; }
+  ptr& operator++() { ++p; return *this; }
+  ptr& operator--() { --p; return *this; }
+  ptr operator++(int) { ptr r = *this; ++p; return r; }
+  ptr operator--(int) { ptr r = *this; --p; return r; }
+  std::ptrdiff_t operator-(const ptr& o) const { return p - o.p; }
+  bool operator==(const ptr& o) const { return p == o.p; }
+  bool operator!=(const ptr& o) const { return p != o.p; }
+  bool operator<(const ptr& o) const { return p < o.p; }
+};
+template <Space S, typename T, typename I, if_integral<I> = 0>
+inline ptr<S, T> operator+(I i, const ptr<S, T>& q) { return q + i; }
+
+// A kernel argument buffer of n elements.
+template <Space S, typename T>
+inline ptr<S, T> buffer(void* data, size_t n, const char* name) {
+  T* p = static_cast<T*>(data);
+  return ptr<S, T>(p, p, p + n, name);
+}
+
+// `threadgroup T name[N];`: one array per OS thread, shared by the fibers of the
+// threadgroup it runs, poisoned when a threadgroup first reaches the declaration.
+template <typename T, size_t N>
+struct tg_array {
+  alignas(16) T data[N];
+  uint64_t epoch = 0;
+  const char* name;
+  explicit tg_array(const char* n) : name(n) {}
+  ptr<kThreadgroup, T> decay() { return ptr<kThreadgroup, T>(data, data, data + N, name); }
+  operator ptr<kThreadgroup, T>() { return decay(); }
+  operator ptr<kThreadgroup, const T>() { return decay(); }
+  template <typename I, if_integral<I> = 0>
+  T& operator[](I i) { return decay().at((std::ptrdiff_t)i); }
+  template <typename I, if_integral<I> = 0>
+  ptr<kThreadgroup, T> operator+(I i) { return decay() + i; }
+  template <typename I, if_integral<I> = 0>
+  ptr<kThreadgroup, T> operator-(I i) { return decay() - i; }
+};
+
+template <typename A>
+inline A& tg_use(A& a) {
+  if (a.epoch != tl_epoch) {
+    a.epoch = tl_epoch;
+    std::memset((void*)a.data, 0xFF, sizeof(a.data));  // NaN in every float format
+    tl_tg_bytes += sizeof(a.data);
+    if (tl_tg_bytes > kMaxThreadgroupBytes) {
+      fault("threadgroup memory: " + std::to_string(tl_tg_bytes) + " bytes declared (with '" + a.name +
+            "'), Apple GPUs allow " + std::to_string(kMaxThreadgroupBytes));
+    }
+  }
+  return a;
+}
+
 }  // namespace emu
+
+#define EMU_TG(T, name, N)                                   \
+  static thread_local emu::tg_array<T, (N)> name##__emu(#name); \
+  auto& name = emu::tg_use(name##__emu)
 
 // ================================================================== Metal names
 namespace metal {
@@ -524,7 +683,8 @@ template <typename T, int R, int C>
 struct simdgroup_matrix {
   static_assert(R == 8 && C == 8, "only 8x8 simdgroup matrices are emulated");
   T e[2];
-  simdgroup_matrix() : e{T(0), T(0)} {}
+  // Undefined on a GPU until loaded or filled: NaN here, so use before load shows.
+  simdgroup_matrix() : e{T(std::numeric_limits<float>::quiet_NaN()), T(std::numeric_limits<float>::quiet_NaN())} {}
   emu::vec2<T> thread_elements() const { return emu::vec2<T>(e[0], e[1]); }
 };
 using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
@@ -541,36 +701,63 @@ inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) {
 
 inline void require_full_simdgroup() {
   if (emu::my_simd().size != emu::kSimdWidth) {
-    std::fprintf(stderr, "simdgroup_matrix operation in a simdgroup of %d lanes\n", emu::my_simd().size);
-    std::abort();
+    emu::fault("simdgroup_matrix operation in a simdgroup of " + std::to_string(emu::my_simd().size) + " lanes");
   }
 }
 
 // src points at the tile's (0,0) element plus origin (x = column, y = row);
-// with transpose the tile is read column-major.
-template <typename T, typename S>
-inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, const S* src, unsigned long elements_per_row = 8,
-                           ulong2 origin = ulong2(0, 0), bool transpose = false) {
+// with transpose the tile is read column-major. As in Metal, only device or
+// threadgroup memory of the matrix's own element type can be loaded or stored.
+template <typename T, typename P>
+inline void simdgroup_load_(simdgroup_matrix<T, 8, 8>& m, const P& src, unsigned long elements_per_row,
+                            ulong2 origin, bool transpose) {
+  static_assert(P::space != emu::kConstant, "simdgroup_load takes device or threadgroup memory");
   int l = emu::lane(), r = frag_row(l), c = frag_col(l);
   for (int i = 0; i < 2; ++i) {
     // Tile element (r, c+i) comes from source element (row, col) below.
     unsigned long row = origin.y + (unsigned long)(transpose ? c + i : r);
     unsigned long col = origin.x + (unsigned long)(transpose ? r : c + i);
-    m.e[i] = T(static_cast<float>(src[row * elements_per_row + col]));
+    m.e[i] = src[row * elements_per_row + col];
   }
 }
-
-template <typename T, typename S>
-inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, S* dst, unsigned long elements_per_row = 8,
-                            ulong2 origin = ulong2(0, 0), bool transpose = false) {
+template <typename T, typename P>
+inline void simdgroup_store_(const simdgroup_matrix<T, 8, 8>& m, const P& dst, unsigned long elements_per_row,
+                             ulong2 origin, bool transpose) {
+  static_assert(P::space != emu::kConstant, "simdgroup_store takes device or threadgroup memory");
   int l = emu::lane(), r = frag_row(l), c = frag_col(l);
   for (int i = 0; i < 2; ++i) {
     if (transpose)
-      dst[(origin.y + (unsigned long)(c + i)) * elements_per_row + origin.x + (unsigned long)r] = S(static_cast<float>(m.e[i]));
+      dst[(origin.y + (unsigned long)(c + i)) * elements_per_row + origin.x + (unsigned long)r] = m.e[i];
     else
-      dst[(origin.y + (unsigned long)r) * elements_per_row + origin.x + (unsigned long)(c + i)] = S(static_cast<float>(m.e[i]));
+      dst[(origin.y + (unsigned long)r) * elements_per_row + origin.x + (unsigned long)(c + i)] = m.e[i];
   }
 }
+template <typename T, emu::Space S>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, emu::ptr<S, const T> src, unsigned long elements_per_row = 8,
+                           ulong2 origin = ulong2(0, 0), bool transpose = false) {
+  simdgroup_load_(m, src, elements_per_row, origin, transpose);
+}
+template <typename T, emu::Space S>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, emu::ptr<S, T> src, unsigned long elements_per_row = 8,
+                           ulong2 origin = ulong2(0, 0), bool transpose = false) {
+  simdgroup_load_(m, src, elements_per_row, origin, transpose);
+}
+template <typename T, size_t N>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, emu::tg_array<T, N>& src, unsigned long elements_per_row = 8,
+                           ulong2 origin = ulong2(0, 0), bool transpose = false) {
+  simdgroup_load_(m, src.decay(), elements_per_row, origin, transpose);
+}
+template <typename T, emu::Space S>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, emu::ptr<S, T> dst, unsigned long elements_per_row = 8,
+                            ulong2 origin = ulong2(0, 0), bool transpose = false) {
+  simdgroup_store_(m, dst, elements_per_row, origin, transpose);
+}
+template <typename T, size_t N>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, emu::tg_array<T, N>& dst,
+                            unsigned long elements_per_row = 8, ulong2 origin = ulong2(0, 0), bool transpose = false) {
+  simdgroup_store_(m, dst.decay(), elements_per_row, origin, transpose);
+}
+
 
 // d = a * b + c, computed from the fragments of all 32 lanes.
 template <typename T>
@@ -612,10 +799,13 @@ using namespace metal;
 using float16_t = metal::half;
 using bfloat16_t = metal::bfloat;
 
-// Address spaces. `threadgroup` declarations become per-OS-thread statics that
-// all fibers of the running threadgroup share; the other qualifiers vanish.
-#define device
-#define constant
+// Address spaces. metal_emu/__init__.py rewrites `device T*`, `threadgroup T*`
+// and `constant T*` into emu::ptr, `const constant T&` into `const T&`, and
+// `threadgroup T name[N];` into EMU_TG. Whatever it leaves (forms it does not
+// know) must not compile silently; `thread` is the default address space.
+#define device EMU_ERROR_unsupported_use_of_device_address_space
+#define constant EMU_ERROR_unsupported_use_of_constant_address_space
+#define threadgroup EMU_ERROR_unsupported_use_of_threadgroup_address_space
 #define thread
-#define threadgroup static thread_local
+#define double EMU_ERROR_double_is_not_a_Metal_type
 #define METAL_FUNC inline
