@@ -335,9 +335,10 @@ def _device_array(x, dtype: str) -> np.ndarray:
 
 
 def run(spec: dict, arrays: list, dtypes: list[str], output_shapes: list, output_dtypes: list[str],
-        seed: int = 0, workers: int | None = None) -> list[np.ndarray]:
+        seed: int = 0, workers: int | None = None, init_value=None) -> list[np.ndarray]:
     """Launch ``spec`` on the emulator. ``arrays`` in input order (NumPy or Python scalars,
-    converted to ``dtypes``); returns the outputs as NumPy (bfloat16 comes back as float32)."""
+    converted to ``dtypes``); returns the outputs as NumPy (bfloat16 comes back as float32).
+    Outputs start as NaN (so unwritten elements show), or ``init_value`` as MLX's does."""
     dev = [_device_array(a, dt) for a, dt in zip(arrays, dtypes)]
     inputs = [(dt, d.shape) for d, dt in zip(dev, dtypes)]
     lib = compile_source(translation_unit(spec, inputs, output_dtypes))
@@ -362,7 +363,8 @@ def run(spec: dict, arrays: list, dtypes: list[str], output_shapes: list, output
     for shp, dt in zip(output_shapes, output_dtypes):
         npdt = np.uint16 if dt == "bfloat16" else np.dtype(dt)
         # Garbage, not zeros, so a thread that forgets to write its output is seen.
-        o = np.full(shp, 0x7FC0 if dt == "bfloat16" else np.nan, dtype=npdt)
+        fill = np.nan if init_value is None else init_value
+        o = np.full(shp, to_bf16_bits(fill) if dt == "bfloat16" else fill, dtype=npdt)
         outs.append(o)
         add(o)
     bufs = (ctypes.c_void_p * len(ptrs))(*ptrs)
@@ -431,3 +433,45 @@ def emulated_recurrent_gla(q, k, v, g, scale=None, initial_state=None, **kw):
     """The Metal recurrent (decode) kernel, emulated; same arguments as
     :func:`emulated_chunk_gla`."""
     return _emulated_gla("recurrent", q, k, v, g, scale, initial_state, **kw)
+
+
+# ------------------------------------------------------------------ mx.fast.metal_kernel stand-in
+class EmulatedMetalKernel:
+    """What ``mx.fast.metal_kernel(...)`` returns, run by the emulator: tests put this class
+    in place of ``mx.fast.metal_kernel`` (and make ``mx.metal.is_available`` true), so that
+    ``regla_mlx.kernels`` and ``regla_mlx.ops`` run their real launch code, on Linux, with
+    the kernel text a Mac would compile. Each call converts the MLX inputs to NumPy, runs
+    the grid and returns MLX arrays; calls made while MLX traces a function for a transform
+    other than ``vjp``/``grad`` cannot be served (the inputs have no values yet)."""
+
+    calls = 0  # launches served, across instances (tests check the kernels really ran)
+    seed = 0
+
+    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                 atomic_outputs=False):
+        if atomic_outputs:
+            raise EmulationError("atomic outputs are not emulated")
+        self.spec = dict(name=name, input_names=list(input_names), output_names=list(output_names),
+                         source=source, header=header)
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+                 init_value=None, verbose=False, stream=None):
+        import mlx.core as mx
+
+        def name(dt):
+            return str(dt).split(".")[-1]
+
+        arrays, dtypes = [], []
+        for x in inputs:
+            if not isinstance(x, mx.array):
+                x = mx.array(x)
+            dt = name(x.dtype)
+            arrays.append(np.array(x.astype(mx.float32)) if dt == "bfloat16" else np.array(x))
+            dtypes.append(dt)
+        tmpl = [(n, v if isinstance(v, (bool, int)) else name(v)) for n, v in (template or [])]
+        spec = dict(self.spec, template=tmpl, grid=tuple(grid), threadgroup=tuple(threadgroup))
+        out_dt = [name(d) for d in output_dtypes]
+        outs = run(spec, arrays, dtypes, [tuple(s) for s in output_shapes], out_dt, seed=EmulatedMetalKernel.seed,
+                   init_value=init_value)
+        EmulatedMetalKernel.calls += 1
+        return [mx.array(o).astype(d) for o, d in zip(outs, output_dtypes)]
