@@ -7,19 +7,52 @@ from the pure-MLX path (``mx.custom_function``), so fine-tuning works on either.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
+import numpy as np
 
 
 def _f32(x):
     return None if x is None else x.astype(mx.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _gate_sum_matrices(C: int):
+    """0/1 matrices that pick, out of the C log gates of a chunk, the terms of every
+    partial sum the chunked form needs: pairs ``sum_{j<s<=i}`` (rows i*C + j), prefixes
+    ``sum_{s<=i}`` and suffixes ``sum_{s>j}``."""
+    i = np.arange(C)
+    pair = (i[None, None, :] > i[None, :, None]) & (i[None, None, :] <= i[:, None, None])  # [i, j, s]
+    prefix = i[None, :] <= i[:, None]
+    suffix = i[None, :] > i[:, None]
+    return tuple(mx.array(m.reshape(-1, C).astype(np.float32)) for m in (pair, prefix, suffix))
+
+
+def _gate_sums(g):
+    """Partial sums of the log gates of each chunk, ``g [..., C, D]`` -> pair sums
+    ``[..., C, C, D]`` (entry [i, j] = sum over j < s <= i, 0 for j >= i), prefix and suffix
+    sums ``[..., C, D]``.
+
+    Every sum is formed from its own terms (a product with a 0/1 matrix), never as the
+    difference of two cumulative sums: after a log gate of -1e4 the cumulative sum is ~-1e4
+    with an fp32 spacing of ~1e-3, so a difference of two of them is off by ~1e-3 in the
+    exponent (issue #20). A sum of terms of one sign (g <= 0) is accurate relative to itself,
+    so each factor exp(sum) is accurate to ~C ulp whatever the gates.
+    """
+    C, D = g.shape[-2:]
+    pair, prefix, suffix = _gate_sum_matrices(C)
+    pairs = (pair @ g).reshape(*g.shape[:-2], C, C, D)
+    return pairs, prefix @ g, suffix @ g
+
+
 def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
                 chunk_size=16):
     """Chunked gated linear attention with key-side ``gk`` and/or value-side ``gv`` log gates.
 
-    The exact form: the decay between positions j <= i of a chunk is ``exp(b_i - b_j)`` per
-    channel, built from the masked difference, so every exponent is <= 0 for any finite gate.
+    The exact form: the decay between positions j <= i of a chunk is ``exp(sum_{j<s<=i} g_s)``
+    per channel, and every factor is the exp of a sum of gates (``_gate_sums``), so every
+    exponent is <= 0 and accurate for any finite gate.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -36,18 +69,18 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
     causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
     neg_inf = mx.array(-mx.inf, dtype=mx.float32)
     if gk_ is not None:
-        bk = mx.cumsum(gk_, axis=3)
-        dk = mx.exp(mx.where(causal[..., None], bk[..., :, None, :] - bk[..., None, :, :], neg_inf))
+        pk, bk, sk = _gate_sums(gk_)
+        dk = mx.exp(mx.where(causal[..., None], pk, neg_inf))
         A = (q_[..., :, None, :] * k_[..., None, :, :] * dk).sum(-1)
-        q_in, k_in = q_ * mx.exp(bk), k_ * mx.exp(bk[..., -1:, :] - bk)
+        q_in, k_in = q_ * mx.exp(bk), k_ * mx.exp(sk)
     else:
         A = mx.where(causal, q_ @ k_.swapaxes(-1, -2), 0.0)
         q_in, k_in = q_, k_
     if gv_ is not None:
-        bv = mx.cumsum(gv_, axis=3)
-        dv = mx.exp(mx.where(causal[..., None], bv[..., :, None, :] - bv[..., None, :, :], neg_inf))
+        pv, bv, sv = _gate_sums(gv_)
+        dv = mx.exp(mx.where(causal[..., None], pv, neg_inf))
         intra = (A[..., None] * dv * v_[..., None, :, :]).sum(-2)
-        v_in = v_ * mx.exp(bv[..., -1:, :] - bv)
+        v_in = v_ * mx.exp(sv)
     else:
         intra = A @ v_
         v_in = v_

@@ -22,6 +22,7 @@ if not sys.platform.startswith("linux") or shutil.which("g++") is None:  # pragm
 from regla import spec  # noqa: E402
 from regla_mlx import kernels, ops  # noqa: E402
 from conftest import make_inputs, rel_rms  # noqa: E402
+from test_ops_mlx import spiky_gates  # noqa: E402
 import metal_emu  # noqa: E402
 
 OPS = {"chunk": ops.chunk_gla, "recurrent": ops.recurrent_gla}
@@ -112,14 +113,6 @@ def test_zero_keys_and_gates(op, metal):
     k[:, 20:45] = 0.0
     g[:, 20:45] = 0.0
     check(op, metal, q, k, v, g, h0)
-
-
-def spiky_gates(B, T, H, K, seed=0):
-    """Issue #20's case: a log gate of -1e4 at every 13th token, weak gates between."""
-    rng = np.random.default_rng(seed)
-    g = -1e-3 * rng.random((B, T, H, K))
-    g[:, ::13] = -1e4
-    return g.astype(np.float32)
 
 
 @pytest.mark.parametrize("T", [64, 100, 1000])
