@@ -20,7 +20,7 @@ if not sys.platform.startswith("linux") or shutil.which("g++") is None:  # pragm
     pytest.skip("the Metal emulator runs on Linux with g++ (on a Mac: pytest -m metal)", allow_module_level=True)
 
 from regla import spec  # noqa: E402
-from regla_mlx import kernels, ops  # noqa: E402
+from regla_mlx import ops  # noqa: E402
 from conftest import make_inputs, rel_rms  # noqa: E402
 from test_ops_mlx import spiky_gates  # noqa: E402
 import metal_emu  # noqa: E402
@@ -38,15 +38,12 @@ DTYPES = {
 
 
 @pytest.fixture
-def metal(monkeypatch):
+def metal():
     """Routes regla_mlx.ops through the emulated kernels; yields a function that says how
     many kernel launches have run since the fixture started."""
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(mx.fast, "metal_kernel", metal_emu.EmulatedMetalKernel)
-    kernels._build.cache_clear()
-    start = metal_emu.EmulatedMetalKernel.calls
-    yield lambda: metal_emu.EmulatedMetalKernel.calls - start
-    kernels._build.cache_clear()
+    with metal_emu.emulated_metal():
+        start = metal_emu.EmulatedMetalKernel.calls
+        yield lambda: metal_emu.EmulatedMetalKernel.calls - start
 
 
 def np_(x):
@@ -68,11 +65,12 @@ def run(op, q, k, v, g, h0, dtypes=DTYPES["float32"], cu=None, final=True):
 
 
 def check(op, metal, *args, tol=1e-5, **kw):
+    """Runs ``run`` and checks the errors; returns the number of kernel launches."""
     before = metal()
     eo, es = run(op, *args, **kw)
     assert metal() > before, "the op did not launch a (emulated) Metal kernel"
     assert eo <= tol and (es is None or es <= tol), (eo, es)
-    return eo, es
+    return metal() - before
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -92,12 +90,14 @@ def test_head_dims(op, K, V, T, gates, metal):
 
 @pytest.mark.parametrize("op", list(OPS))
 def test_varlen(op, metal):
-    """Packed sequences (one of length 0) with their own initial states."""
+    """Packed sequences (one of length 0) with their own initial states, in one launch
+    per kernel (three for the chunked op, one token by token)."""
     q, k, v, g, _ = make_inputs(1, 100, 2, 64, 64, "mixed", seed=3, with_state=False)
     cu = [0, 5, 70, 70, 100]
     h0 = np.random.default_rng(4).standard_normal((4, 2, 64, 64)).astype(np.float32)
-    check(op, metal, q, k, v, g, h0, cu=cu)
-    check(op, metal, q, k, v, g, None, cu=mx.array(cu), dtypes=DTYPES["bf16_f32_gate"], tol=5e-3)
+    launches = {"chunk": 3, "recurrent": 1}[op]
+    assert check(op, metal, q, k, v, g, h0, cu=cu) == launches
+    assert check(op, metal, q, k, v, g, None, cu=mx.array(cu), dtypes=DTYPES["bf16_f32_gate"], tol=5e-3) == launches
 
 
 @pytest.mark.parametrize("op", list(OPS))

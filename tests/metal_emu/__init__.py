@@ -20,6 +20,7 @@ source, the emulator header and the compiler flags.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -246,15 +247,23 @@ def _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes
         args.append(ATTRIBUTE_VALUE.get(a, "a." + a))
     call = kernel_name + template_def + "(\n        " + ",\n        ".join(args) + ")"
     return f"""
+namespace {{
+struct LaunchArgs {{
+  void** bufs;
+  const unsigned long* sizes;
+}};
+void run_thread(void* ctx, const emu::Attrs& a) {{
+  void** bufs = static_cast<LaunchArgs*>(ctx)->bufs;
+  const unsigned long* sizes = static_cast<LaunchArgs*>(ctx)->sizes;
+  (void)sizes;
+  {call};
+}}
+}}  // namespace
+
 extern "C" int regla_emu_launch(void** bufs, const unsigned long* sizes, const unsigned* grid, const unsigned* tg,
                                 unsigned seed, int workers, char* err, int errlen) {{
-  emu::Launch L;
-  for (int d = 0; d < 3; ++d) {{ L.grid[d] = grid[d]; L.tg[d] = tg[d]; }}
-  L.seed = seed;
-  L.workers = workers;
-  return emu::launch(L, [&](const emu::Attrs& a) {{
-    {call};
-  }}, err, errlen);
+  LaunchArgs args{{bufs, sizes}};
+  return emu::launch(grid, tg, seed, workers, run_thread, &args, err, errlen);
 }}
 """
 
@@ -263,27 +272,47 @@ _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
 
 
+def _compile(source: Path, out: Path, extra: list[str]):
+    """g++ ``source`` into the shared library ``out`` (written to a temporary name, then
+    renamed, so a concurrent or interrupted build never leaves a half-written library)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(fd)
+    cmd = [CXX, *CXXFLAGS, "-I", str(HERE / "include"), "-I", str(HERE), str(source), *extra, "-o", tmp]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        errors = "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln)
+        raise EmulationError(f"the kernel does not compile ({source}):\n{errors[:4000]}\n\n{r.stderr[-4000:]}")
+    os.replace(tmp, out)
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join([*parts, CXX, *CXXFLAGS]).encode()).hexdigest()[:24]
+
+
+def _runtime() -> Path:
+    """The runtime library (runtime.cpp: fibers, scheduler, launch loop), built once."""
+    core = (HERE / "emu_core.h").read_text()
+    so = BUILD_DIR / f"runtime_{_key((HERE / 'runtime.cpp').read_text(), core)}.so"
+    if not so.exists():
+        BUILD_DIR.mkdir(exist_ok=True)
+        _compile(HERE / "runtime.cpp", so, [])
+    return so
+
+
 def compile_source(full_source: str) -> ctypes.CDLL:
-    """Compile (or reuse) a translation unit; returns the loaded library."""
-    emu_header = (HERE / "metal_emu.h").read_text()
-    key = hashlib.sha256("\0".join([full_source, emu_header, CXX, *CXXFLAGS]).encode()).hexdigest()[:24]
+    """Compile (or reuse) a kernel's translation unit, linked to the runtime; returns the
+    loaded library."""
     with _lock:
+        runtime = _runtime()
+        key = _key(full_source, (HERE / "metal_emu.h").read_text(), runtime.name)
         if key in _libs:
             return _libs[key]
-        BUILD_DIR.mkdir(exist_ok=True)
         so = BUILD_DIR / f"k_{key}.so"
         if not so.exists():
             cpp = BUILD_DIR / f"k_{key}.cpp"
             cpp.write_text(full_source)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
-            os.close(fd)
-            cmd = [CXX, *CXXFLAGS, "-I", str(HERE / "include"), "-I", str(HERE), str(cpp), "-o", tmp]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                os.unlink(tmp)
-                errors = "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln)
-                raise EmulationError(f"the kernel does not compile ({cpp}):\n{errors[:4000]}\n\n{r.stderr[-4000:]}")
-            os.replace(tmp, so)
+            _compile(cpp, so, [str(runtime)])
         lib = ctypes.CDLL(str(so))
         lib.regla_emu_launch.restype = ctypes.c_int
         lib.regla_emu_launch.argtypes = [
@@ -379,62 +408,6 @@ def run(spec: dict, arrays: list, dtypes: list[str], output_shapes: list, output
     return [from_bf16_bits(o) if dt == "bfloat16" else o for o, dt in zip(outs, output_dtypes)]
 
 
-# ------------------------------------------------------------------ GLA entry points
-_kernels_module = None
-
-
-def _kernels():
-    """``regla_mlx/kernels.py`` loaded by path: kernel_spec needs neither MLX nor the
-    ``regla_mlx`` package's other modules."""
-    global _kernels_module
-    if _kernels_module is None:
-        import importlib.util
-
-        path = REPO / "regla_mlx" / "kernels.py"
-        spec = importlib.util.spec_from_file_location("_regla_metal_kernels", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _kernels_module = mod
-    return _kernels_module
-
-
-def _emulated_gla(kind, q, k, v, g, scale=None, initial_state=None, *, bf16=False, g_dtype=None,
-                  seed=0, workers=None, source_transform=None):
-    q = np.asarray(q)
-    dtype = "bfloat16" if bf16 else {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}[q.dtype]
-    g_dtype = g_dtype or dtype
-    B, T, H, K = q.shape
-    V = np.shape(v)[-1]
-    spec = _kernels().kernel_spec(kind, dtype, K, V, B, H)
-    if source_transform is not None:
-        spec = dict(spec, source=source_transform(spec["source"]))
-    scale = K ** -0.5 if scale is None else scale
-    h0 = np.zeros((B, H, K, V), np.float32) if initial_state is None else initial_state
-    o, ht = run(
-        spec,
-        [q, k, v, g, h0, np.float32(scale)],
-        [dtype, dtype, dtype, g_dtype, "float32", "float32"],
-        [(B, T, H, V), (B, H, K, V)],
-        [dtype, "float32"],
-        seed=seed, workers=workers,
-    )
-    # np.float32(scale) has shape (): a 0-d input, passed by reference like MLX does.
-    return o, ht
-
-
-def emulated_chunk_gla(q, k, v, g, scale=None, initial_state=None, **kw):
-    """The Metal chunk kernel, emulated. Arrays in float32 or float16 select the
-    instantiation (``bf16=True`` rounds inputs to bfloat16 and selects that one);
-    ``g_dtype`` overrides the gate's dtype. Returns NumPy ``(o, final_state)``."""
-    return _emulated_gla("chunk", q, k, v, g, scale, initial_state, **kw)
-
-
-def emulated_recurrent_gla(q, k, v, g, scale=None, initial_state=None, **kw):
-    """The Metal recurrent (decode) kernel, emulated; same arguments as
-    :func:`emulated_chunk_gla`."""
-    return _emulated_gla("recurrent", q, k, v, g, scale, initial_state, **kw)
-
-
 # ------------------------------------------------------------------ mx.fast.metal_kernel stand-in
 class EmulatedMetalKernel:
     """What ``mx.fast.metal_kernel(...)`` returns, run by the emulator: tests put this class
@@ -445,12 +418,14 @@ class EmulatedMetalKernel:
     other than ``vjp``/``grad`` cannot be served (the inputs have no values yet)."""
 
     calls = 0  # launches served, across instances (tests check the kernels really ran)
-    seed = 0
+    seed = 0  # of the interleaving of threads
+    transform = {}  # kernel name -> function applied to its source (mutation tests)
 
     def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
                  atomic_outputs=False):
         if atomic_outputs:
             raise EmulationError("atomic outputs are not emulated")
+        source = EmulatedMetalKernel.transform.get(name, lambda s: s)(source)
         self.spec = dict(name=name, input_names=list(input_names), output_names=list(output_names),
                          source=source, header=header)
 
@@ -475,3 +450,43 @@ class EmulatedMetalKernel:
                    init_value=init_value)
         EmulatedMetalKernel.calls += 1
         return [mx.array(o).astype(d) for o, d in zip(outs, output_dtypes)]
+
+
+@contextlib.contextmanager
+def emulated_metal(transform=None, seed=0):
+    """Inside: ``mx.fast.metal_kernel`` is :class:`EmulatedMetalKernel` and
+    ``mx.metal.is_available()`` is true, so ``regla_mlx.kernels`` and ``regla_mlx.ops`` take
+    their Metal paths. ``transform`` maps kernel names (``regla_gla_chunk_a``, ...) to
+    functions applied to their source; ``seed`` picks the thread interleaving."""
+    import mlx.core as mx
+    from regla_mlx import kernels
+
+    saved = mx.metal.is_available, mx.fast.metal_kernel, EmulatedMetalKernel.transform, EmulatedMetalKernel.seed
+    mx.metal.is_available = lambda: True
+    mx.fast.metal_kernel = EmulatedMetalKernel
+    EmulatedMetalKernel.transform, EmulatedMetalKernel.seed = dict(transform or {}), seed
+    kernels._build.cache_clear()
+    try:
+        yield
+    finally:
+        mx.metal.is_available, mx.fast.metal_kernel, EmulatedMetalKernel.transform, EmulatedMetalKernel.seed = saved
+        kernels._build.cache_clear()
+
+
+def emulated_gla(kind, q, k, v, g, scale=None, initial_state=None, *, dtypes=None, cu_seqlens=None,
+                 transform=None, seed=0):
+    """``regla_mlx.kernels.metal_{kind}_gla`` (kind ``chunk`` or ``recurrent``) on NumPy
+    inputs, emulated. ``dtypes`` names the dtypes of q, k, v, g (default: the arrays' own).
+    Returns NumPy ``(o as float32, final state)``."""
+    import mlx.core as mx
+    from regla_mlx import kernels
+
+    xs = (q, k, v, g)
+    dtypes = dtypes or [np.asarray(x).dtype.name for x in xs]
+    arrays = [mx.array(np.asarray(x, np.float32)).astype(getattr(mx, d)) for x, d in zip(xs, dtypes)]
+    K = np.shape(q)[-1]
+    scale = K ** -0.5 if scale is None else scale
+    h0 = None if initial_state is None else mx.array(initial_state)
+    with emulated_metal(transform, seed):
+        o, s = getattr(kernels, f"metal_{kind}_gla")(*arrays, scale, h0, True, cu_seqlens)
+        return np.array(o.astype(mx.float32)), np.array(s)

@@ -2,6 +2,9 @@
 // kernels use, so that the exact kernel text handed to mx.fast.metal_kernel can be
 // compiled by g++ and run on a machine without a GPU.
 //
+// The runtime (fibers, scheduler, launch loop) is in runtime.cpp, compiled once;
+// this header is what a kernel's translation unit includes.
+//
 // Execution model. Every GPU thread of a threadgroup is a fiber (its own stack);
 // one OS thread runs all fibers of one threadgroup at a time, several OS threads
 // run different threadgroups. A fiber runs until it reaches a synchronisation
@@ -41,48 +44,14 @@
 // so a lane that loads the wrong tile corrupts the other lanes' results as well.
 #pragma once
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <csetjmp>
-#include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
 #include <limits>
-#include <random>
-#include <sstream>
-#include <string>
-#include <thread>
 #include <type_traits>
-#include <vector>
-#include <ucontext.h>
+
+#include "emu_core.h"
 
 namespace emu {
-
-// ------------------------------------------------------------------ vectors
-template <typename T>
-struct vec2 {
-  T x, y;
-  vec2() : x(0), y(0) {}
-  vec2(T a) : x(a), y(a) {}
-  vec2(T a, T b) : x(a), y(b) {}
-};
-template <typename T>
-struct vec3 {
-  T x, y, z;
-  vec3() : x(0), y(0), z(0) {}
-  vec3(T a) : x(a), y(a), z(a) {}
-  vec3(T a, T b, T c) : x(a), y(b), z(c) {}
-};
-template <typename T>
-struct vec4 {
-  T x, y, z, w;
-  vec4() : x(0), y(0), z(0), w(0) {}
-  vec4(T a) : x(a), y(a), z(a), w(a) {}
-  vec4(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
-};
 
 // ------------------------------------------------------------------ 16-bit floats
 // Stored as bits; arithmetic happens in float (the kernels convert on load and
@@ -141,315 +110,16 @@ struct bfloat_t {
   }
 };
 
-// ------------------------------------------------------------------ fibers
-constexpr int kSimdWidth = 32;
-constexpr size_t kStackBytes = 256 * 1024;
-
-struct Attrs {
-  vec3<uint32_t> thread_position_in_grid, threadgroup_position_in_grid,
-      thread_position_in_threadgroup, threads_per_threadgroup, threadgroups_per_grid,
-      threads_per_grid;
-  uint32_t thread_index_in_threadgroup, simdgroup_index_in_threadgroup,
-      thread_index_in_simdgroup, simdgroups_per_threadgroup, quadgroup_index_in_threadgroup,
-      thread_index_in_quadgroup, quadgroups_per_threadgroup;
-};
-
-struct Group;
-
-struct Fiber {
-  jmp_buf ctx;
-  ucontext_t uctx;
-  char* stack = nullptr;
-  bool started = false, done = false;
-  // What the fiber waits for: 0 nothing, 1 threadgroup barrier, 2 simdgroup sync.
-  int waiting = 0;
-  uint64_t wait_gen = 0;
-  Attrs a;
-  Group* group = nullptr;
-};
-
-struct SimdState {
-  int size = 0;     // lanes in this simdgroup
-  int arrived = 0;
-  uint64_t gen = 0;
-  // Exchange area for collectives: 32 lanes x 16 bytes for scalars, three
-  // 8x8 float matrices for simdgroup_matrix products.
-  alignas(16) unsigned char slot[kSimdWidth][16];
-  float mat[3][64];
-};
-
-struct Group {
-  std::vector<Fiber> fibers;
-  std::vector<SimdState> simd;
-  int n = 0, live = 0, tg_arrived = 0;
-  uint64_t tg_gen = 0;
-  jmp_buf sched;
-  std::function<void(const Attrs&)>* body = nullptr;
-  Fiber* current = nullptr;
-  std::string error;
-  bool faulted = false;
-};
-
-inline thread_local Group* tl_group = nullptr;
-// Threadgroup counter of this OS thread (threadgroup memory is poisoned once per
-// threadgroup) and the threadgroup memory the running threadgroup has declared.
-inline thread_local uint64_t tl_epoch = 0;
-inline thread_local size_t tl_tg_bytes = 0;
-constexpr size_t kMaxThreadgroupBytes = 32768;  // Apple GPUs (maxThreadgroupMemoryLength)
-constexpr uint32_t kMaxThreadsPerThreadgroup = 1024;
-
-inline Fiber& self() { return *tl_group->current; }
-
-// A kernel bug that a GPU would not survive (or a Metal compiler would reject):
-// thrown in a fiber, caught in fiber_entry, ends the launch with this message.
-struct Fault {
-  std::string msg;
-};
-
-[[noreturn]] inline void fault(const std::string& what) {
-  std::ostringstream os;
-  os << what;
-  if (tl_group && tl_group->current) {
-    const Attrs& a = tl_group->current->a;
-    os << " (thread " << a.thread_index_in_threadgroup << " of threadgroup (" << a.threadgroup_position_in_grid.x
-       << ", " << a.threadgroup_position_in_grid.y << ", " << a.threadgroup_position_in_grid.z << "))";
-  }
-  throw Fault{os.str()};
-}
-
-// Switch from the running fiber back to the scheduler.
-inline void yield_to_scheduler() {
-  Fiber& f = self();
-  if (_setjmp(f.ctx) == 0) _longjmp(f.group->sched, 1);
-}
-
-inline void fiber_entry() {
-  Group* g = tl_group;
-  Fiber* f = g->current;
-  try {
-    (*g->body)(f->a);
-  } catch (const Fault& e) {
-    if (!tl_group->faulted) {
-      tl_group->faulted = true;
-      tl_group->error = e.msg;
-    }
-  }
-  f = tl_group->current;
-  f->done = true;
-  tl_group->live--;
-  _longjmp(tl_group->sched, 1);
-}
-
-inline void threadgroup_sync() {
-  Fiber& f = self();
-  Group& g = *f.group;
-  uint64_t gen = g.tg_gen;
-  f.waiting = 1;
-  f.wait_gen = gen;
-  if (++g.tg_arrived == g.n) {
-    g.tg_arrived = 0;
-    g.tg_gen++;
-  }
-  // Always yield, also as the last arriving thread, so that the order in which
-  // threads leave a barrier is the scheduler's permutation again.
-  yield_to_scheduler();
-}
-
-inline void simd_sync() {
-  Fiber& f = self();
-  Group& g = *f.group;
-  SimdState& s = g.simd[f.a.simdgroup_index_in_threadgroup];
-  f.waiting = 2;
-  f.wait_gen = s.gen;
-  if (++s.arrived == s.size) {
-    s.arrived = 0;
-    s.gen++;
-  }
-  yield_to_scheduler();
-}
-
-inline bool runnable(const Fiber& f) {
-  if (f.done) return false;
-  if (f.waiting == 0) return true;
-  if (f.waiting == 1) return f.group->tg_gen > f.wait_gen;
-  return f.group->simd[f.a.simdgroup_index_in_threadgroup].gen > f.wait_gen;
-}
-
-// Runs one threadgroup to completion. Returns false (with g.error set) on deadlock.
-//
-// Simdgroups are run one after the other, in a random order that changes at
-// every pass: the chosen simdgroup's lanes (in random order) are resumed until
-// every one of them waits at a threadgroup barrier or has finished, and only
-// then does the next simdgroup start. So between two barriers one simdgroup may
-// be a whole phase ahead of another, the worst case that hardware allows, and a
-// missing threadgroup barrier lets a reader see data from before (or after) the
-// phase it expects. Lanes of one simdgroup interleave at every simdgroup
-// collective.
-inline bool run_group(Group& g, std::mt19937& rng) {
-  tl_group = &g;
-  g.live = g.n;
-  g.tg_arrived = 0;
-  for (auto& s : g.simd) s.arrived = 0;
-  int nsimd = (int)g.simd.size();
-  std::vector<int> sorder(nsimd);
-  for (int s = 0; s < nsimd; ++s) sorder[s] = s;
-  std::vector<int> lanes;
-  while (g.live > 0) {
-    std::shuffle(sorder.begin(), sorder.end(), rng);
-    bool any = false;
-    for (int s : sorder) {
-      int first = s * kSimdWidth, n = g.simd[s].size;
-      lanes.resize(n);
-      for (int l = 0; l < n; ++l) lanes[l] = first + l;
-      for (;;) {
-        std::shuffle(lanes.begin(), lanes.end(), rng);
-        bool progressed = false;
-        for (int idx : lanes) {
-          Fiber& f = g.fibers[idx];
-          if (!runnable(f)) continue;
-          progressed = true;
-          f.waiting = 0;
-          g.current = &f;
-          if (_setjmp(g.sched) == 0) {
-            if (!f.started) {
-              f.started = true;
-              ucontext_t here;
-              swapcontext(&here, &f.uctx);
-            } else {
-              _longjmp(f.ctx, 1);
-            }
-          }
-          if (g.faulted) return false;
-        }
-        if (!progressed) break;
-        any = true;
-      }
-    }
-    if (!any) {
-      int at_tg = 0, at_simd = 0, fin = 0;
-      for (auto& f : g.fibers) {
-        if (f.done) fin++;
-        else if (f.waiting == 1) at_tg++;
-        else if (f.waiting == 2) at_simd++;
-      }
-      g.error = "deadlock: " + std::to_string(at_tg) + " threads wait at a threadgroup barrier, " +
-                std::to_string(at_simd) + " at a simdgroup operation, " + std::to_string(fin) +
-                " finished (a barrier or collective is not reached by all threads)";
-      return false;
-    }
-  }
-  return true;
-}
-
-struct Launch {
-  uint32_t grid[3], tg[3];
-  unsigned seed;
-  int workers;
-};
-
-inline int launch(const Launch& L, std::function<void(const Attrs&)> body, char* err, int errlen) {
-  uint32_t tg[3], ngroups[3];
-  for (int d = 0; d < 3; ++d) {
-    tg[d] = std::min(L.tg[d], L.grid[d]);  // as MLX does before dispatch_threads
-    if (tg[d] == 0) return 0;
-    ngroups[d] = (L.grid[d] + tg[d] - 1) / tg[d];
-  }
-  if ((uint64_t)tg[0] * tg[1] * tg[2] > kMaxThreadsPerThreadgroup) {
-    std::snprintf(err, errlen, "threadgroup of %u x %u x %u threads: Metal allows at most %u", tg[0], tg[1], tg[2],
-                  kMaxThreadsPerThreadgroup);
-    return 1;
-  }
-  uint64_t total = (uint64_t)ngroups[0] * ngroups[1] * ngroups[2];
-  std::atomic<uint64_t> next{0};
-  std::atomic<int> failed{0};
-  std::string first_error;
-  std::atomic_flag err_lock = ATOMIC_FLAG_INIT;
-
-  auto worker = [&](int wid) {
-    Group g;
-    g.body = &body;
-    std::vector<char*> stacks;
-    std::mt19937 rng(L.seed * 7919u + (unsigned)wid);
-    while (!failed.load()) {
-      uint64_t gid = next.fetch_add(1);
-      if (gid >= total) break;
-      uint32_t gx = gid % ngroups[0], gy = (gid / ngroups[0]) % ngroups[1],
-               gz = gid / ((uint64_t)ngroups[0] * ngroups[1]);
-      // Threads of a partial threadgroup beyond the grid do not exist
-      // (dispatch_threads semantics).
-      uint32_t ex = std::min(tg[0], L.grid[0] - gx * tg[0]);
-      uint32_t ey = std::min(tg[1], L.grid[1] - gy * tg[1]);
-      uint32_t ez = std::min(tg[2], L.grid[2] - gz * tg[2]);
-      int n = (int)(ex * ey * ez);
-      g.n = n;
-      g.faulted = false;
-      g.error.clear();
-      g.tg_gen = 0;
-      tl_epoch++;
-      tl_tg_bytes = 0;
-      g.fibers.assign(n, Fiber());
-      while ((int)stacks.size() < n) stacks.push_back((char*)std::malloc(kStackBytes));
-      int nsimd = (n + kSimdWidth - 1) / kSimdWidth;
-      g.simd.assign(nsimd, SimdState());
-      for (int s = 0; s < nsimd; ++s) g.simd[s].size = std::min(kSimdWidth, n - s * kSimdWidth);
-      int i = 0;
-      for (uint32_t z = 0; z < ez; ++z)
-        for (uint32_t y = 0; y < ey; ++y)
-          for (uint32_t x = 0; x < ex; ++x, ++i) {
-            Fiber& f = g.fibers[i];
-            f.group = &g;
-            f.stack = stacks[i];
-            Attrs& a = f.a;
-            a.thread_position_in_threadgroup = {x, y, z};
-            a.threadgroup_position_in_grid = {gx, gy, gz};
-            a.thread_position_in_grid = {gx * tg[0] + x, gy * tg[1] + y, gz * tg[2] + z};
-            a.threads_per_threadgroup = {ex, ey, ez};
-            a.threadgroups_per_grid = {ngroups[0], ngroups[1], ngroups[2]};
-            a.threads_per_grid = {L.grid[0], L.grid[1], L.grid[2]};
-            uint32_t lin = x + y * ex + z * ex * ey;
-            a.thread_index_in_threadgroup = lin;
-            a.simdgroup_index_in_threadgroup = lin / kSimdWidth;
-            a.thread_index_in_simdgroup = lin % kSimdWidth;
-            a.simdgroups_per_threadgroup = (uint32_t)nsimd;
-            a.quadgroup_index_in_threadgroup = lin / 4;
-            a.thread_index_in_quadgroup = lin % 4;
-            a.quadgroups_per_threadgroup = (uint32_t)((n + 3) / 4);
-            getcontext(&f.uctx);
-            f.uctx.uc_stack.ss_sp = f.stack;
-            f.uctx.uc_stack.ss_size = kStackBytes;
-            f.uctx.uc_link = nullptr;
-            makecontext(&f.uctx, (void (*)())fiber_entry, 0);
-          }
-      if (!run_group(g, rng)) {
-        if (!err_lock.test_and_set()) first_error = g.error;
-        failed.store(1);
-      }
-    }
-    for (char* s : stacks) std::free(s);
-  };
-  int nw = std::max(1, std::min<int>(L.workers, (int)total));
-  std::vector<std::thread> pool;
-  for (int w = 1; w < nw; ++w) pool.emplace_back(worker, w);
-  worker(0);
-  for (auto& t : pool) t.join();
-  if (failed.load()) {
-    std::snprintf(err, errlen, "%s", first_error.c_str());
-    return 1;
-  }
-  return 0;
-}
-
 // ------------------------------------------------------------------ simd collectives
-inline int lane() { return (int)self().a.thread_index_in_simdgroup; }
-inline SimdState& my_simd() { Fiber& f = self(); return f.group->simd[f.a.simdgroup_index_in_threadgroup]; }
+inline int lane() { return (int)attrs().thread_index_in_simdgroup; }
 
 template <typename T>
 inline void put(T x) {
   static_assert(sizeof(T) <= 16, "simd collectives are emulated for types up to 16 bytes");
-  std::memcpy(my_simd().slot[lane()], &x, sizeof(T));
+  std::memcpy(simd_slot(lane()), &x, sizeof(T));
 }
 template <typename T>
-inline T get(int l) { T x; std::memcpy(&x, my_simd().slot[l], sizeof(T)); return x; }
+inline T get(int l) { T x; std::memcpy(&x, simd_slot(l), sizeof(T)); return x; }
 
 // Tree order of a butterfly reduction (xor 1,2,4,8,16), which is how the
 // hardware reduction combines lanes.
@@ -457,7 +127,7 @@ template <typename T>
 inline T simd_reduce_sum(T x) {
   put(x);
   simd_sync();
-  int n = my_simd().size;
+  int n = simd_size();
   T v[kSimdWidth];
   for (int l = 0; l < n; ++l) v[l] = get<T>(l);
   for (int l = n; l < kSimdWidth; ++l) v[l] = T(0);
@@ -493,10 +163,10 @@ struct ptr {
   ptr(const ptr<S, U>& o) : p(o.p), lo(o.lo), hi(o.hi), name(o.name) {}
 
   [[noreturn]] void out_of_bounds(std::ptrdiff_t i) const {
-    std::ostringstream os;
-    os << "out-of-bounds " << space_name(S) << " access: " << name << "[" << (p - lo) + i << "], buffer of "
-       << (hi - lo) << " elements";
-    fault(os.str());
+    char msg[256];
+    std::snprintf(msg, sizeof msg, "out-of-bounds %s access: %s[%td], buffer of %td elements", space_name(S), name,
+                  (p - lo) + i, hi - lo);
+    fault(msg);
   }
   T& at(std::ptrdiff_t i) const {
     if (p + i < lo || p + i >= hi) out_of_bounds(i);
@@ -554,14 +224,10 @@ struct tg_array {
 
 template <typename A>
 inline A& tg_use(A& a) {
-  if (a.epoch != tl_epoch) {
-    a.epoch = tl_epoch;
+  if (a.epoch != tg_epoch()) {
+    a.epoch = tg_epoch();
     std::memset((void*)a.data, 0xFF, sizeof(a.data));  // NaN in every float format
-    tl_tg_bytes += sizeof(a.data);
-    if (tl_tg_bytes > kMaxThreadgroupBytes) {
-      fault("threadgroup memory: " + std::to_string(tl_tg_bytes) + " bytes declared (with '" + a.name +
-            "'), Apple GPUs allow " + std::to_string(kMaxThreadgroupBytes));
-    }
+    tg_declare(sizeof(a.data), a.name);
   }
   return a;
 }
@@ -619,7 +285,7 @@ template <typename T> inline T simd_sum(T x) { return emu::simd_reduce_sum(x); }
 template <typename T> inline T simd_shuffle(T x, unsigned short src) {
   emu::put(x);
   emu::simd_sync();
-  T r = emu::get<T>(src % emu::my_simd().size);
+  T r = emu::get<T>(src % emu::simd_size());
   emu::simd_sync();
   return r;
 }
@@ -627,7 +293,7 @@ template <typename T> inline T simd_shuffle_xor(T x, unsigned short mask) {
   emu::put(x);
   emu::simd_sync();
   int s = emu::lane() ^ mask;
-  T r = s < emu::my_simd().size ? emu::get<T>(s) : x;
+  T r = s < emu::simd_size() ? emu::get<T>(s) : x;
   emu::simd_sync();
   return r;
 }
@@ -635,7 +301,7 @@ template <typename T> inline T simd_shuffle_down(T x, unsigned short d) {
   emu::put(x);
   emu::simd_sync();
   int s = emu::lane() + d;
-  T r = s < emu::my_simd().size ? emu::get<T>(s) : x;
+  T r = s < emu::simd_size() ? emu::get<T>(s) : x;
   emu::simd_sync();
   return r;
 }
@@ -668,7 +334,7 @@ template <typename T> inline T simd_max(T x) {
   emu::put(x);
   emu::simd_sync();
   T r = emu::get<T>(0);
-  for (int l = 1; l < emu::my_simd().size; ++l) r = max(r, emu::get<T>(l));
+  for (int l = 1; l < emu::simd_size(); ++l) r = max(r, emu::get<T>(l));
   emu::simd_sync();
   return r;
 }
@@ -700,9 +366,7 @@ inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) {
 }
 
 inline void require_full_simdgroup() {
-  if (emu::my_simd().size != emu::kSimdWidth) {
-    emu::fault("simdgroup_matrix operation in a simdgroup of " + std::to_string(emu::my_simd().size) + " lanes");
-  }
+  if (emu::simd_size() != emu::kSimdWidth) emu::fault("simdgroup_matrix operation in a partial simdgroup");
 }
 
 // src points at the tile's (0,0) element plus origin (x = column, y = row);
@@ -765,18 +429,20 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const si
                                           const simdgroup_matrix<T, 8, 8>& b,
                                           const simdgroup_matrix<T, 8, 8>& c) {
   require_full_simdgroup();
-  emu::SimdState& s = emu::my_simd();
+  float* ma = emu::simd_mat(0);
+  float* mb = emu::simd_mat(1);
+  float* mc = emu::simd_mat(2);
   int l = emu::lane(), r = frag_row(l), cc = frag_col(l);
   for (int i = 0; i < 2; ++i) {
-    s.mat[0][r * 8 + cc + i] = static_cast<float>(a.e[i]);
-    s.mat[1][r * 8 + cc + i] = static_cast<float>(b.e[i]);
-    s.mat[2][r * 8 + cc + i] = static_cast<float>(c.e[i]);
+    ma[r * 8 + cc + i] = static_cast<float>(a.e[i]);
+    mb[r * 8 + cc + i] = static_cast<float>(b.e[i]);
+    mc[r * 8 + cc + i] = static_cast<float>(c.e[i]);
   }
   emu::simd_sync();
   T out[2];
   for (int i = 0; i < 2; ++i) {
-    float acc = (float)s.mat[2][r * 8 + cc + i];
-    for (int k = 0; k < 8; ++k) acc = std::fma((float)s.mat[0][r * 8 + k], (float)s.mat[1][k * 8 + cc + i], acc);
+    float acc = mc[r * 8 + cc + i];
+    for (int k = 0; k < 8; ++k) acc = std::fma(ma[r * 8 + k], mb[k * 8 + cc + i], acc);
     out[i] = T(acc);
   }
   emu::simd_sync();
