@@ -128,7 +128,11 @@ for (int kb0 = 0; kb0 < K; kb0 += BK) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   auto kpt = kp + sg * 8 * BK;
-  for (int u = 0; u < npair; ++u) {
+  // Unrolled, so that acc[u] has a compile-time index and the accumulators stay
+  // in registers; npair is 4 or 3 (uniform within the simdgroup).
+#pragma clang loop unroll(full)
+  for (int u = 0; u < 4; ++u) {
+    if (u >= npair) break;
     const int p = pI[u] * (pI[u] - 1) / 2 + pJ[u];
     for (int e = lane; e < 8 * BK; e += 32) {
       kpt[e] = ks[8 * pJ[u] * BK + e] * er[p * BK + e % BK];
@@ -152,6 +156,7 @@ for (int u = 0; u < 2; ++u) {
   const int i = p / 8, j = p % 8;
   A[base + (8 * dblk + i) * C + 8 * dblk + j] = j <= i ? adiag[u] : 0.0f;
 }
-for (int u = 0; u < npair; ++u) {
-  simdgroup_store(acc[u], A + base + 8 * pI[u] * C + 8 * pJ[u], C);
+#pragma clang loop unroll(full)
+for (int u = 0; u < 4; ++u) {
+  if (u < npair) simdgroup_store(acc[u], A + base + 8 * pI[u] * C + 8 * pJ[u], C);
 }

@@ -53,6 +53,7 @@ for (int kt = 0; kt < NKT; ++kt) {
 }
 
 for (int t0 = bos, ci = c_first; t0 < eos; t0 += C, ++ci) {
+#pragma clang loop unroll(full)
   for (int kt = 0; kt < NKT; ++kt) {
     simdgroup_store(S[kt], h + (((size_t)ci * H + hh) * K + k0 + 8 * kt) * V + vc, V);
   }
@@ -86,6 +87,8 @@ for (int t0 = bos, ci = c_first; t0 < eos; t0 += C, ++ci) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
+  // Unrolled loops over kt keep S[kt] at compile-time indices, in registers.
+#pragma clang loop unroll(full)
   for (int kt = 0; kt < NKT; ++kt) {
     simdgroup_float8x8 upd = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     for (int I = 0; I < 8; ++I) {

@@ -70,6 +70,7 @@ for (int kb0 = 0; kb0 < K; kb0 += BK) {
   for (int kk = 0; kk < BK / 8; ++kk) {
     simdgroup_float8x8 hm;
     simdgroup_load(hm, h + hbase + (size_t)(kb0 + 8 * kk) * V + vc, V);
+#pragma clang loop unroll(full)
     for (int I = 0; I < 8; ++I) {
       simdgroup_float8x8 a;
       simdgroup_load(a, qe + 8 * I * BK + 8 * kk, BK);
@@ -87,6 +88,8 @@ for (int e = tid; e < C * BV; e += NT) {
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 const size_t abase = ((size_t)ci * H + hh) * C * C;
+// Unrolled (with the loop over I inside), so O[I] has compile-time indices.
+#pragma clang loop unroll(full)
 for (int J = 0; J < 8; ++J) {
   simdgroup_float8x8 vt;
   simdgroup_load(vt, vs + 8 * J * BV + 8 * sg, BV);
@@ -101,6 +104,7 @@ threadgroup_barrier(mem_flags::mem_threadgroup);
 // Stage through threadgroup memory so that each lane writes whole rows of eight
 // values in the output type, and rows past the chunk's end are skipped.
 auto stg = buf + sg * C * 8;
+#pragma clang loop unroll(full)
 for (int I = 0; I < 8; ++I) simdgroup_store(O[I], stg + I * 64, 8);
 simdgroup_barrier(mem_flags::mem_threadgroup);
 for (int rr = lane; rr < C; rr += 32) {

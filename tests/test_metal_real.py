@@ -178,13 +178,19 @@ def test_sources_found_next_to_the_module_first(tmp_path):
     import shutil
     from pathlib import Path
 
-    shutil.copy(kernels.__file__, tmp_path / "kernels.py")
+    model = tmp_path / "model"
+    (model / "metal").mkdir(parents=True)
+    shutil.copy(kernels.__file__, model / "kernels.py")
+    (model / "metal" / "gla_common.h").write_text("// the bundled header\n")
+    # a metal/ folder one level up (where a checkout keeps it) comes second
     (tmp_path / "metal").mkdir()
-    (tmp_path / "metal" / "gla_common.h").write_text("// the bundled header\n")
-    spec_ = importlib.util.spec_from_file_location("bundled_kernels", tmp_path / "kernels.py")
+    (tmp_path / "metal" / "gla_common.h").write_text("// the header one level up\n")
+    (tmp_path / "metal" / "gla_chunk_h.metal").write_text("// a kernel one level up\n")
+    spec_ = importlib.util.spec_from_file_location("bundled_kernels", model / "kernels.py")
     mod = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(mod)
     assert mod.read_source("gla_common.h") == "// the bundled header\n"
+    assert mod.read_source("gla_chunk_h.metal") == "// a kernel one level up\n"
     with pytest.raises(FileNotFoundError, match="gla_nothing.metal"):
         mod.read_source("gla_nothing.metal")
     checkout = Path(kernels.__file__).resolve().parent.parent / "metal"
