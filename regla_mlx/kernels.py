@@ -65,9 +65,20 @@ def _dtype_name(dt) -> str:
     return str(dt).split(".")[-1]
 
 
+MIN_MLX = (0, 32)  # older MLX cached a compiled custom kernel without its input dtypes
+
+
+def _mlx_recent_enough() -> bool:
+    import mlx.core as mx
+
+    return tuple(int(x) for x in mx.__version__.split(".")[:2]) >= MIN_MLX
+
+
 def supported(K: int, V: int, *dtypes) -> bool:
-    """Whether these head dims and input dtypes have a kernel (the ops fall back otherwise)."""
-    return K in HEAD_DIMS and V > 0 and V % VALUE_MULTIPLE == 0 and all(_dtype_name(d) in _DTYPES for d in dtypes)
+    """Whether these head dims and input dtypes have a kernel, with an MLX that runs it
+    right (the ops fall back to plain MLX otherwise)."""
+    return (K in HEAD_DIMS and V > 0 and V % VALUE_MULTIPLE == 0 and all(_dtype_name(d) in _DTYPES for d in dtypes)
+            and _mlx_recent_enough())
 
 
 def kernel_spec(kind: str, *, K: int, V: int, N: int = 1, H: int = 1, NT: int = 1, dtype: str = "float32") -> dict:
@@ -148,6 +159,9 @@ def _prepare(q, k, v, g, initial_state, cu_seqlens):
 
     if not mx.metal.is_available():
         raise RuntimeError("regla_mlx.kernels needs Metal (Apple Silicon); use regla_mlx.ops instead")
+    if not _mlx_recent_enough():
+        raise RuntimeError(f"regla's Metal kernels need MLX >= {'.'.join(map(str, MIN_MLX))} (older versions reuse "
+                           f"a compiled kernel for other input dtypes); this is MLX {mx.__version__}: pip install -U mlx")
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape

@@ -163,3 +163,17 @@ def test_gradient_through_the_metal_forward(op, metal, monkeypatch):
     assert abs(val.item() - val_p.item()) <= 1e-4 * abs(val_p.item())
     for a, b in zip(grads, grads_p):
         assert rel_rms(np.array(a), np.array(b)) <= 1e-5
+
+
+def test_mlx_before_0_32_falls_back(metal, monkeypatch):
+    """MLX before 0.32 reused a compiled custom kernel for other input dtypes: with it the
+    ops take the plain-MLX path (still right), and the kernels refuse with the fix."""
+    from regla_mlx import kernels
+
+    monkeypatch.setattr(mx, "__version__", "0.31.2")
+    q, k, v, g, h0 = make_inputs(1, 20, 1, 64, 64, "mixed", seed=15)
+    before = metal()
+    eo, es = run("chunk", q, k, v, g, h0)
+    assert metal() == before and eo <= 1e-5 and es <= 1e-5
+    with pytest.raises(RuntimeError, match="MLX >= 0.32"):
+        kernels.metal_chunk_gla(*(mx.array(x) for x in (q, k, v, g)), 0.125)
