@@ -14,8 +14,15 @@ qualified types of the text into the header's checked types (``device T*`` ->
 address spaces stay distinct types and every buffer access is bounds-checked; any
 qualified form it does not know is left to fail compilation.
 
-Builds are cached under ``tests/metal_emu/_build/`` keyed by a hash of the generated
-source, the emulator header and the compiler flags.
+The scheduler, fibers and launch loop live in ``runtime.cpp``, compiled once into a shared
+library that every kernel library links to, so a kernel's translation unit is only its
+text and the light header (about 1 s of g++ each). Builds are cached under
+``tests/metal_emu/_build/`` keyed by a hash of the generated source, the emulator sources
+and the compiler flags.
+
+:class:`EmulatedMetalKernel` stands in for ``mx.fast.metal_kernel`` (:func:`emulated_metal`
+puts it in place), so ``regla_mlx.kernels`` and ``regla_mlx.ops`` run their own launch code
+with the emulator under them; :func:`emulated_gla` is that for NumPy inputs.
 """
 
 from __future__ import annotations
