@@ -7,19 +7,52 @@ from the pure-MLX path (``mx.custom_function``), so fine-tuning works on either.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
+import numpy as np
 
 
 def _f32(x):
     return None if x is None else x.astype(mx.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _gate_sum_matrices(C: int):
+    """0/1 matrices that pick, out of the C log gates of a chunk, the terms of every
+    partial sum the chunked form needs: pairs ``sum_{j<s<=i}`` (rows i*C + j), prefixes
+    ``sum_{s<=i}`` and suffixes ``sum_{s>j}``."""
+    i = np.arange(C)
+    pair = (i[None, None, :] > i[None, :, None]) & (i[None, None, :] <= i[:, None, None])  # [i, j, s]
+    prefix = i[None, :] <= i[:, None]
+    suffix = i[None, :] > i[:, None]
+    return tuple(mx.array(m.reshape(-1, C).astype(np.float32)) for m in (pair, prefix, suffix))
+
+
+def _gate_sums(g):
+    """Partial sums of the log gates of each chunk, ``g [..., C, D]`` -> pair sums
+    ``[..., C, C, D]`` (entry [i, j] = sum over j < s <= i, 0 for j >= i), prefix and suffix
+    sums ``[..., C, D]``.
+
+    Every sum is formed from its own terms (a product with a 0/1 matrix), never as the
+    difference of two cumulative sums: after a log gate of -1e4 the cumulative sum is ~-1e4
+    with an fp32 spacing of ~1e-3, so a difference of two of them is off by ~1e-3 in the
+    exponent (issue #20). A sum of terms of one sign (g <= 0) is accurate relative to itself,
+    so each factor exp(sum) is accurate to ~C ulp whatever the gates.
+    """
+    C, D = g.shape[-2:]
+    pair, prefix, suffix = _gate_sum_matrices(C)
+    pairs = (pair @ g).reshape(*g.shape[:-2], C, C, D)
+    return pairs, prefix @ g, suffix @ g
+
+
 def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
                 chunk_size=16):
     """Chunked gated linear attention with key-side ``gk`` and/or value-side ``gv`` log gates.
 
-    The exact form: the decay between positions j <= i of a chunk is ``exp(b_i - b_j)`` per
-    channel, built from the masked difference, so every exponent is <= 0 for any finite gate.
+    The exact form: the decay between positions j <= i of a chunk is ``exp(sum_{j<s<=i} g_s)``
+    per channel, and every factor is the exp of a sum of gates (``_gate_sums``), so every
+    exponent is <= 0 and accurate for any finite gate.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -36,18 +69,18 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
     causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
     neg_inf = mx.array(-mx.inf, dtype=mx.float32)
     if gk_ is not None:
-        bk = mx.cumsum(gk_, axis=3)
-        dk = mx.exp(mx.where(causal[..., None], bk[..., :, None, :] - bk[..., None, :, :], neg_inf))
+        pk, bk, sk = _gate_sums(gk_)
+        dk = mx.exp(mx.where(causal[..., None], pk, neg_inf))
         A = (q_[..., :, None, :] * k_[..., None, :, :] * dk).sum(-1)
-        q_in, k_in = q_ * mx.exp(bk), k_ * mx.exp(bk[..., -1:, :] - bk)
+        q_in, k_in = q_ * mx.exp(bk), k_ * mx.exp(sk)
     else:
         A = mx.where(causal, q_ @ k_.swapaxes(-1, -2), 0.0)
         q_in, k_in = q_, k_
     if gv_ is not None:
-        bv = mx.cumsum(gv_, axis=3)
-        dv = mx.exp(mx.where(causal[..., None], bv[..., :, None, :] - bv[..., None, :, :], neg_inf))
+        pv, bv, sv = _gate_sums(gv_)
+        dv = mx.exp(mx.where(causal[..., None], pv, neg_inf))
         intra = (A[..., None] * dv * v_[..., None, :, :]).sum(-2)
-        v_in = v_ * mx.exp(bv[..., -1:, :] - bv)
+        v_in = v_ * mx.exp(sv)
     else:
         intra = A @ v_
         v_in = v_
@@ -88,82 +121,87 @@ def recurrent_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, o
     return o.astype(dtype), (S if output_final_state else None)
 
 
-def _check(q, k, v, g, initial_state, cu_seqlens):
+def _bounds(q, cu_seqlens):
+    """Sequence bounds of a packed batch as a tuple of ints (None for a plain batch)."""
+    if cu_seqlens is None:
+        return None
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {q.shape[0]}")
+    b = tuple(int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, mx.array) else cu_seqlens))
+    if len(b) < 2 or b[0] != 0 or b[-1] != q.shape[1] or any(y < x for x, y in zip(b, b[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[1]}, got {list(b)}")
+    return b
+
+
+def _check(q, k, v, g, initial_state, bounds):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
     if tuple(k.shape) != tuple(q.shape) or tuple(g.shape) != tuple(q.shape):
         raise ValueError(f"k and g must have q's shape {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(g.shape)}")
     if tuple(v.shape[:3]) != tuple(q.shape[:3]):
         raise ValueError(f"v must be [B, T, H, V] matching q's {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {q.shape[0]}")
     B, _, H, K = q.shape
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    N = B if bounds is None else len(bounds) - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, H, K, v.shape[-1]):
         raise ValueError(f"initial_state must be [{N}, {H}, {K}, {v.shape[-1]}], got {tuple(initial_state.shape)}")
 
 
-def _with_metal(pure, kernel_name):
-    """Run the Metal kernel forward when available; the gradient is the pure path's vjp."""
+def _pure(kind, q, k, v, g, h0, scale, bounds):
+    """The pure-MLX op: the Metal kernels' fallback and, always, their gradient."""
+    fn = chunk_gated if kind == "chunk" else recurrent_gated
+    if bounds is None:
+        return fn(q, k, v, g, None, scale, h0, True)
+    outs, states = [], []
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        o, s = fn(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], None, scale, h0[n:n + 1], True)
+        outs.append(o)
+        states.append(s)
+    return mx.concatenate(outs, 1), mx.concatenate(states, 0)
 
+
+def _gla(kind, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    bounds = _bounds(q, cu_seqlens)
+    _check(q, k, v, g, initial_state, bounds)
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    N = B if bounds is None else len(bounds) - 1
+    scale = K ** -0.5 if scale is None else float(scale)
+    h0 = mx.zeros((N, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
+
+    def pure(q, k, v, g, h0):
+        return _pure(kind, q, k, v, g, h0, scale, bounds)
+
+    # The Metal kernel's forward when there is one for these shapes and dtypes; the
+    # gradient always comes from the pure path, so fine-tuning works on either.
     @mx.custom_function
-    def op(q, k, v, g, h0, scale):
+    def op(q, k, v, g, h0):
         if mx.metal.is_available():
             from . import kernels
 
-            if kernels.supported(q.shape[-1], v.shape[-1], q.dtype):
-                return getattr(kernels, kernel_name)(q, k, v, g, scale, h0, True)
-        return pure(q, k, v, g, scale, h0)
+            if kernels.supported(K, V, q.dtype, k.dtype, v.dtype, g.dtype):
+                return getattr(kernels, f"metal_{kind}_gla")(q, k, v, g, scale, h0, True, bounds)
+        return pure(q, k, v, g, h0)
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
-        q, k, v, g, h0, scale = primals
-        _, vjps = mx.vjp(lambda q, k, v, g, h0: pure(q, k, v, g, scale, h0), [q, k, v, g, h0], list(cotangents))
-        return (*vjps, mx.zeros_like(scale))
+        _, vjps = mx.vjp(pure, list(primals), list(cotangents))
+        return tuple(vjps)
 
-    return op
-
-
-def _pure_chunk(q, k, v, g, scale, h0):
-    return chunk_gated(q, k, v, g, None, scale, h0, True)
-
-
-def _pure_recurrent(q, k, v, g, scale, h0):
-    return recurrent_gated(q, k, v, g, None, scale, h0, True)
-
-
-_chunk_op = _with_metal(_pure_chunk, "metal_chunk_gla")
-_recurrent_op = _with_metal(_pure_recurrent, "metal_recurrent_gla")
-
-
-def _run(op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    _check(q, k, v, g, initial_state, cu_seqlens)
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    sc = mx.array(scale, dtype=mx.float32)
-    if cu_seqlens is None:
-        h0 = mx.zeros((B, H, K, V), mx.float32) if initial_state is None else initial_state.astype(mx.float32)
-        o, s = op(q, k, v, g, h0, sc)
-        return o, (s if output_final_state else None)
-    bounds = [int(x) for x in cu_seqlens]
-    outs, states = [], []
-    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = mx.zeros((1, H, K, V), mx.float32) if initial_state is None else initial_state[n:n + 1].astype(mx.float32)
-        o, s = op(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], h0, sc)
-        outs.append(o)
-        states.append(s)
-    return mx.concatenate(outs, 1), (mx.concatenate(states, 0) if output_final_state else None)
+    o, s = op(q, k, v, g, h0)
+    return o, (s if output_final_state else None)
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """GLA over a whole sequence, chunked: prefill and training. Returns ``(o, final_state)``."""
-    return _run(_chunk_op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    """GLA over a whole sequence, chunked: prefill and training. Returns ``(o, final_state)``.
+
+    ``cu_seqlens`` (B == 1): bounds of packed sequences, each with its own state (one
+    launch per kernel on Metal)."""
+    return _gla("chunk", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """GLA token by token: decode and short prefill. Same contract as ``chunk_gla``."""
-    return _run(_recurrent_op, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return _gla("recurrent", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=False, chunked=True):

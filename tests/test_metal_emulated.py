@@ -1,8 +1,10 @@
 """The Metal kernels of metal/*.metal against the float64 spec, run by the CPU emulator.
 
-The emulator (tests/metal_emu) compiles the exact source MLX would hand to Metal with g++
-and runs every GPU thread as a fiber with real barriers and simdgroup exchanges. Needs a
-C++17 compiler (g++) on Linux; skipped elsewhere.
+``regla_mlx.kernels.metal_chunk_gla`` / ``metal_recurrent_gla`` run their real launch code
+with ``mx.fast.metal_kernel`` replaced by the emulator (tests/metal_emu), which compiles the
+exact source MLX would hand to Metal with g++ and runs every GPU thread as a fiber with real
+barriers and simdgroup exchanges. Needs MLX and a C++17 compiler (g++) on Linux; skipped
+elsewhere. tests/test_ops_metal_emulated.py runs the same kernels through regla_mlx.ops.
 """
 
 import shutil
@@ -14,14 +16,15 @@ import pytest
 from regla import spec
 from conftest import make_inputs, rel_rms
 
+pytest.importorskip("mlx.core", reason="MLX is not installed (pip install '.[mlx]')")
+
 if not sys.platform.startswith("linux") or shutil.which("g++") is None:  # pragma: no cover
     # The fiber switching (ucontext + _setjmp) is written for glibc; on a Mac run the
     # real kernels instead: pytest -m metal.
     pytest.skip("the Metal emulator runs on Linux with g++", allow_module_level=True)
 
-from metal_emu import emulated_chunk_gla, emulated_recurrent_gla, round_to  # noqa: E402
+from metal_emu import emulated_gla, round_to  # noqa: E402
 
-KERNELS = {"chunk": emulated_chunk_gla, "recurrent": emulated_recurrent_gla}
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 5e-3}
 
 
@@ -31,13 +34,8 @@ def check(kind, B, T, H, K, V, gates, with_state, dtype="float32", g_dtype=None,
     # The reference sees the values the kernel sees.
     q, k, v = (round_to(x, dtype) for x in (q, k, v))
     g = round_to(g, g_dtype)
-    args = dict(bf16=dtype == "bfloat16", g_dtype=g_dtype, seed=seed)
-    if dtype == "float16":
-        qa, ka, va = (x.astype(np.float16) for x in (q, k, v))
-    else:
-        qa, ka, va = q, k, v
     scale = K ** -0.5
-    o, s = KERNELS[kind](qa, ka, va, g, scale, h0, **args)
+    o, s = emulated_gla(kind, q, k, v, g, scale, h0, dtypes=(dtype, dtype, dtype, g_dtype), seed=seed)
     ro, rs = spec.recurrent_gla(q, k, v, g, scale, h0)
     eo, es = rel_rms(o, ro), rel_rms(s, rs)
     assert o.shape == ro.shape and s.shape == rs.shape
@@ -96,24 +94,37 @@ def test_f16_head_dim_256(kind):
     check(kind, 1, 65, 1, 256, 256, "mixed", True, dtype="float16")
 
 
+@pytest.mark.parametrize("kind", ["chunk", "recurrent"])
+def test_varlen_one_launch(kind):
+    """Sequences of 0, 1, 63, 64, 65 and 130 rows packed in one launch, each with its
+    own initial state, against the spec sequence by sequence."""
+    lens = [0, 1, 63, 64, 65, 130]
+    cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
+    q, k, v, g, _ = make_inputs(1, cu[-1], 2, 64, 64, "mixed", seed=12, with_state=False)
+    h0 = np.random.default_rng(13).standard_normal((len(lens), 2, 64, 64)).astype(np.float32)
+    o, s = emulated_gla(kind, q, k, v, g, None, h0, cu_seqlens=cu)
+    ro, rs = spec.recurrent_gla(q, k, v, g, None, h0, cu_seqlens=cu)
+    assert rel_rms(o, ro) <= 1e-5 and rel_rms(s, rs) <= 1e-5
+
+
 def test_chunk_matches_recurrent_kernel():
     """Prefill with one kernel, decode with the other: the states hand over."""
     q, k, v, g, h0 = make_inputs(1, 70, 2, 64, 128, gates="mixed", seed=3)
-    o1, s1 = emulated_chunk_gla(q[:, :67], k[:, :67], v[:, :67], g[:, :67], None, h0)
-    o2, s2 = emulated_recurrent_gla(q[:, 67:], k[:, 67:], v[:, 67:], g[:, 67:], None, s1)
+    o1, s1 = emulated_gla("chunk", q[:, :67], k[:, :67], v[:, :67], g[:, :67], None, h0)
+    o2, s2 = emulated_gla("recurrent", q[:, 67:], k[:, 67:], v[:, 67:], g[:, 67:], None, s1)
     ro, rs = spec.recurrent_gla(q, k, v, g, None, h0)
     assert rel_rms(np.concatenate([o1, o2], 1), ro) <= 1e-5
     assert rel_rms(s2, rs) <= 1e-5
 
 
 def test_gate_extremes_are_finite():
-    """Gates of -1e4 on every channel (state wiped each step) next to gates of exactly 0."""
+    """Gates of -1e4 on every other channel (state wiped each step) next to gates of exactly 0."""
     B, T, H, K, V = 1, 97, 1, 64, 64
     q, k, v, _, h0 = make_inputs(B, T, H, K, V, seed=5)
     g = np.zeros((B, T, H, K), np.float32)
     g[..., ::2] = -1e4
-    for f in (emulated_chunk_gla, emulated_recurrent_gla):
-        o, s = f(q, k, v, g, None, h0)
+    for kind in ("chunk", "recurrent"):
+        o, s = emulated_gla(kind, q, k, v, g, None, h0)
         ro, rs = spec.recurrent_gla(q, k, v, g, None, h0)
         assert np.isfinite(o).all() and np.isfinite(s).all()
         assert rel_rms(o, ro) <= 1e-5 and rel_rms(s, rs) <= 1e-5
@@ -123,7 +134,7 @@ def test_gate_extremes_are_finite():
 def test_result_independent_of_interleaving(seed):
     """Another random interleaving of threads and simdgroups gives the same bits."""
     q, k, v, g, h0 = make_inputs(1, 65, 1, 64, 64, seed=7)
-    a = emulated_chunk_gla(q, k, v, g, None, h0, seed=0)
-    b = emulated_chunk_gla(q, k, v, g, None, h0, seed=seed)
+    a = emulated_gla("chunk", q, k, v, g, None, h0, seed=0)
+    b = emulated_gla("chunk", q, k, v, g, None, h0, seed=seed)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])

@@ -6,7 +6,7 @@ import pytest
 mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install '.[mlx]')")
 
 from regla import spec  # noqa: E402
-from regla_mlx.ops import chunk_gla, chunk_gsa, recurrent_gla  # noqa: E402
+from regla_mlx.ops import chunk_gated, chunk_gla, chunk_gsa, recurrent_gla  # noqa: E402
 from conftest import make_inputs, rel_rms  # noqa: E402
 
 OPS = {"chunk": chunk_gla, "recurrent": recurrent_gla}
@@ -32,6 +32,38 @@ def test_op_matches_spec(op, dtype, gates, T):
     assert np.isfinite(np_(o)).all() and np.isfinite(np_(s)).all()
     assert rel_rms(np_(o), ro) <= TOL[dtype]
     assert rel_rms(np_(s), rs) <= TOL[dtype]
+
+
+def spiky_gates(B, T, H, K, seed=0):
+    """Issue #20's case: a log gate of -1e4 at every 13th token, weak gates (-1e-3..0) between.
+    A chunked form that takes differences of in-chunk cumulative sums is ~5e-4 off here."""
+    rng = np.random.default_rng(seed)
+    g = -1e-3 * rng.random((B, T, H, K))
+    g[:, ::13] = -1e4
+    return g.astype(np.float32)
+
+
+@pytest.mark.parametrize("T", [64, 100, 1000])
+def test_chunk_fp32_spiky_gates(T):
+    q, k, v, _, h0 = make_inputs(1, T, 2, 16, 8, seed=T)
+    g = spiky_gates(1, T, 2, 16, seed=T)
+    ro, rs = spec.recurrent_gla(q, k, v, g, None, h0)
+    o, s = chunk_gla(*(mx.array(x) for x in (q, k, v, g)), None, mx.array(h0), True)
+    assert rel_rms(np_(o), ro) <= 1e-5 and rel_rms(np_(s), rs) <= 1e-5
+
+
+def test_value_gated_chunk_spiky_gates():
+    """The value-side gate (GSA's path) under the same gates, against a float64 loop."""
+    q, k, v, _, _ = make_inputs(1, 100, 1, 8, 16, seed=2, with_state=False)
+    gv = spiky_gates(1, 100, 1, 16, seed=2)
+    h0 = np.random.default_rng(3).standard_normal((1, 1, 8, 16))
+    S, ro = h0[0, 0].copy(), []
+    for t in range(100):
+        S = S * np.exp(gv[0, t, 0].astype(np.float64))[None, :] + np.outer(k[0, t, 0], v[0, t, 0])
+        ro.append(0.5 * q[0, t, 0].astype(np.float64) @ S)
+    o, s = chunk_gated(*(mx.array(x) for x in (q, k, v)), None, mx.array(gv), 0.5,
+                       mx.array(h0.astype(np.float32)), True)
+    assert rel_rms(np_(o)[0, :, 0], np.array(ro)) <= 1e-5 and rel_rms(np_(s)[0, 0], S) <= 1e-5
 
 
 @pytest.mark.parametrize("op", list(OPS))

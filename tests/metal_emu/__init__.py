@@ -7,14 +7,27 @@ input and output buffers in order, ``*_shape`` / ``*_strides`` / ``*_ndim`` buff
 the body mentions them, template parameters, and the position attributes the body
 mentions. The result is compiled against ``metal_emu.h`` (Metal types and built-ins as C++17),
 with a small launcher that runs the grid; see that header for the execution model (one
-fiber per GPU thread, real barriers and simdgroup exchanges, seeded random interleaving).
+fiber per GPU thread, real barriers and simdgroup exchanges, seeded random interleaving)
+and for what it rejects. Before compiling, :func:`strict_source` rewrites the address-space
+qualified types of the text into the header's checked types (``device T*`` ->
+``emu::ptr<emu::kDevice, T>``, ``threadgroup T x[N];`` -> ``EMU_TG(T, x, N)``), so that
+address spaces stay distinct types and every buffer access is bounds-checked; any
+qualified form it does not know is left to fail compilation.
 
-Builds are cached under ``tests/metal_emu/_build/`` keyed by a hash of the generated
-source, the emulator header and the compiler flags.
+The scheduler, fibers and launch loop live in ``runtime.cpp``, compiled once into a shared
+library that every kernel library links to, so a kernel's translation unit is only its
+text and the light header (about 1 s of g++ each). Builds are cached under
+``tests/metal_emu/_build/`` keyed by a hash of the generated source, the emulator sources
+and the compiler flags.
+
+:class:`EmulatedMetalKernel` stands in for ``mx.fast.metal_kernel`` (:func:`emulated_metal`
+puts it in place), so ``regla_mlx.kernels`` and ``regla_mlx.ops`` run their own launch code
+with the emulator under them; :func:`emulated_gla` is that for NumPy inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -37,6 +50,10 @@ CXXFLAGS = [
     "-Wno-attributes", "-Wno-unknown-pragmas",
     # _longjmp between fiber stacks trips glibc's longjmp_chk.
     "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+    # Metal has no double: an unsuffixed literal such as 0.5 is a float there.
+    "-fsingle-precision-constant",
+    # A register read before it is written is undefined on a GPU as well.
+    "-Werror=uninitialized",
 ]
 
 # MLX's get_type_string for the dtypes the kernels see.
@@ -176,42 +193,84 @@ def mlx_kernel_source(spec: dict, inputs: list, output_dtypes: list[str]):
     return kernel_name, src, attributes, shape_infos, template_def
 
 
+# `[const] device|threadgroup|constant [const] T *|&` (T a name, maybe qualified or templated).
+_QUALIFIED = re.compile(
+    r"\b(?:(const)\s+)?(device|threadgroup|constant|thread)\s+(?:(const)\s+)?"
+    r"([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)\s*([*&])")
+# `threadgroup T name[N];` (one dimension).
+_TG_DECL = re.compile(r"\bthreadgroup\s+([A-Za-z_][\w:]*(?:\s*<[^<>;()]*>)?)\s+([A-Za-z_]\w*)\s*\[([^\[\]]+)\]\s*;")
+_SPACE = {"device": "emu::kDevice", "threadgroup": "emu::kThreadgroup", "constant": "emu::kConstant"}
+
+
+def strict_source(src: str) -> str:
+    """Metal text with its address-space qualified types replaced by the emulator's
+    checked ones (see metal_emu.h). Forms not matched here keep their qualifier, which
+    the header defines to an error, so they fail to compile instead of passing unchecked."""
+    src = _TG_DECL.sub(lambda m: f"EMU_TG({m.group(1)}, {m.group(2)}, ({m.group(3)}));", src)
+
+    def qualified(m):
+        const = bool(m.group(1) or m.group(3))
+        space, typ, kind = m.group(2), m.group(4), m.group(5)
+        t = ("const " if const else "") + typ
+        if space == "thread":
+            return t + kind
+        if kind == "&":
+            # a read-only scalar argument (`const constant float& scale`): a plain value
+            return t + "&" if (space == "constant" and const) else m.group(0)
+        return f"emu::ptr<{_SPACE[space]}, {t}>"
+
+    return _QUALIFIED.sub(qualified, src)
+
+
 def _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes, shape_infos):
     args, slot = [], 0
+
+    def buf(space, t, name):
+        nonlocal slot
+        args.append(f'emu::buffer<{space}, {t}>(bufs[{slot}], sizes[{slot}], "{name}")')
+        slot += 1
+
     for i, (dt, shape) in enumerate(inputs):
         t = _tstr(dt)
+        name = spec["input_names"][i]
+        size = int(np.prod(shape)) if len(shape) else 1
         if len(shape) == 0:
             args.append(f"*(const {t}*)bufs[{slot}]")
+            slot += 1
         else:
-            args.append(f"(const {t}*)bufs[{slot}]")
-        slot += 1
+            buf("emu::kConstant" if size < MAX_CONSTANT_ARRAY_SIZE else "emu::kDevice", f"const {t}", name)
         if len(shape) > 0:
             has_shape, has_strides, has_ndim = shape_infos[i]
             if has_shape:
-                args.append(f"(const int*)bufs[{slot}]")
-                slot += 1
+                buf("emu::kConstant", "const int", name + "_shape")
             if has_strides:
-                args.append(f"(const int64_t*)bufs[{slot}]")
-                slot += 1
+                buf("emu::kConstant", "const int64_t", name + "_strides")
             if has_ndim:
                 args.append(f"*(const int*)bufs[{slot}]")
                 slot += 1
-    for dt in output_dtypes:
-        args.append(f"({_tstr(dt)}*)bufs[{slot}]")
-        slot += 1
+    for i, dt in enumerate(output_dtypes):
+        buf("emu::kDevice", _tstr(dt), spec["output_names"][i])
     for a, _ in attributes:
         args.append(ATTRIBUTE_VALUE.get(a, "a." + a))
     call = kernel_name + template_def + "(\n        " + ",\n        ".join(args) + ")"
     return f"""
-extern "C" int regla_emu_launch(void** bufs, const unsigned* grid, const unsigned* tg,
+namespace {{
+struct LaunchArgs {{
+  void** bufs;
+  const unsigned long* sizes;
+}};
+void run_thread(void* ctx, const emu::Attrs& a) {{
+  void** bufs = static_cast<LaunchArgs*>(ctx)->bufs;
+  const unsigned long* sizes = static_cast<LaunchArgs*>(ctx)->sizes;
+  (void)sizes;
+  {call};
+}}
+}}  // namespace
+
+extern "C" int regla_emu_launch(void** bufs, const unsigned long* sizes, const unsigned* grid, const unsigned* tg,
                                 unsigned seed, int workers, char* err, int errlen) {{
-  emu::Launch L;
-  for (int d = 0; d < 3; ++d) {{ L.grid[d] = grid[d]; L.tg[d] = tg[d]; }}
-  L.seed = seed;
-  L.workers = workers;
-  return emu::launch(L, [&](const emu::Attrs& a) {{
-    {call};
-  }}, err, errlen);
+  LaunchArgs args{{bufs, sizes}};
+  return emu::launch(grid, tg, seed, workers, run_thread, &args, err, errlen);
 }}
 """
 
@@ -220,30 +279,52 @@ _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
 
 
+def _compile(source: Path, out: Path, extra: list[str]):
+    """g++ ``source`` into the shared library ``out`` (written to a temporary name, then
+    renamed, so a concurrent or interrupted build never leaves a half-written library)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(fd)
+    cmd = [CXX, *CXXFLAGS, "-I", str(HERE / "include"), "-I", str(HERE), str(source), *extra, "-o", tmp]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        errors = "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln)
+        raise EmulationError(f"the kernel does not compile ({source}):\n{errors[:4000]}\n\n{r.stderr[-4000:]}")
+    os.replace(tmp, out)
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join([*parts, CXX, *CXXFLAGS]).encode()).hexdigest()[:24]
+
+
+def _runtime() -> Path:
+    """The runtime library (runtime.cpp: fibers, scheduler, launch loop), built once."""
+    core = (HERE / "emu_core.h").read_text()
+    so = BUILD_DIR / f"runtime_{_key((HERE / 'runtime.cpp').read_text(), core)}.so"
+    if not so.exists():
+        BUILD_DIR.mkdir(exist_ok=True)
+        _compile(HERE / "runtime.cpp", so, [])
+    return so
+
+
 def compile_source(full_source: str) -> ctypes.CDLL:
-    """Compile (or reuse) a translation unit; returns the loaded library."""
-    emu_header = (HERE / "metal_emu.h").read_text()
-    key = hashlib.sha256("\0".join([full_source, emu_header, CXX, *CXXFLAGS]).encode()).hexdigest()[:24]
+    """Compile (or reuse) a kernel's translation unit, linked to the runtime; returns the
+    loaded library."""
     with _lock:
+        runtime = _runtime()
+        key = _key(full_source, (HERE / "metal_emu.h").read_text(), runtime.name)
         if key in _libs:
             return _libs[key]
-        BUILD_DIR.mkdir(exist_ok=True)
         so = BUILD_DIR / f"k_{key}.so"
         if not so.exists():
             cpp = BUILD_DIR / f"k_{key}.cpp"
             cpp.write_text(full_source)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
-            os.close(fd)
-            cmd = [CXX, *CXXFLAGS, "-I", str(HERE / "include"), "-I", str(HERE), str(cpp), "-o", tmp]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                os.unlink(tmp)
-                raise EmulationError(f"g++ failed on {cpp}:\n{r.stderr[-6000:]}")
-            os.replace(tmp, so)
+            _compile(cpp, so, [str(runtime)])
         lib = ctypes.CDLL(str(so))
         lib.regla_emu_launch.restype = ctypes.c_int
         lib.regla_emu_launch.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
+            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ulong),
+            ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
             ctypes.c_uint, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
         ]
         _libs[key] = lib
@@ -254,7 +335,7 @@ def translation_unit(spec: dict, inputs: list, output_dtypes: list[str]) -> str:
     kernel_name, src, attributes, shape_infos, template_def = mlx_kernel_source(spec, inputs, output_dtypes)
     return (
         '#include "metal_emu.h"\n'
-        + src
+        + strict_source(src)
         + _launcher(kernel_name, template_def, spec, inputs, output_dtypes, attributes, shape_infos)
     )
 
@@ -290,97 +371,129 @@ def _device_array(x, dtype: str) -> np.ndarray:
 
 
 def run(spec: dict, arrays: list, dtypes: list[str], output_shapes: list, output_dtypes: list[str],
-        seed: int = 0, workers: int | None = None) -> list[np.ndarray]:
+        seed: int = 0, workers: int | None = None, init_value=None) -> list[np.ndarray]:
     """Launch ``spec`` on the emulator. ``arrays`` in input order (NumPy or Python scalars,
-    converted to ``dtypes``); returns the outputs as NumPy (bfloat16 comes back as float32)."""
+    converted to ``dtypes``); returns the outputs as NumPy (bfloat16 comes back as float32).
+    Outputs start as NaN (so unwritten elements show), or ``init_value`` as MLX's does."""
     dev = [_device_array(a, dt) for a, dt in zip(arrays, dtypes)]
     inputs = [(dt, d.shape) for d, dt in zip(dev, dtypes)]
     lib = compile_source(translation_unit(spec, inputs, output_dtypes))
     _, _, _, shape_infos, _ = mlx_kernel_source(spec, inputs, output_dtypes)
-    keep, ptrs = [], []
+    keep, ptrs, sizes = [], [], []
+
+    def add(a):
+        keep.append(a)
+        ptrs.append(a.ctypes.data)
+        sizes.append(a.size)
+
     for d, (has_shape, has_strides, has_ndim) in zip(dev, shape_infos):
-        keep.append(d)
-        ptrs.append(d.ctypes.data)
+        add(d)
         if d.ndim > 0:
-            extra = []
             if has_shape:
-                extra.append(np.array(d.shape, dtype=np.int32))
+                add(np.array(d.shape, dtype=np.int32))
             if has_strides:
-                extra.append(np.array([s // d.itemsize for s in d.strides], dtype=np.int64))
+                add(np.array([s // d.itemsize for s in d.strides], dtype=np.int64))
             if has_ndim:
-                extra.append(np.array(d.ndim, dtype=np.int32))
-            for e in extra:
-                keep.append(e)
-                ptrs.append(e.ctypes.data)
+                add(np.array(d.ndim, dtype=np.int32))
     outs = []
     for shp, dt in zip(output_shapes, output_dtypes):
         npdt = np.uint16 if dt == "bfloat16" else np.dtype(dt)
         # Garbage, not zeros, so a thread that forgets to write its output is seen.
-        o = np.full(shp, 0x7FC0 if dt == "bfloat16" else np.nan, dtype=npdt)
+        fill = np.nan if init_value is None else init_value
+        o = np.full(shp, to_bf16_bits(fill) if dt == "bfloat16" else fill, dtype=npdt)
         outs.append(o)
-        ptrs.append(o.ctypes.data)
+        add(o)
     bufs = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    csizes = (ctypes.c_ulong * len(sizes))(*sizes)
     grid = (ctypes.c_uint * 3)(*spec["grid"])
     tg = (ctypes.c_uint * 3)(*spec["threadgroup"])
     err = ctypes.create_string_buffer(1024)
     workers = workers or os.cpu_count() or 1
-    rc = lib.regla_emu_launch(bufs, grid, tg, seed, workers, err, len(err))
+    rc = lib.regla_emu_launch(bufs, csizes, grid, tg, seed, workers, err, len(err))
     if rc != 0:
         raise EmulationError(err.value.decode())
     return [from_bf16_bits(o) if dt == "bfloat16" else o for o, dt in zip(outs, output_dtypes)]
 
 
-# ------------------------------------------------------------------ GLA entry points
-_kernels_module = None
+# ------------------------------------------------------------------ mx.fast.metal_kernel stand-in
+class EmulatedMetalKernel:
+    """What ``mx.fast.metal_kernel(...)`` returns, run by the emulator: tests put this class
+    in place of ``mx.fast.metal_kernel`` (and make ``mx.metal.is_available`` true), so that
+    ``regla_mlx.kernels`` and ``regla_mlx.ops`` run their real launch code, on Linux, with
+    the kernel text a Mac would compile. Each call converts the MLX inputs to NumPy, runs
+    the grid and returns MLX arrays; calls made while MLX traces a function for a transform
+    other than ``vjp``/``grad`` cannot be served (the inputs have no values yet)."""
+
+    calls = 0  # launches served, across instances (tests check the kernels really ran)
+    seed = 0  # of the interleaving of threads
+    transform = {}  # kernel name -> function applied to its source (mutation tests)
+
+    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                 atomic_outputs=False):
+        if atomic_outputs:
+            raise EmulationError("atomic outputs are not emulated")
+        source = EmulatedMetalKernel.transform.get(name, lambda s: s)(source)
+        self.spec = dict(name=name, input_names=list(input_names), output_names=list(output_names),
+                         source=source, header=header)
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+                 init_value=None, verbose=False, stream=None):
+        import mlx.core as mx
+
+        def name(dt):
+            return str(dt).split(".")[-1]
+
+        arrays, dtypes = [], []
+        for x in inputs:
+            if not isinstance(x, mx.array):
+                x = mx.array(x)
+            dt = name(x.dtype)
+            arrays.append(np.array(x.astype(mx.float32)) if dt == "bfloat16" else np.array(x))
+            dtypes.append(dt)
+        tmpl = [(n, v if isinstance(v, (bool, int)) else name(v)) for n, v in (template or [])]
+        spec = dict(self.spec, template=tmpl, grid=tuple(grid), threadgroup=tuple(threadgroup))
+        out_dt = [name(d) for d in output_dtypes]
+        outs = run(spec, arrays, dtypes, [tuple(s) for s in output_shapes], out_dt, seed=EmulatedMetalKernel.seed,
+                   init_value=init_value)
+        EmulatedMetalKernel.calls += 1
+        return [mx.array(o).astype(d) for o, d in zip(outs, output_dtypes)]
 
 
-def _kernels():
-    """``regla_mlx/kernels.py`` loaded by path: kernel_spec needs neither MLX nor the
-    ``regla_mlx`` package's other modules."""
-    global _kernels_module
-    if _kernels_module is None:
-        import importlib.util
+@contextlib.contextmanager
+def emulated_metal(transform=None, seed=0):
+    """Inside: ``mx.fast.metal_kernel`` is :class:`EmulatedMetalKernel` and
+    ``mx.metal.is_available()`` is true, so ``regla_mlx.kernels`` and ``regla_mlx.ops`` take
+    their Metal paths. ``transform`` maps kernel names (``regla_gla_chunk_a``, ...) to
+    functions applied to their source; ``seed`` picks the thread interleaving."""
+    import mlx.core as mx
+    from regla_mlx import kernels
 
-        path = REPO / "regla_mlx" / "kernels.py"
-        spec = importlib.util.spec_from_file_location("_regla_metal_kernels", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _kernels_module = mod
-    return _kernels_module
+    saved = mx.metal.is_available, mx.fast.metal_kernel, EmulatedMetalKernel.transform, EmulatedMetalKernel.seed
+    mx.metal.is_available = lambda: True
+    mx.fast.metal_kernel = EmulatedMetalKernel
+    EmulatedMetalKernel.transform, EmulatedMetalKernel.seed = dict(transform or {}), seed
+    kernels._build.cache_clear()
+    try:
+        yield
+    finally:
+        mx.metal.is_available, mx.fast.metal_kernel, EmulatedMetalKernel.transform, EmulatedMetalKernel.seed = saved
+        kernels._build.cache_clear()
 
 
-def _emulated_gla(kind, q, k, v, g, scale=None, initial_state=None, *, bf16=False, g_dtype=None,
-                  seed=0, workers=None, source_transform=None):
-    q = np.asarray(q)
-    dtype = "bfloat16" if bf16 else {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}[q.dtype]
-    g_dtype = g_dtype or dtype
-    B, T, H, K = q.shape
-    V = np.shape(v)[-1]
-    spec = _kernels().kernel_spec(kind, dtype, K, V, B, H)
-    if source_transform is not None:
-        spec = dict(spec, source=source_transform(spec["source"]))
+def emulated_gla(kind, q, k, v, g, scale=None, initial_state=None, *, dtypes=None, cu_seqlens=None,
+                 transform=None, seed=0):
+    """``regla_mlx.kernels.metal_{kind}_gla`` (kind ``chunk`` or ``recurrent``) on NumPy
+    inputs, emulated. ``dtypes`` names the dtypes of q, k, v, g (default: the arrays' own).
+    Returns NumPy ``(o as float32, final state)``."""
+    import mlx.core as mx
+    from regla_mlx import kernels
+
+    xs = (q, k, v, g)
+    dtypes = dtypes or [np.asarray(x).dtype.name for x in xs]
+    arrays = [mx.array(np.asarray(x, np.float32)).astype(getattr(mx, d)) for x, d in zip(xs, dtypes)]
+    K = np.shape(q)[-1]
     scale = K ** -0.5 if scale is None else scale
-    h0 = np.zeros((B, H, K, V), np.float32) if initial_state is None else initial_state
-    o, ht = run(
-        spec,
-        [q, k, v, g, h0, np.float32(scale)],
-        [dtype, dtype, dtype, g_dtype, "float32", "float32"],
-        [(B, T, H, V), (B, H, K, V)],
-        [dtype, "float32"],
-        seed=seed, workers=workers,
-    )
-    # np.float32(scale) has shape (): a 0-d input, passed by reference like MLX does.
-    return o, ht
-
-
-def emulated_chunk_gla(q, k, v, g, scale=None, initial_state=None, **kw):
-    """The Metal chunk kernel, emulated. Arrays in float32 or float16 select the
-    instantiation (``bf16=True`` rounds inputs to bfloat16 and selects that one);
-    ``g_dtype`` overrides the gate's dtype. Returns NumPy ``(o, final_state)``."""
-    return _emulated_gla("chunk", q, k, v, g, scale, initial_state, **kw)
-
-
-def emulated_recurrent_gla(q, k, v, g, scale=None, initial_state=None, **kw):
-    """The Metal recurrent (decode) kernel, emulated; same arguments as
-    :func:`emulated_chunk_gla`."""
-    return _emulated_gla("recurrent", q, k, v, g, scale, initial_state, **kw)
+    h0 = None if initial_state is None else mx.array(initial_state)
+    with emulated_metal(transform, seed):
+        o, s = getattr(kernels, f"metal_{kind}_gla")(*arrays, scale, h0, True, cu_seqlens)
+        return np.array(o.astype(mx.float32)), np.array(s)
