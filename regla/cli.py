@@ -144,11 +144,47 @@ def _chat_quit(session, arg):
     return False
 
 
+def _session_file(session, arg):
+    path = arg or getattr(session, "session_file", None)
+    if not path:
+        typer.secho("give a file name, e.g. /save chat.safetensors (or start with --session FILE)",
+                    fg=typer.colors.YELLOW)
+    return path
+
+
+def _chat_save(session, arg):
+    from regla.chat import SessionError
+
+    path = _session_file(session, arg)
+    if path:
+        try:
+            saved = session.save(path)
+            typer.secho(f"(saved to {saved}: {saved.stat().st_size:,} bytes)", dim=True)
+        except (SessionError, OSError) as e:
+            typer.secho(f"could not save: {e}", fg=typer.colors.YELLOW)
+    return True
+
+
+def _chat_load(session, arg):
+    from regla.chat import SessionError
+
+    path = _session_file(session, arg)
+    if path:
+        try:
+            session.load(path)
+            typer.secho(f"(loaded {path}: {session.turns} earlier answers in the state)", dim=True)
+        except SessionError as e:
+            typer.secho(f"could not load: {e}", fg=typer.colors.YELLOW)
+    return True
+
+
 # The chat's slash commands: name -> (help line, or None for an alias; handler(session, argument
 # text) returning False to end the chat). New commands are one entry here.
 CHAT_COMMANDS = {
     "/help": ("list these commands", _chat_help),
     "/reset": ("forget the conversation and start again", _chat_reset),
+    "/save": ("[FILE] save the conversation's state (constant size; default: the --session file)", _chat_save),
+    "/load": ("[FILE] continue a saved conversation (default: the --session file)", _chat_load),
     "/quit": ("leave the chat (also /exit or Ctrl-D; Ctrl-C stops an answer)", _chat_quit),
     "/exit": (None, _chat_quit),
 }
@@ -178,12 +214,23 @@ def chat(
     repetition_penalty: float = repetition_penalty_option(),
     seed: Optional[int] = seed_option(),
     backend: Backend = backend_option(),
+    session_file: Optional[Path] = typer.Option(None, "--session", help="Resume the conversation saved in this "
+                                                "file if it exists, and save it there on exit (also /save, /load)."),
 ):
     """Interactive streaming chat; the conversation lives in the recurrent state."""
     import sys
 
+    from regla.chat import SessionError
+
     sampling = dict(temp=temp, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
     session = _open_session(_model_path(model), backend.value, max_tokens, sampling, seed)
+    session.session_file = session_file
+    if session_file is not None and session_file.exists():
+        try:
+            session.load(session_file)
+        except SessionError as e:
+            fail(str(e), code=2)
+        typer.secho(f"(resumed {session_file}: {session.turns} earlier answers in the state)", dim=True)
     mode = "chat template" if session.use_template else "plain continuation (no chat template)"
     typer.secho(f"regla chat: {backend.value} backend, {mode}. /help lists commands, /reset clears the "
                 "conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer.", dim=True)
@@ -215,6 +262,8 @@ def chat(
         typer.echo()
         note = ", interrupted" if turn.interrupted else ""
         typer.secho(f"[{turn.tokens} tokens, {turn.tokens_per_second:.1f} tokens/s{note}]", dim=True)
+    if session_file is not None:
+        _chat_save(session, str(session_file))
 
 
 @app.command()
@@ -496,8 +545,10 @@ def _open_session(path: str, backend: str, max_tokens: int, sampling: dict, seed
 
                 if seed is not None:
                     mx.random.seed(seed)
+                from regla.checkpoint import resolve
+
                 model, tokenizer = regla_mlx.load(path)
-                return regla_mlx.ChatSession(model, tokenizer, max_tokens, sampling)
+                return regla_mlx.ChatSession(model, tokenizer, max_tokens, sampling, model_path=str(resolve(path)))
             import torch
 
             import regla_torch
@@ -507,7 +558,8 @@ def _open_session(path: str, backend: str, max_tokens: int, sampling: dict, seed
                 torch.manual_seed(seed)
             # on an NVIDIA GPU when there is one: Triton kernels and the CUDA-graph decode step
             device = "cuda" if torch.cuda.is_available() else None
-            return ChatSession(regla_torch.load(path, device=device), load_tokenizer(path), max_tokens, sampling)
+            return ChatSession(regla_torch.load(path, device=device), load_tokenizer(path), max_tokens, sampling,
+                               model_path=path)
     except ImportError as e:
         other = "torch" if backend == "mlx" else "mlx"
         fail(f"the {backend} backend is not installed ({e.name} missing): pip install -e '.[{backend}]', "

@@ -17,12 +17,13 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from regla import checkpoint
-from regla.chat import Turn, chat_delta
+from regla.chat import (CONTEXT, SessionError, Turn, chat_delta, check_session, resumed_history,
+                        session_metadata, write_atomically)
 from regla.checkpoint import CheckpointError
 from regla.spec import ConfigError, check_weights
 
@@ -150,6 +151,7 @@ class ChatSession:
     max_tokens: int = 512
     sampling: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    model_path: Optional[str] = None  # recorded in saved sessions (mlx_lm.generate reads it back)
 
     def __post_init__(self):
         if not isinstance(self.tokenizer, TokenizerWrapper):
@@ -162,6 +164,38 @@ class ChatSession:
         self.history = []
         self.consumed = ""  # the conversation as the state has read it (template mode)
         self.tokens = []  # every token id the state has read, in order
+        self.turns, self.ended = 0, False  # answers so far; whether the last one ended with EOS
+
+    def save(self, path):
+        """The conversation's state as mlx-lm's prompt-cache file (constant size for linear
+        layers); ``mlx_lm.generate --prompt-cache-file`` can continue it."""
+        meta = session_metadata("mlx", self.model.args, self.model_path, self.turns, self.ended,
+                                self.tokens[-CONTEXT:])
+        return write_atomically(path, lambda tmp: save_prompt_cache(tmp, self.cache, meta))
+
+    def load(self, path):
+        """Resume a conversation saved by ``save`` (or a prompt cache of ``mlx_lm.cache_prompt``
+        for this model); refuses a file of another model or backend."""
+        from pathlib import Path
+
+        if not Path(path).expanduser().is_file():
+            raise SessionError(f"{path}: no such session file")
+        try:
+            _, raw = mx.load(str(Path(path).expanduser()), return_metadata=True)
+        except Exception as e:  # safetensors/mlx errors of a damaged file
+            raise SessionError(f"{path} cannot be read as a session ({e}); was it written completely?") from None
+        fields = check_session(raw, "mlx", self.model.args, path)
+        try:
+            cache = load_prompt_cache(str(Path(path).expanduser()))
+        except Exception as e:
+            raise SessionError(f"{path} cannot be read as mlx-lm's prompt cache ({e})") from None
+        fresh = make_prompt_cache(self.model)
+        if [type(c).__name__ for c in cache] != [type(c).__name__ for c in fresh]:
+            raise SessionError(f"{path} holds a state for another layer layout than this model's")
+        self.reset()
+        self.cache, self.turns, self.ended, self.tokens = cache, fields["turns"], fields["ended"], fields["context"]
+        if self.use_template and self.turns:
+            self.history, self.consumed = resumed_history(self.tokenizer, self.ended)
 
     def _snapshot(self):
         # fresh containers: ArraysCache.state hands out its own list, which later steps overwrite
@@ -219,6 +253,7 @@ class ChatSession:
         seconds = time.perf_counter() - start
         answer = "".join(pieces)
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        self.turns, self.ended = self.turns + 1, finish == "stop" and not interrupted
         eos = self.tokenizer.eos_token if (finish == "stop" and not interrupted) else ""
         self.consumed = consumed + answer + (eos or "")
         if interrupted or not tps:

@@ -6,7 +6,10 @@ Sampling uses transformers' logits processors; the conversation lives in a
 
 from __future__ import annotations
 
-from regla.chat import Turn, chat_delta
+import json
+
+from regla.chat import (CONTEXT, SessionError, Turn, chat_delta, check_session, resumed_history,
+                        session_metadata, write_atomically)
 
 
 def load_tokenizer(path):
@@ -163,9 +166,10 @@ class ChatSession:
     """The PyTorch twin of ``regla_mlx.ChatSession``: the conversation lives in a RecurrentCache
     and each turn feeds only its new tokens (plus the previous answer's last token)."""
 
-    def __init__(self, model, tokenizer, max_tokens, sampling):
+    def __init__(self, model, tokenizer, max_tokens, sampling, model_path=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_tokens, self.sampling = max_tokens, sampling
+        self.model_path = model_path  # recorded in saved sessions
         self.use_template = bool(getattr(tokenizer, "chat_template", None))
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -174,6 +178,53 @@ class ChatSession:
     def reset(self):
         self.cache = self.model.make_cache()
         self.history, self.consumed, self.pending, self.seen = [], "", [], []
+        self.turns, self.ended = 0, False  # answers so far; whether the last one ended with EOS
+
+    def save(self, path):
+        """The conversation's state as a safetensors file: every layer's state tensors (the same
+        states as MLX's prompt-cache file), the token the cache has yet to read, and the session
+        metadata (constant size for linear layers)."""
+        from safetensors.torch import save_file
+
+        tensors, layout = {}, []
+        for i, st in enumerate(self.cache.states):
+            layout.append(None if st is None else [x is not None for x in st])
+            for j, x in enumerate(st or ()):
+                if x is not None:
+                    tensors[f"layers.{i}.{j}"] = x.detach().contiguous().cpu()
+        meta = session_metadata("torch", self.model.args, self.model_path, self.turns, self.ended,
+                                self.seen[-CONTEXT:], self.pending)
+        meta.update(layout=json.dumps(layout), seen_tokens=str(self.cache.seen_tokens))
+        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def load(self, path):
+        """Resume a conversation saved by ``save``; refuses a file of another model or backend."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SessionError(f"{path}: no such session file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise SessionError(f"{path} cannot be read as a session ({e}); was it written completely?") from None
+        fields = check_session(meta, "torch", self.model.args, path)
+        layout = json.loads(meta["layout"])
+        if len(layout) != len(self.cache.states):
+            raise SessionError(f"{path} holds {len(layout)} layers' states, this model has {len(self.cache.states)}")
+        device = next(self.model.parameters()).device
+        self.reset()
+        self.cache.states = [None if slots is None else tuple(
+            tensors[f"layers.{i}.{j}"].to(device) if present else None for j, present in enumerate(slots))
+            for i, slots in enumerate(layout)]
+        self.cache.seen_tokens = int(meta["seen_tokens"])
+        self.turns, self.ended = fields["turns"], fields["ended"]
+        self.seen, self.pending = fields["context"], fields["pending"]
+        if self.use_template and self.turns:
+            self.history, self.consumed = resumed_history(self.tokenizer, self.ended)
 
     def _run(self, ids, consumed, on_text, message=None):
         import time
@@ -217,6 +268,7 @@ class ChatSession:
             self.seen += ids + gen
             self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
             self.consumed = consumed + text + ((self.tokenizer.eos_token or "") if stop else "")
+            self.turns, self.ended = self.turns + 1, stop
         return Turn(text, n, seconds, "stop" if stop else "length", interrupted, n / seconds if seconds > 0 else 0.0,
                     len(feed))
 

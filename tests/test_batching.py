@@ -122,3 +122,35 @@ def test_torch_generate_left_padded_batch(kind):
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in PROMPTS])
     batched = model.generate(ids, attention_mask=mask, **gen)[:, L:].tolist()
     assert batched == alone
+
+
+def test_mlx_batching_through_emulated_metal_kernels():
+    """The same exactness with the Metal kernels doing the layers' recurrence (head dims that
+    take them: K 64, V 128), run here by the CPU emulator of tests/metal_emu."""
+    import shutil
+    import sys
+
+    mx = pytest.importorskip("mlx.core")
+    if not sys.platform.startswith("linux") or shutil.which("g++") is None:
+        pytest.skip("the Metal emulator runs on Linux with g++ (on a Mac the real kernels run: pytest -m metal)")
+    import metal_emu
+    from mlx_lm.generate import BatchGenerator
+
+    from regla_mlx.model import Model
+
+    args = spec.ModelArgs(attn_type="regla", vocab_size=VOCAB, hidden_size=128, num_hidden_layers=1, num_heads=1)
+    model = Model(args)
+    model.load_weights([(k, mx.array(v)) for k, v in spec.init_weights(args, 2, std=0.3).items()], strict=True)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]  # 5, 11 and 70 tokens: the 70 take the chunk kernel
+    with metal_emu.emulated_metal():
+        start = metal_emu.EmulatedMetalKernel.calls
+        want = [alone_mlx(model, p, 4) for p in prompts]
+        gen = BatchGenerator(model, max_tokens=4, prefill_step_size=80)
+        uids = gen.insert(prompts)
+        got = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                got[r.uid].append(r.token)
+        gen.close()
+        assert metal_emu.EmulatedMetalKernel.calls > start, "no Metal kernel ran"
+    assert [got[u] for u in uids] == want
