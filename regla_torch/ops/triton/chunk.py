@@ -356,15 +356,21 @@ def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_
     hb = (i_t.to(tl.int64) * H + i_h) * K * V
     b_gl = tl.load(gc + (last * H + i_h) * K + kc, mask=mk, other=0.)
 
-    # carry starts at the state term: sum_v h_next * dh_next, h_next rebuilt here
+    # The state carried out adds, per key channel, sum_v h_next dh_next to d/db_last, with
+    # h_next = exp(b_last) h + sum_j k_j exp(b_last - b_j) v_j^T. Its second part is
+    # sum_j k_j dk_j^inter, and the reverse cumsum of q dq - k dk takes that back off for the
+    # rows at or after t: under strong gates dg_t is a small remainder of those two big sums,
+    # so both must be formed from the same rounded values (a separately rounded rebuild of
+    # h_next left dg 10% off in fp16). Hence dg_t = sum_{i>=t} (q_i dq_i - k_i dk^intra_i)
+    # + sum_{i<t} k_i dk^inter_i + exp(b_last) sum_v h dh, from the dk^inter of this kernel.
     b_ka = tl.load(k + off_a, mask=m_a, other=0.)
     b_ga = tl.load(gc + off_a, mask=m_a, other=0.)
     b_0 = tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
+    e_kl = tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf")))
     span = tl.max(b_0 - b_gl, 0)
     if span <= SPAN:
         b_q0 = tl.load(q + off_a, mask=m_a, other=0.)
-        b_kga = b_ka * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf")))
-        carry = tl.zeros([BK], dtype=tl.float32)
+        hdh = tl.zeros([BK], dtype=tl.float32)
         d_a = tl.zeros([BT, BT], dtype=tl.float32)
         d_qh = tl.zeros([BT, BK], dtype=tl.float32)
         d_ks = tl.zeros([BT, BK], dtype=tl.float32)
@@ -378,9 +384,7 @@ def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_
             b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
             b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
             b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
-            b_hn = b_h.to(tl.float32) * tl.exp2(b_gl)[:, None] + tl.dot(
-                tl.trans(b_kga.to(b_va.dtype)), b_va, input_precision=PREC)
-            carry += tl.sum(b_hn * b_dh.to(tl.float32), 1)
+            hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
             d_a += tl.dot(b_doa, tl.trans(b_va), input_precision=PREC)
             d_qh += tl.dot(b_doa.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
             d_ks += tl.dot(b_va.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
@@ -391,28 +395,38 @@ def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_
         b_kg = _op(b_ka * e_k, b_q0, F32OPS)
         d_ao = _op(d_a, b_q0, F32OPS)
         b_dq = d_qh * tl.exp2(b_ga) * scale + e_q * tl.dot(d_ao, b_kg, input_precision=PREC)
-        b_dk = e_k * tl.dot(tl.trans(d_ao), b_qg, input_precision=PREC) \
-            + d_ks * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, 0.))
+        b_dki = e_k * tl.dot(tl.trans(d_ao), b_qg, input_precision=PREC)
+        b_dke = d_ks * e_kl
+        b_dk = b_dki + b_dke
         tl.store(dq + off_a, b_dq.to(dq.dtype.element_ty), mask=m_a)
         tl.store(dk + off_a, b_dk.to(dk.dtype.element_ty), mask=m_a)
-        b_db = tl.where(m_a, b_q0.to(tl.float32) * b_dq - b_ka.to(tl.float32) * b_dk, 0.)
-        b_dg = tl.cumsum(b_db, axis=0, reverse=True) + carry[None, :]
+        b_kf = b_ka.to(tl.float32)
+        b_db = tl.where(m_a, b_q0.to(tl.float32) * b_dq - b_kf * b_dki, 0.)
+        b_ke = tl.where(m_a, b_kf * b_dke, 0.)
+        b_dg = tl.cumsum(b_db, axis=0, reverse=True) + (tl.cumsum(b_ke, axis=0) - b_ke) \
+            + (hdh * tl.exp2(b_gl))[None, :]
         tl.store(dg + off_a, b_dg.to(dg.dtype.element_ty), mask=m_a)
     else:
-        b_kga = (b_ka * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf"))))
-        carry = tl.zeros([BK], dtype=tl.float32)
+        # the same split, sub-chunk by sub-chunk from the last: the carry into a sub-chunk is
+        # sum_{i<s0} k_i dk^inter_i + exp(b_last) sum_v h dh, i.e. the chunk's total minus the
+        # sub-chunks done; the total's dk^inter comes from the same rounded operands (v, dh)
+        # as the per-sub-chunk dk^inter below, so the two agree to fp32 rounding
+        hdh = tl.zeros([BK], dtype=tl.float32)
+        d_kse = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             vc = i_v * BV + tl.arange(0, BV)
             mv = vc < V
             m_kv = mk[:, None] & mv[None, :]
             off_kv = kc[:, None] * V + vc[None, :]
-            b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
-            b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
+            b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.)
+            b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
             b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :],
                            mask=ma[:, None] & mv[None, :], other=0.)
-            b_hn = b_h * tl.exp2(b_gl)[:, None] + tl.dot(tl.trans(b_kga.to(b_va.dtype)), b_va,
-                                                         input_precision=PREC)
-            carry += tl.sum(b_hn * b_dh, 1)
+            hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+            d_kse += tl.dot(b_va.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
+        kdk_rest = tl.sum(tl.where(m_a, b_ka.to(tl.float32) * d_kse * e_kl, 0.), 0)
+        hdh = hdh * tl.exp2(b_gl)
+        carry = tl.zeros([BK], dtype=tl.float32)
 
         for i_i in tl.static_range(NC - 1, -1, -1):
             s0 = t0 + i_i * BC
@@ -475,11 +489,16 @@ def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_
                 b_dq += tl.sum(w * b_ki.to(tl.float32)[None, :, :], 1)
                 b_dk += tl.sum(w * b_qi.to(tl.float32)[:, None, :], 0)
                 b_dq = b_dq * scale
-                b_dk = b_dk * scale + d_ks * tl.exp2(b_gl[None, :] - b_gi)
+                b_dki = b_dk * scale
+                b_dke = d_ks * tl.exp2(tl.where(m_i, b_gl[None, :] - b_gi, float("-inf")))
                 tl.store(dq + off_i, b_dq.to(dq.dtype.element_ty), mask=m_i)
-                tl.store(dk + off_i, b_dk.to(dk.dtype.element_ty), mask=m_i)
-                b_db = tl.where(m_i, b_qi.to(tl.float32) * b_dq - b_ki.to(tl.float32) * b_dk, 0.)
-                b_dg = tl.cumsum(b_db, axis=0, reverse=True) + carry[None, :]
+                tl.store(dk + off_i, (b_dki + b_dke).to(dk.dtype.element_ty), mask=m_i)
+                b_kf = b_ki.to(tl.float32)
+                b_db = tl.where(m_i, b_qi.to(tl.float32) * b_dq - b_kf * b_dki, 0.)
+                b_ke = tl.where(m_i, b_kf * b_dke, 0.)
+                kdk_rest -= tl.sum(b_ke, 0)
+                b_dg = tl.cumsum(b_db, axis=0, reverse=True) + (tl.cumsum(b_ke, axis=0) - b_ke) \
+                    + (carry + kdk_rest + hdh)[None, :]
                 carry += tl.sum(b_db, 0)
                 tl.store(dg + off_i, b_dg.to(dg.dtype.element_ty), mask=m_i)
 
