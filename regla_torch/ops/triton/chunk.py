@@ -42,6 +42,19 @@ def _op(x, ref, F32OPS: tl.constexpr):
         return x.to(ref.dtype)
 
 
+@triton.jit
+def _dot_hilo(a, b, PREC: tl.constexpr):
+    """a @ b for an fp32 a and a b in the input dtype, a split as hi + lo in b's dtype: two
+    tensor-core dots that keep ~2x the half format's mantissa of a (b is exact), where
+    rounding a to fp16/bf16 first would put that format's error on every gradient term."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, input_precision=PREC)
+    else:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        return tl.dot(a_lo, b, tl.dot(a_hi, b, input_precision=PREC), input_precision=PREC)
+
+
 # ------------------------------------------------------------------ kernels
 @triton.jit
 def _prep_kernel(q, k, g, gc, kd, qg, cu, cidx,
@@ -278,7 +291,7 @@ def _dv_part(q, k, gc, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
         at = tl.where(ar_t[None, :] >= ar_t[:, None], at, 0.)
         b_do = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :],
                        mask=ma[:, None] & mv[None, :], other=0.)
-        acc += scale * tl.dot(at.to(b_do.dtype), b_do, input_precision=PREC)
+        acc += scale * _dot_hilo(at, b_do, PREC)
         tl.store(dv + (rows_a[:, None] * H + i_h) * V + vc[None, :],
                  acc.to(dv.dtype.element_ty), mask=ma[:, None] & mv[None, :])
     else:
@@ -311,8 +324,8 @@ def _dv_part(q, k, gc, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
                         b_gq = tl.load(gc + off_a, mask=m_a, other=0.)
                         e_q = tl.where((ar_t >= (i_j + 1) * BC)[:, None] & m_a,
                                        b_gq - b_r[None, :], float("-inf"))
-                        b_qg = (b_q * tl.exp2(e_q)).to(b_k.dtype)
-                        b_kg = (b_k * tl.exp2(b_r[None, :] - b_gk)).to(b_k.dtype)
+                        b_qg = b_q * tl.exp2(e_q)
+                        b_kg = b_k * tl.exp2(b_r[None, :] - b_gk)
                         at_off += tl.dot(b_kg, tl.trans(b_qg), input_precision=PREC)
                     b_qd = tl.load(q + off_j, mask=m_j, other=0.).to(tl.float32)
                     # [j, i, k]: exp(b_i - b_j) for i >= j
@@ -321,11 +334,11 @@ def _dv_part(q, k, gc, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
                     at_d += tl.sum(b_k.to(tl.float32)[:, None, :] * b_qd[None, :, :] * tl.exp2(e_d), 2)
                 b_doj = tl.load(do + (rows_j[:, None] * H + i_h) * V + vc[None, :],
                                 mask=mj[:, None] & mv[None, :], other=0.)
-                intra = tl.dot(at_d.to(b_doj.dtype), b_doj, input_precision=PREC)
+                intra = _dot_hilo(at_d, b_doj, PREC)
                 if i_j < NC - 1:
                     b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :],
                                     mask=ma[:, None] & mv[None, :], other=0.)
-                    intra += tl.dot(at_off.to(b_doa.dtype), b_doa, input_precision=PREC)
+                    intra += _dot_hilo(at_off, b_doa, PREC)
                 acc += scale * intra
                 tl.store(dv + (rows_j[:, None] * H + i_h) * V + vc[None, :],
                          acc.to(dv.dtype.element_ty), mask=mj[:, None] & mv[None, :])
@@ -470,18 +483,16 @@ def _dqkg_part(q, k, v, gc, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, i_t, i_
                 if i_i > 0:
                     b_r = tl.load(gc + (s0 * H + i_h) * K + kc, mask=mk, other=0.)
                     e_k = tl.where((ar_t < i_i * BC)[:, None], b_r[None, :] - b_ga, float("-inf"))
-                    b_kg = (b_ka * tl.exp2(e_k)).to(b_ka.dtype)
-                    b_dq += tl.exp2(tl.where(m_i, b_gi - b_r[None, :], 0.)) * tl.dot(d_a.to(b_ka.dtype), b_kg,
-                                                                  input_precision=PREC)
+                    b_kg = b_ka * tl.exp2(e_k)
+                    b_dq += tl.exp2(tl.where(m_i, b_gi - b_r[None, :], 0.)) * tl.dot(d_a, b_kg, input_precision=PREC)
                 b_dk = tl.zeros([BC, BK], dtype=tl.float32)
                 if i_i < NC - 1:
                     b_rp = tl.load(gc + (rlast * H + i_h) * K + kc, mask=mk, other=0.)
                     b_qa = tl.load(q + off_a, mask=m_a, other=0.)
                     e_q = tl.where((ar_t >= (i_i + 1) * BC)[:, None] & m_a,
                                    b_ga - b_rp[None, :], float("-inf"))
-                    b_qg = (b_qa * tl.exp2(e_q)).to(b_qa.dtype)
-                    b_dk += tl.exp2(b_rp[None, :] - b_gi) * tl.dot(d_at.to(b_qa.dtype), b_qg,
-                                                                   input_precision=PREC)
+                    b_qg = b_qa * tl.exp2(e_q)
+                    b_dk += tl.exp2(b_rp[None, :] - b_gi) * tl.dot(d_at, b_qg, input_precision=PREC)
                 # diagonal block, [i, j, k], exp(b_i - b_j) for j <= i
                 e_d = tl.exp2(tl.where(((ar_c[:, None] >= ar_c[None, :]) & mi[:, None])[:, :, None],
                                        b_gi[:, None, :] - b_gi[None, :, :], float("-inf")))
