@@ -53,12 +53,12 @@ def tune(shape, kernels=None):
     q, k, v, do = (torch.randn(1, B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, D, device="cuda")) / 16
     ch = C.chunks(B, T, "cuda")
-    gc, kd, qg = C._prep(q, k, g, ch, True)
-    h, dh, _ = C._bwd_scans(kd, v, qg, do, gc, None, None, 1.0, ch)
+    gcs, kd, qg = C._prep(q, k, g, ch, True)
+    h, dh, _ = C._bwd_scans(kd, v, qg, do, gcs, None, None, 1.0, ch)
     calls = {
-        "scan": lambda: C._bwd_scans(kd, v, qg, do, gc, None, None, 1.0, ch),
-        "o": lambda: C._fwd_o(q, k, v, gc, h, 1.0, ch),
-        "intra": lambda: C._bwd_intra(q, k, v, g, gc, h, do, dh, 1.0, ch),
+        "scan": lambda: C._bwd_scans(kd, v, qg, do, gcs, None, None, 1.0, ch),
+        "o": lambda: C._fwd_o(q, k, v, gcs, h, 1.0, ch),
+        "intra": lambda: C._bwd_intra(q, k, v, g, gcs, h, do, dh, 1.0, ch),
     }
     space = {
         "scan": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
