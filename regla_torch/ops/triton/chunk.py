@@ -13,8 +13,8 @@ little (see SPAN below) skip the sub-chunk split and use one reference row.
 
 Exponents are differences of two cumsums, b_i - b_j. After a very strong gate (-1e4) b is
 large (ulp ~1e-3 in fp32) while b_i - b_j of two later rows may be ~1e-3: an fp32 cumsum
-would put an O(1) error on that factor. So the cumsum is taken in fp64 and stored as
-hi + lo, two fp32 (hi = fp32(b), lo = fp32(b - hi)), and the exact path evaluates every
+would put an O(1) error on that factor. So the cumsum is formed exactly (see _prep_kernel)
+and stored as hi + lo, two fp32 (hi = fp32(b), lo = b - hi), and the exact path evaluates every
 difference as (hi_i - hi_j) + (lo_i - lo_j): hi_i - hi_j is exact (Sterbenz) whenever the
 result is small against the operands, which is when the factor is not 0 anyway. lo is
 stored, and loaded, only for the channels whose chunk decays past 2^-SPAN; below that
@@ -66,6 +66,14 @@ def _dot_hilo(a, b, PREC: tl.constexpr):
         return tl.dot(a_lo, b, tl.dot(a_hi, b, input_precision=PREC), input_precision=PREC)
 
 
+@triton.jit
+def _two_sum(a, b):
+    """a + b as the rounded sum and its rounding error, exactly (Knuth's two-sum)."""
+    s = a + b
+    bp = s - a
+    return s, (a - (s - bp)) + (b - bp)
+
+
 # ------------------------------------------------------------------ kernels
 @triton.jit
 def _prep_kernel(q, k, g, gc, gc_lo, kd, qg, cu, cidx,
@@ -84,16 +92,28 @@ def _prep_kernel(q, k, g, gc, gc_lo, kd, qg, cu, cidx,
     m = (rows < eos)[:, None] & (kc < K)[None, :]
     off = (rows[:, None] * H + i_h) * K + kc[None, :]
     last = tl.minimum(t0 + BT, eos) - 1
-    # fp64 for one elementwise pass: b_last - b (kd) is then exact too, where the fp32
-    # difference of two large cumsums would not be
-    b_g = tl.cumsum(tl.load(g + off, mask=m, other=0.).to(tl.float64) * 1.4426950408889634, axis=0)
-    b_hi = b_g.to(tl.float32)
-    b_gl = tl.sum(tl.where((rows == last)[:, None], b_g, 0.), 0)
+    # The cumsum b as hi + lo without fp64 or a compensated scan: the log2 gate x is split
+    # as xh + xl with xh on a grid of 2^-9 and |xl| < 2^-9. x is first clamped to >= -256,
+    # which changes no factor (exp2 of anything below -149 is 0 in fp32, and every exponent
+    # that spans a gate includes it), so |cumsum(xh)| <= 64 * 256 = 2^14 on a 2^-9 grid: 23
+    # bits, exact in fp32 whatever the order of the additions. cumsum(xl) is tiny (<= 2^-3)
+    # and so accurate to ~2^-27. An error-free two-sum of the two gives hi = fp32(b) and lo.
+    # The two-sum needs its additions unfused: the launcher compiles this kernel with fp
+    # fusion off.
+    b_x = tl.maximum(tl.load(g + off, mask=m, other=0.).to(tl.float32) * 1.4426950408889634, -256.)
+    b_xh = (b_x * 512.).to(tl.int32).to(tl.float32) * (1. / 512.)
+    b_sh = tl.cumsum(b_xh, axis=0)
+    b_sl = tl.cumsum(b_x - b_xh, axis=0)
+    b_hi, b_lo = _two_sum(b_sh, b_sl)
+    is_last = (rows == last)[:, None]
+    b_gl = tl.sum(tl.where(is_last, b_hi, 0.), 0)
+    b_ll = tl.sum(tl.where(is_last, b_lo, 0.), 0)
     tl.store(gc + off, b_hi, mask=m)
-    need = b_gl.to(tl.float32) < -SPAN
-    tl.store(gc_lo + off, (b_g - b_hi.to(tl.float64)).to(tl.float32), mask=m & need[None, :])
+    need = b_gl < -SPAN
+    tl.store(gc_lo + off, b_lo, mask=m & need[None, :])
     b_k = tl.load(k + off, mask=m, other=0.)
-    tl.store(kd + off, (b_k * tl.exp2((b_gl[None, :] - b_g).to(tl.float32))).to(kd.dtype.element_ty), mask=m)
+    e_k = (b_gl[None, :] - b_hi) + (b_ll[None, :] - b_lo)
+    tl.store(kd + off, (b_k * tl.exp2(e_k)).to(kd.dtype.element_ty), mask=m)
     if STORE_QG:
         b_q = tl.load(q + off, mask=m, other=0.)
         tl.store(qg + off, (b_q * tl.exp2(b_hi)).to(qg.dtype.element_ty), mask=m)
@@ -619,7 +639,8 @@ def _prep(q, k, g, ch: Chunks, store_qg: bool):
     kd = torch.empty_like(k)
     qg = torch.empty_like(q) if store_qg else None
     _prep_kernel[(triton.cdiv(K, BK), ch.NT, H)](q, k, g, gc, gc_lo, kd, qg, ch.cu, ch.cidx, H=H, K=K, BT=BT,
-                                                 BK=BK, SPAN=SPAN, STORE_QG=store_qg, num_warps=4)
+                                                 BK=BK, SPAN=SPAN, STORE_QG=store_qg, num_warps=4,
+                                                 enable_fp_fusion=False)
     return (gc, gc_lo), kd, qg
 
 
