@@ -13,7 +13,8 @@ relative RMS error ``||got - ref||_rms / ||ref||_rms`` must stay below the row's
 
 On CUDA every row runs on the Triton kernels (recurrent rows on both ops). Without CUDA the
 fp32 rows run on the plain torch and the plain MLX chunk ops, shrunk (see `shrink`) to keep
-the CPU suite fast; the half-precision rows need the GPU (skipped with that reason).
+the CPU suite fast, and the rows of at most 64 tokens and head dim 128 on the Triton ops in
+the interpreter; the other half-precision rows need the GPU (skipped with that reason).
 """
 import functools
 import os
@@ -84,8 +85,8 @@ def shrink(kind, row):
 def _cases():
     """(op, table, kind, row): fla's table on the Triton ops on CUDA. On CPU its fp32 rows
     (shrunk) on the plain torch and plain MLX chunk ops, its rows of at most 64 tokens and
-    head dim 128 on the Triton ops in the interpreter (bf16 dots are wrong there: none of these rows is bf16),
-    and the others listed as skipped."""
+    head dim 128 on the Triton ops in the interpreter (bf16 dots are wrong there: none of
+    these rows is bf16), and the others listed as skipped."""
     rows = [("recurrent", "fixed", r) for r in RECURRENT] + [("recurrent", "varlen", r) for r in RECURRENT_VARLEN]
     rows += [("chunk", "fixed", r) for r in CHUNK] + [("chunk", "varlen", r) for r in CHUNK_VARLEN]
     out = []
