@@ -1,10 +1,15 @@
 """Benchmark regla's Triton GLA kernels against fla and SDPA (CUDA only).
 
     python bench/bench_ops.py [--shapes all|small] [--fla-configs 6] [--no-fla] [--out FILE]
+                              [--baseline OLD_CHUNK_PY]
 
 Times are medians of triton.testing.do_bench (ms). fla's autotuner is limited to
 --fla-configs configurations per kernel, spread over its list (its full search takes
 minutes per shape); fla's full-autotune numbers on the same machine are in ANCHORS.md.
+--baseline times another revision's regla_torch/ops/triton/chunk.py (e.g. from
+`git show REV:regla_torch/ops/triton/chunk.py`) beside the current one in the same run, with
+GLA gates (logsigmoid/16, the fast path) and ReGLA-strength gates (logsigmoid, no
+normalizer: the exact sub-chunk path).
 Memory floor: the bytes the op must move (fwd: read q, k, v in bf16 and g in fp32,
 write o; fwd+bwd adds reading q, k, v, g, do and writing dq, dk, dv, dg) over 4.3 TB/s.
 """
@@ -41,6 +46,42 @@ def rel(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
+def load_chunk_gla(path):
+    """chunk_gla of another revision's chunk.py, imported as a sibling of the current one (it
+    shares _common)."""
+    import importlib.util
+    name = "regla_torch.ops.triton._chunk_baseline"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod.chunk_gla
+
+
+def compare_baseline(path, shapes, bench, out):
+    from regla_torch.ops.triton import chunk_gla
+    base = load_chunk_gla(path)
+    out("")
+    out(f"Against {path} (same run; bf16 q, k, v, fp32 gates; ms):")
+    out("")
+    out("| B | T | H | D | gates | fwd | baseline fwd | f+b | baseline f+b | f+b / baseline |")
+    out("|" + "---|" * 10)
+    for B, T, H, D in shapes:
+        for gates, norm in (("GLA (/16)", 16.0), ("ReGLA (/1)", 1.0)):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda")) / norm
+            do = torch.randn_like(v)
+            leaves = [x.requires_grad_() for x in (q, k, v, g)]
+            res = {}
+            for key, op in (("new", chunk_gla), ("base", base)):
+                with torch.no_grad():
+                    res[key + "_f"] = bench(lambda: op(q, k, v, g))
+                res[key + "_fb"] = bench(lambda: op(q, k, v, g)[0].backward(do), leaves)
+            out(f"| {B} | {T} | {H} | {D} | {gates} | {res['new_f']:.3f} | {res['base_f']:.3f} "
+                f"| {res['new_fb']:.3f} | {res['base_fb']:.3f} | {res['new_fb'] / res['base_fb']:.3f} |")
+
+
 def tune(shape, kernels=None):
     """Time each chunk kernel alone under alternative launch shapes; keep the best."""
     import itertools
@@ -53,12 +94,12 @@ def tune(shape, kernels=None):
     q, k, v, do = (torch.randn(1, B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     g = torch.nn.functional.logsigmoid(torch.randn(1, B * T, H, D, device="cuda")) / 16
     ch = C.chunks(B, T, "cuda")
-    gc, kd, qg = C._prep(q, k, g, ch, True)
-    h, dh, _ = C._bwd_scans(kd, v, qg, do, gc, None, None, 1.0, ch)
+    gcs, kd, qg = C._prep(q, k, g, ch, True)
+    h, dh, _ = C._bwd_scans(kd, v, qg, do, gcs, None, None, 1.0, ch)
     calls = {
-        "scan": lambda: C._bwd_scans(kd, v, qg, do, gc, None, None, 1.0, ch),
-        "o": lambda: C._fwd_o(q, k, v, gc, h, 1.0, ch),
-        "intra": lambda: C._bwd_intra(q, k, v, g, gc, h, do, dh, 1.0, ch),
+        "scan": lambda: C._bwd_scans(kd, v, qg, do, gcs, None, None, 1.0, ch),
+        "o": lambda: C._fwd_o(q, k, v, gcs, h, 1.0, ch),
+        "intra": lambda: C._bwd_intra(q, k, v, g, gcs, h, do, dh, 1.0, ch),
     }
     space = {
         "scan": dict(BK=[64, 128], BV=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
@@ -99,6 +140,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--tune", default=None, help="B,T,H,D: tune launch shapes there first")
     ap.add_argument("--tune-kernels", nargs="*", default=None, help="only these (scan, o, intra)")
+    ap.add_argument("--baseline", default=None, help="another revision's chunk.py to time beside ours")
     args = ap.parse_args()
     if args.tune:
         tune(tuple(int(x) for x in args.tune.split(",")), args.tune_kernels)
@@ -167,6 +209,9 @@ def main():
             f"| {f('ours_fb')} | {f('fla_fb')} | {f('sdpa_fb')} | {r('fla_fb', 'ours_fb')} "
             f"| {r('sdpa_fb', 'ours_fb')} | {floor_f / res['ours_f']:.0%} "
             f"| {floor_fb / res['ours_fb']:.0%} | {err:.1e} |")
+
+    if args.baseline:
+        compare_baseline(args.baseline, shapes, bench, out)
 
     if not args.no_decode:
         out("")

@@ -160,3 +160,71 @@ def test_chunk_sizes_agree_with_spec(chunk_size):
         torch.arange(3), cu[1:] - cu[:-1]))
     ro, _ = spec.recurrent_gla(q, k, v, g, None, None, cu_seqlens=cu.tolist())
     assert rel_rms(o, ro) <= 1e-5
+
+
+def strong_every_13th(T, seed, H=2, K=16, V=8):
+    """Log gates of -1e4 on every channel at every 13th token, weak ones (-1e-3..0) between, and
+    an initial state: after a strong gate the chunk's cumsum is ~-1e4 (fp32 ulp ~1e-3) while
+    the decays between the later tokens are ~1, the case where a difference of two cumsums
+    loses them (issue #20)."""
+    q, k, v, g, h0 = make_inputs(1, T, H, K, V, "weak", seed=seed)
+    g[:, 12::13] = -1e4
+    return q, k, v, g, h0
+
+
+@pytest.mark.parametrize("T", [64, 100, 1000])
+def test_chunk_fp32_exact_under_minus_1e4_gates_among_weak_ones(T):
+    q, k, v, g, h0 = strong_every_13th(T, seed=T)
+    ro, rs = spec.recurrent_gla(q, k, v, g, None, h0)
+    t = lambda x: torch.from_numpy(x)
+    o, s = chunk_gla(t(q), t(k), t(v), t(g), None, t(h0), True)
+    assert rel_rms(o, ro) <= 1e-5 and rel_rms(s, rs) <= 1e-5
+    # the packed training path (segment ids, no state) too
+    cu = torch.tensor([0, 7, T])
+    o, _ = chunk_gla(t(q), t(k), t(v), t(g), cu_seqlens=cu)
+    ro, _ = spec.recurrent_gla(q, k, v, g, None, None, cu_seqlens=cu.tolist())
+    assert rel_rms(o, ro) <= 1e-5
+
+
+def test_chunk_fp32_gradients_exact_under_minus_1e4_gates_among_weak_ones():
+    from regla_torch.ops.naive import recurrent_gla_reference
+    q, k, v, g, h0 = strong_every_13th(100, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    do, dht = torch.randn(1, 100, 2, 8, generator=gen), torch.randn(1, 2, 16, 8, generator=gen)
+    args = [torch.from_numpy(x).requires_grad_() for x in (q, k, v, g, h0)]
+    o, s = chunk_gla(*args[:4], None, args[4], True)
+    ((o * do).sum() + (s * dht).sum()).backward()
+    ref = recurrent_gla_reference(*(torch.from_numpy(x) for x in (q, k, v, g, h0)), do, dht)
+    for name, a, r in zip("o s dq dk dv dg dh0".split(), [o, s] + [x.grad for x in args], ref):
+        assert rel_rms(a.detach(), r.numpy()) <= 1e-5, name
+
+
+def test_gsa_chunked_exact_under_minus_1e4_slot_gates():
+    # the value-side gate of GSA's first pass takes the same partial sums
+    q, k, _, g, _ = strong_every_13th(100, seed=7, K=8, V=8)
+    rng = np.random.default_rng(8)
+    v = rng.standard_normal((1, 100, 2, 6)).astype(np.float32)
+    s = 1 - np.exp(np.maximum(g, -30))
+    T_ = lambda x: torch.from_numpy(x)
+    a, (ak, av) = chunk_gsa(T_(q), T_(k), T_(v), T_(s), T_(g), 1.0, None, True, chunked=True)
+    b, (bk, bv) = chunk_gsa(*(T_(x).double() for x in (q, k, v, s, g)), 1.0, None, True, chunked=False)
+    assert rel_rms(a, b.numpy()) <= 1e-5 and rel_rms(ak, bk.numpy()) <= 1e-5 and rel_rms(av, bv.numpy()) <= 1e-5
+
+
+def test_float64_reference_gradients_match_autograd():
+    from regla_torch.ops.naive import recurrent_gla_reference
+    q, k, v, g, h0 = make_inputs(1, 70, 2, 8, 4, "mixed", seed=16)
+    cu = [0, 30, 31, 70]
+    h0 = np.concatenate([h0] * 3)
+    gen = torch.Generator().manual_seed(17)
+    do, dht = torch.randn(1, 70, 2, 4, generator=gen).double(), torch.randn(3, 2, 8, 4, generator=gen).double()
+    args = [torch.from_numpy(x).double().requires_grad_() for x in (q, k, v, g, h0)]
+    outs = [naive_recurrent_gla(*(a[:, i:j] for a in args[:4]), None, args[4][n:n + 1], True)
+            for n, (i, j) in enumerate(zip(cu[:-1], cu[1:]))]
+    o, s = torch.cat([x[0] for x in outs], 1), torch.cat([x[1] for x in outs], 0)
+    # naive_recurrent_gla computes in fp32: the comparison is at that precision
+    ((o * do).sum() + (s * dht).sum()).backward()
+    ref = recurrent_gla_reference(*(a.detach() for a in args), do, dht, cu_seqlens=cu, every=16)
+    for name, a, r in zip("o s dq dk dv dg dh0".split(), [o, s] + [x.grad for x in args], ref):
+        assert r.dtype == torch.float64
+        assert rel_rms(a.detach(), r.numpy()) <= 1e-6, name

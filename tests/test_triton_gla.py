@@ -136,6 +136,50 @@ def test_exact_path_equals_fast_path(dtype, monkeypatch):
             assert rel(x.grad, r) <= tol, (span, name)
 
 
+def minus_1e4_among_weak(T, K, V, where, seed):
+    """fp32 inputs with weak log gates (-1e-3..0) and -1e4 on every channel at every 13th
+    token ("every13") or at every chunk's first token ("chunk_starts"), plus an initial
+    state: after a strong gate the chunk's cumsum is ~-1e4 (fp32 ulp ~1e-3) while the decays
+    between later tokens are ~1, which a difference of two fp32 cumsums loses (issue #20).
+    The second pattern decays little after the chunk's first row, so it reaches the fast
+    path's condition only through the first gate."""
+    q, k, v, _, h0 = make(1, T, K, V, torch.float32, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    g = -1e-3 * torch.rand(1, T, H, K, generator=gen)
+    g[:, slice(12, None, 13) if where == "every13" else slice(0, None, 64)] = -1e4
+    return q, k, v, g.to(DEV), h0
+
+
+@pytest.mark.parametrize("T,where", [(64, "every13"), (100, "every13"), (1000, "every13"),
+                                     (130, "chunk_starts")])
+def test_chunk_fp32_exact_under_minus_1e4_gates_among_weak_ones(T, where):
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    q, k, v, g, h0 = minus_1e4_among_weak(T, K, V, where, seed=T)
+    o, ht = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    ro, rs = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)), initial_state=h0.cpu().numpy())
+    assert rel(o, ro) <= 1e-5 and rel(ht, rs) <= 1e-5
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_chunk_fp32_gradients_exact_under_minus_1e4_gates_among_weak_ones(varlen):
+    from regla_torch.ops.naive import recurrent_gla_reference
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    q, k, v, g, h0 = minus_1e4_among_weak(150, K, V, "every13", seed=3)
+    cu = [0, 70, 150] if varlen else None
+    if varlen:
+        h0 = torch.cat([h0, 2 * h0])
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(q.shape[:3] + (V,), generator=gen).to(DEV)
+    dht = torch.randn(h0.shape, generator=gen).to(DEV)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    cu_t = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+    o, ht = chunk_gla(*ins[:4], initial_state=ins[4], output_final_state=True, cu_seqlens=cu_t)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    ref = recurrent_gla_reference(*(x.cpu() for x in (q, k, v, g, h0, do, dht)), cu_seqlens=cu)
+    for name, x, r in zip("o ht dq dk dv dg dh0".split(), [o, ht] + [x.grad for x in ins], ref):
+        assert rel(x, r) <= 1e-5, name
+
+
 def test_no_initial_state_no_final_state():
     q, k, v, g, _ = make(1, 70, *DIMS[0], torch.float32, seed=3)
     o, ht = chunk_gla(q, k, v, g, scale=0.5)

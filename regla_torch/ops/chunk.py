@@ -7,13 +7,29 @@ import torch
 from .utils import check_inputs, over_segments, segment_ids, use_triton
 
 
+def _pair_sums(g, after):
+    """``[..., i, j, D]``: sum_{j<s<=i} g_s over the chunk axis (-2) of ``g [..., C, D]``, the
+    cumsum over i of the gates masked to s > j (``after`` [C, C, 1]: i > j)."""
+    return (g[..., :, None, :] * after).cumsum(-3)
+
+
+def _suffix_sums(g):
+    """sum_{s>t} g_s over the chunk axis (-2): a reverse cumsum shifted by one, not the chunk's
+    total minus a prefix sum."""
+    later = torch.nn.functional.pad(g[..., 1:, :], (0, 0, 0, 1))
+    return later.flip(-2).cumsum(-2).flip(-2)
+
+
 def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
                 chunk_size=16, segment_ids=None):
     """Chunked gated linear attention with key-side (``gk``) and/or value-side (``gv``) log gates.
 
-    Exact form: inside a chunk the decay between positions j <= i is ``exp(b_i - b_j)``
-    per channel, formed from the masked difference, so every exponent is <= 0 and any
-    finite gate is safe. Memory is O(T * C * D), fine for the reference path; the Triton
+    Exact form: inside a chunk the decay between positions j <= i is ``exp(sum_{j<s<=i} g_s)``
+    per channel, masked to j <= i, so every exponent is <= 0 and any finite gate is safe.
+    Every exponent is a partial sum formed directly (prefix, suffix or the masked in-chunk
+    cumsum of the pairs), never the difference of two prefix sums: after a gate of -1e4 a
+    prefix sum has an fp32 ulp of ~1e-3, which the difference of two of them would carry
+    into a factor near 1. Memory is O(T * C * D), fine for the reference path; the Triton
     kernels do the same arithmetic with secondary chunking instead.
 
     ``segment_ids`` (``[T]``, B == 1, no initial state) packs several sequences in one row:
@@ -42,19 +58,20 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
         reads_state = (seg == entering)[None, :, None, :, None].float()
         reaches_end = (seg == seg[:, -1:])[None, :, None, :, None].float()
         keep = (seg[:, -1] == entering[:, 0]).float()
+    after = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)[..., None]  # s = i > j
     if gk_ is not None:
         bk = gk_.cumsum(3)
-        dk = torch.where(causal[..., None], bk[..., :, None, :] - bk[..., None, :, :], float("-inf")).exp()
+        dk = torch.where(causal[..., None], _pair_sums(gk_, after), float("-inf")).exp()
         A = torch.einsum("bnhik,bnhjk,bnhijk->bnhij", q_, k_, dk)
-        q_in, k_in = q_ * bk.exp(), k_ * (bk[..., -1:, :] - bk).exp()
+        q_in, k_in = q_ * bk.exp(), k_ * _suffix_sums(gk_).exp()
     else:
         A = (q_ @ k_.transpose(-1, -2)).masked_fill(~causal, 0.0)
         q_in, k_in = q_, k_
     if gv_ is not None:
         bv = gv_.cumsum(3)
-        dv = torch.where(causal[..., None], bv[..., :, None, :] - bv[..., None, :, :], float("-inf")).exp()
+        dv = torch.where(causal[..., None], _pair_sums(gv_, after), float("-inf")).exp()
         intra = torch.einsum("bnhij,bnhijv,bnhjv->bnhiv", A, dv, v_)
-        v_in = v_ * (bv[..., -1:, :] - bv).exp()
+        v_in = v_ * _suffix_sums(gv_).exp()
     else:
         intra = A @ v_
         v_in = v_
