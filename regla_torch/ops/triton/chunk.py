@@ -432,10 +432,13 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
     b_ga = tl.load(gc + off_a, mask=m_a, other=0.)
     # the path is chosen per block of key channels here: the blocks are independent
     if tl.max(-b_gl, 0) <= SPAN:
+        # (the fast path keeps its earlier form: the one that shares dk^inter with dg, below,
+        # made Triton 3.6 address shared memory out of range with bf16 states at BK 32 on the
+        # H200 (compute-sanitizer); weak gates do not need it)
         b_0 = tl.load(gc + (t0 * H + i_h) * K + kc, mask=mk, other=0.)
-        e_kl = tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf")))
         b_q0 = tl.load(q + off_a, mask=m_a, other=0.)
-        hdh = tl.zeros([BK], dtype=tl.float32)
+        b_kga = b_ka * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, float("-inf")))
+        carry = tl.zeros([BK], dtype=tl.float32)
         d_a = tl.zeros([BT, BT], dtype=tl.float32)
         d_qh = tl.zeros([BT, BK], dtype=tl.float32)
         d_ks = tl.zeros([BT, BK], dtype=tl.float32)
@@ -449,7 +452,9 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
             b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
             b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
             b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
-            hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+            b_hn = b_h.to(tl.float32) * tl.exp2(b_gl)[:, None] + tl.dot(
+                tl.trans(b_kga.to(b_va.dtype)), b_va, input_precision=PREC)
+            carry += tl.sum(b_hn * b_dh.to(tl.float32), 1)
             d_a += tl.dot(b_doa, tl.trans(b_va), input_precision=PREC)
             d_qh += tl.dot(b_doa.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
             d_ks += tl.dot(b_va.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
@@ -460,16 +465,12 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
         b_kg = _op(b_ka * e_k, b_q0, F32OPS)
         d_ao = _op(d_a, b_q0, F32OPS)
         b_dq = d_qh * tl.exp2(b_ga) * scale + e_q * tl.dot(d_ao, b_kg, input_precision=PREC)
-        b_dki = e_k * tl.dot(tl.trans(d_ao), b_qg, input_precision=PREC)
-        b_dke = d_ks * e_kl
-        b_dk = b_dki + b_dke
+        b_dk = e_k * tl.dot(tl.trans(d_ao), b_qg, input_precision=PREC) \
+            + d_ks * tl.exp2(tl.where(m_a, b_gl[None, :] - b_ga, 0.))
         tl.store(dq + off_a, b_dq.to(dq.dtype.element_ty), mask=m_a)
         tl.store(dk + off_a, b_dk.to(dk.dtype.element_ty), mask=m_a)
-        b_kf = b_ka.to(tl.float32)
-        b_db = tl.where(m_a, b_q0.to(tl.float32) * b_dq - b_kf * b_dki, 0.)
-        b_ke = tl.where(m_a, b_kf * b_dke, 0.)
-        b_dg = tl.cumsum(b_db, axis=0, reverse=True) + (tl.cumsum(b_ke, axis=0) - b_ke) \
-            + (hdh * tl.exp2(b_gl))[None, :]
+        b_db = tl.where(m_a, b_q0.to(tl.float32) * b_dq - b_ka.to(tl.float32) * b_dk, 0.)
+        b_dg = tl.cumsum(b_db, axis=0, reverse=True) + carry[None, :]
         tl.store(dg + off_a, b_dg.to(dg.dtype.element_ty), mask=m_a)
     else:
         # the same split, sub-chunk by sub-chunk from the last: the carry into a sub-chunk is
