@@ -1,10 +1,12 @@
-"""Whole-model decode speed on CUDA: regla's GLA model (eager steps, the CUDA-graph step, the
-torch.compile'd CUDA-graph step) beside fla's own GLA model through HF generate, batch 1 and 32.
+"""Whole-model decode speed on CUDA: regla's models (eager steps, the CUDA-graph step, the
+torch.compile'd CUDA-graph step, the library's streaming loop) beside fla's own GLA model
+through HF generate, batch 1 and 32.
 
-    python bench/bench_generate.py [--preset 1.3b] [--new 256] [--batches 1 32] [--no-fla]
+    python bench/bench_generate.py [--preset 1.3b] [--attn-types gla regla gsa] [--new 256]
+                                   [--batches 1 32] [--no-fla]
 
-Random bf16 weights of a GLA-shaped model (fla's gla-1.3B: hidden 2048, 24 layers, 4 heads,
-expand_k 0.5). Tokens/s = batch * new tokens / time of the decode steps (prefill excluded:
+Random bf16 weights of a model of fla's gla-1.3B shape (hidden 2048, 24 layers, 4 heads,
+expand_k 0.5) with each attention type. Tokens/s = batch * new tokens / time of the decode steps (prefill excluded:
 fla's figure is generate(n) minus generate(1)). The graph columns feed each step's argmax
 straight back on the GPU; "stream_tokens" is the library's generation loop (what ``regla
 generate`` and chat run: the token goes to the host every step), timed as generate(n) minus
@@ -43,13 +45,13 @@ def print_kernels(fn, title, steps=5):
         print(f"  {t:8.1f} us  {n:5.0f}x  {name[:100]}")
 
 
-def ours(cfg_kw, batch, prompt_len, new, profile=False):
+def ours(attn_type, cfg_kw, batch, prompt_len, new, profile=False):
     from regla import spec
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
     from regla_torch.generate import GraphStep
 
     torch.manual_seed(0)
-    args = spec.ModelArgs(attn_type="gla", **cfg_kw)
+    args = spec.ModelArgs(attn_type=attn_type, **cfg_kw)
     with torch.device("cuda"):
         model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).to(torch.bfloat16).eval()
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -113,6 +115,7 @@ def main():
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--attn-types", nargs="+", default=["gla", "regla", "gsa"])
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--profile", action="store_true", help="print the kernels of one compiled step")
     p.add_argument("--fla-configs", type=int, default=3, help="autotune configs kept per fla kernel")
@@ -122,28 +125,30 @@ def main():
     cfg_kw.update(vocab_size=32000, expand_k=0.5)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GLA {a.preset}, prompt {a.prompt}, "
           f"{a.new} new tokens, bf16, greedy", flush=True)
-    print("| batch | regla eager tok/s | regla CUDA graph tok/s | regla compiled + graph tok/s "
-          "| regla stream_tokens tok/s | bound tok/s |")
-    print("|---|---|---|---|---|---|")
+    print("| attn_type | batch | eager tok/s | CUDA graph tok/s | compiled + graph tok/s "
+          "| stream_tokens tok/s | bound tok/s |")
+    print("|---|---|---|---|---|---|---|")
     ours_graph = {}
-    for b in a.batches:
-        res, n_bytes, n_params = ours(cfg_kw, b, a.prompt, a.new, a.profile)
-        ours_graph[b] = res["compiled"]
-        stream = f"{res['stream']:,.0f}" if "stream" in res else "-"
-        print(f"| {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {res['compiled']:,.0f} | {stream} | "
-              f"{b * BW / n_bytes:,.0f} |  (setup: capture {res['graph setup s']:.1f} s, "
-              f"compile + capture {res['compiled setup s']:.1f} s)", flush=True)
+    for attn_type in a.attn_types:
+        for b in a.batches:
+            res, n_bytes, n_params = ours(attn_type, cfg_kw, b, a.prompt, a.new, a.profile)
+            if attn_type == "gla":
+                ours_graph[b] = res["compiled"]
+            stream = f"{res['stream']:,.0f}" if "stream" in res else "-"
+            print(f"| {attn_type} | {b} | {res['eager']:,.0f} | {res['graph']:,.0f} | {res['compiled']:,.0f} | "
+                  f"{stream} | {b * BW / n_bytes:,.0f} |  (setup: capture {res['graph setup s']:.1f} s, "
+                  f"compile + capture {res['compiled setup s']:.1f} s; {n_params / 1e9:.2f}B parameters)",
+                  flush=True)
     if not a.no_fla:  # after ours: fla's first generate compiles and autotunes for minutes
         from bench_ops import limit_autotune
         limit_autotune(a.fla_configs)
         for b in a.batches:
             try:
                 fla = fla_generate(cfg_kw, b, a.prompt, a.new)
-                print(f"fla GLA through HF generate, batch {b}: {fla:,.0f} tok/s; regla compiled graph / fla = "
-                      f"{ours_graph[b] / fla:.1f}x", flush=True)
+                ratio = f"; regla gla compiled graph / fla = {ours_graph[b] / fla:.1f}x" if b in ours_graph else ""
+                print(f"fla GLA through HF generate, batch {b}: {fla:,.0f} tok/s{ratio}", flush=True)
             except Exception as e:  # report, keep our figures
                 print(f"fla failed at batch {b}: {type(e).__name__}: {e}", flush=True)
-    print(f"({n_params / 1e9:.2f}B parameters, {n_bytes / 1e9:.2f} GB in bf16)")
 
 
 if __name__ == "__main__":
