@@ -14,7 +14,12 @@ where they disturb least:
   the forget gate;
 - no output gate (``use_output_gate`` false): a swish gate cannot start as the identity; pass
   ``{"use_output_gate": true}`` in ``model`` to have one (it then starts random);
-- per-head norms start at weight one; GSA's slot gates keep the model's random initialisation.
+- the per-head output norm's weights are calibrated: channel c gets the RMS of channel c of the
+  teacher's attention output (before ``o_proj``) in that layer, measured on a short built-in
+  English text, so the linear layer's output starts at the teacher's scale (with weight one it is
+  several times larger, and Adam would need hundreds of steps at 1e-3 to shrink it); without a
+  tokenizer the weights stay one;
+- GSA's slot gates keep the model's random initialisation.
 
 Recovery training (``regla train --init-from DST --stage transfer|kl|lm``) does the rest.
 """
@@ -29,11 +34,21 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from regla.layer_math import rope_inv_freq
 from regla.spec import ConfigError, ModelArgs
 
 # HF model types whose checkpoints are Llama's layout (plus Qwen2's q/k/v biases).
 TEACHER_TYPES = ("llama", "mistral", "qwen2")
 DECAY_RANGE = (5.0, 12.0)  # forget gates start at 1 - 2^-a for a log-spaced over this range
+
+
+# The calibration text of the output norms (see the module docstring): plain, varied English.
+CALIBRATION_TEXT = (
+    "The river runs past the old mill and into the valley, where farmers bring their grain to market "
+    "every autumn. In 1887 a bridge of iron replaced the wooden one; it still stands. Children learn to "
+    "count, to read and to ask why the sky is blue. A recipe: mix two cups of flour with one cup of water, "
+    "knead for ten minutes, then let the dough rest. def add(a, b):\n    return a + b\n"
+    "Questions about science, history, music and law fill the library, and its readers answer each other.")
 
 
 class LinearizeError(ValueError):
@@ -200,6 +215,43 @@ def map_weights(args: ModelArgs, teacher: dict, fresh: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def calibrate_norms(student, teacher: dict, ids: torch.Tensor) -> None:
+    """Set each linear layer's output-norm weight to the per-channel RMS of the teacher's attention
+    output there (module docstring). Runs the teacher layer by layer from its own weights: the
+    student's modules serve its norms and MLPs (the teacher's), softmax attention is written out."""
+    import torch.nn.functional as F
+
+    from .model import rope
+
+    args = student.args
+    H, Hkv, D = args.softmax_num_heads, args.softmax_num_kv_heads, args.softmax_head_dim
+    inv = torch.tensor(rope_inv_freq(D, args.rope_theta, args.softmax_rope_scaling), dtype=torch.float32)
+    student = student.float()
+    T = ids.shape[1]
+    pos = torch.arange(T)
+    h = student.model.embeddings(ids)
+    for i, block in enumerate(student.model.layers):
+        p = f"model.layers.{i}.self_attn."
+        x = block.attn_norm(h)
+        q, k, v = (F.linear(x, teacher[p + f"{n}_proj.weight"].float(),
+                            None if p + f"{n}_proj.bias" not in teacher else teacher[p + f"{n}_proj.bias"].float())
+                   .view(1, T, -1, D) for n in "qkv")
+        q, k = rope(q, pos, inv), rope(k, pos, inv)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // Hkv, 1),
+                                           v.transpose(1, 2).repeat_interleave(H // Hkv, 1), is_causal=True)
+        o = o.transpose(1, 2)  # [1, T, H, D]: the attention output before o_proj
+        ob = teacher.get(p + "o_proj.bias")
+        kind = args.layer_type(i)
+        if kind in ("regla", "gla") and args.attn_norm != "none" and args.elementwise_affine:
+            getattr(block.attn, args.norm_name).weight.copy_(o.pow(2).mean((0, 1, 2)).sqrt())
+        elif kind == "gsa" and args.elementwise_affine:
+            block.attn.g_norm.weight.copy_(o.reshape(1, T, -1).pow(2).mean((0, 1)).sqrt())
+        h = h + F.linear(o.reshape(1, T, -1), teacher[p + "o_proj.weight"].float(),
+                         None if ob is None else ob.float())
+        h = block.mlp(h, block.mlp_norm)
+
+
 def parse_layers(spec: str, num_layers: Optional[int] = None) -> Union[list, str]:
     """``--softmax-layers``: comma-separated indices, ``all`` or ``none``."""
     spec = (spec or "").strip().lower()
@@ -249,22 +301,50 @@ def linearize(src, dst, attn_type: str = "regla", softmax_layers: Union[Sequence
     if args.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embeddings.weight"]
     student.load_state_dict(weights, strict=True)
-    student.to(dtypes[dtype])
+    student.eval()
     n_lin = sum(args.layer_type(i) != "softmax" for i in range(L))
     log(f"{src}: {config.get('model_type')} teacher, {L} layers, d={args.hidden_size}, {args.num_heads} heads "
         f"({args.num_kv_heads} kv) of {args.softmax_head_dim}; {n_lin} layers -> {attn_type}, "
         f"{L - n_lin} kept softmax")
     try:
         with staged_output(dst) as tmp:
-            student.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(tmp)
+            calibrated = 0
+            if n_lin:
+                ids = calibration_ids(tmp, args.vocab_size)
+                if ids is not None:
+                    calibrate_norms(student, teacher, ids)
+                    calibrated = ids.shape[1]
+            student.to(dtypes[dtype])
+            student.save_pretrained(tmp, safe_serialization=True)
             (tmp / "linearized_from.json").write_text(json.dumps(
                 {"source": str(src), "attn_type": attn_type, "softmax_layers": args.softmax_layers,
-                 "decay_range": DECAY_RANGE, "seed": seed}, indent=1) + "\n")
+                 "decay_range": DECAY_RANGE, "norm_calibration_tokens": calibrated, "seed": seed},
+                indent=1) + "\n")
     except ConvertError as e:
         raise LinearizeError(str(e)) from None
     log(f"wrote {dst}")
     return dst
+
+
+def calibration_ids(folder: Path, vocab_size: int) -> Optional[torch.Tensor]:
+    """CALIBRATION_TEXT in the teacher's tokens, or None when the folder has no usable tokenizer."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        ids = AutoTokenizer.from_pretrained(str(folder))(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"]
+    except (OSError, ValueError):
+        return None
+    finally:
+        hf_logging.set_verbosity(level)
+    if not ids or max(ids) >= vocab_size:
+        return None
+    return torch.tensor([ids])
 
 
 def evenly_spaced(num_layers: int, count: int) -> list:

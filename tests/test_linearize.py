@@ -272,3 +272,35 @@ def test_a_tiny_gguf_is_read_back_to_the_same_model(tmp_path):
     with pytest.raises(LinearizeError, match="not a readable GGUF"):
         (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 64)
         linearize(tmp_path / "bad.gguf", tmp_path / "x", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("attn_type", ["regla", "gsa"])
+def test_output_norms_start_at_the_teachers_attention_scale(tmp_path, attn_type):
+    """Each linear layer's output-norm weight is the per-channel RMS of the teacher's attention
+    output there (before o_proj) on the calibration text, measured here with hooks on the
+    transformers teacher itself."""
+    import regla_torch
+    from regla_torch.linearize import CALIBRATION_TEXT
+    from transformers import AutoTokenizer
+
+    folder, teacher = tiny_teacher(tmp_path, "llama")
+    dst = linearize(folder, tmp_path / "s", attn_type=attn_type, softmax_layers=[1],
+                    model={"num_slots": 8} if attn_type == "gsa" else None, log=lambda *a: None)
+    assert json.loads((dst / "linearized_from.json").read_text())["norm_calibration_tokens"] > 50
+    seen = {}
+    hooks = [teacher.model.layers[i].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, inp, i=i: seen.__setitem__(i, inp[0].detach())) for i in (0, 2)]
+    ids = AutoTokenizer.from_pretrained(folder)(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        teacher(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    student = regla_torch.load(dst).float()
+    for i in (0, 2):
+        o = seen[i].double()
+        if attn_type == "gsa":
+            want, got = o.pow(2).mean((0, 1)).sqrt(), student.model.layers[i].attn.g_norm.weight
+        else:
+            want = o.view(*o.shape[:2], -1, 8).pow(2).mean((0, 1, 2)).sqrt()
+            got = getattr(student.model.layers[i].attn, student.args.norm_name).weight
+        np.testing.assert_allclose(got.detach().double().numpy(), want.numpy(), rtol=1e-4)
