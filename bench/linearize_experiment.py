@@ -351,7 +351,7 @@ def main():
     p.add_argument("--train-tokens", type=int, default=3_000_000)
     p.add_argument("--val-tokens", type=int, default=262_144)
     r = sub.add_parser("run", help="there: linearize, recover, measure, write results.md")
-    r.add_argument("--steps", type=int, default=400, help="optimizer steps per model (both stages)")
+    r.add_argument("--steps", type=int, default=300, help="optimizer steps per model (both stages)")
     r.add_argument("--transfer-share", type=float, default=0.25, help="share of --steps in attention transfer")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--seq-len", type=int, default=1024)

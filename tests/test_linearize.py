@@ -304,3 +304,22 @@ def test_output_norms_start_at_the_teachers_attention_scale(tmp_path, attn_type)
             want = o.view(*o.shape[:2], -1, 8).pow(2).mean((0, 1, 2)).sqrt()
             got = getattr(student.model.layers[i].attn, student.args.norm_name).weight
         np.testing.assert_allclose(got.detach().double().numpy(), want.numpy(), rtol=1e-4)
+
+
+def test_a_linearized_qwen2_converts_to_mlx_and_matches_torch(tmp_path):
+    """The converted MLX folder (what `regla chat` runs) computes the torch model's logits, biases,
+    explicit head dim and chat template included."""
+    mx = pytest.importorskip("mlx.core")
+    import regla_mlx
+    import regla_torch
+    from regla.convert import convert
+
+    folder, _ = tiny_teacher(tmp_path, "qwen2", head_dim=10)
+    with pytest.warns(UserWarning, match="biases are dropped"):
+        dst = linearize(folder, tmp_path / "s", softmax_layers=[0, 2], log=lambda *a: None)
+    student = regla_torch.load(dst).float()
+    convert(dst, tmp_path / "mlx", log=lambda *a: None)
+    model, tok = regla_mlx.load(tmp_path / "mlx")
+    with torch.no_grad():
+        want = student(IDS, use_cache=False).logits
+    assert max_rel(np.array(model(mx.array(IDS.numpy()))), want) <= 1e-4

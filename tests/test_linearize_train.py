@@ -140,3 +140,28 @@ def test_cli_linearize_then_train_transfer(models, tmp_path):
                                  "--eval-interval", "3", "--eval-batches", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "step 0: val loss" in r.output and (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_transfer_stage_under_ddp_matches_one_process(models, tmp_path):
+    """Two gloo processes (DDP around the stage's objective) follow the one-process curve."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--data", str(models["data"]), "--init-from", str(models["student"]), "--stage", "transfer",
+              "--teacher", str(models["teacher"]), "--seq-len", "32", "--max-steps", "4", "--lr", "3e-3",
+              "--warmup-steps", "1", "--eval-interval", "4", "--eval-batches", "2", "--save-interval", "4",
+              "--seed", "2", "--no-progress"]
+    one = tmp_path / "one"
+    train(TrainConfig(data=[str(models["data"])], init_from=str(models["student"]), stage="transfer",
+                      teacher=str(models["teacher"]), out=str(one), seq_len=32, batch_size=2, grad_accum=2,
+                      max_steps=4, lr=3e-3, warmup_steps=1, eval_interval=4, eval_batches=2, save_interval=4,
+                      seed=2, progress=False))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "regla.cli", "train", "--out", str(two), "--batch-size", "2", *common],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=1e-5)
+    assert len(losses(one)) == 4
