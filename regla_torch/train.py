@@ -718,7 +718,8 @@ def _train(cfg, on_step, world, rank, device):
                 if run.val_windows is not None:
                     rec.update(evaluate(run))
                     progress.console.print(f"step {step}: val loss {rec['val_loss']:.4f}, perplexity "
-                                           f"{rec['val_ppl']:.2f}")
+                                           f"{rec['val_ppl']:.2f}" + (f", val {cfg.stage} {rec[f'val_{cfg.stage}']:.4f}"
+                                                                     if run.objective is not None else ""))
             if rank == 0 and (step % cfg.log_interval == 0 or step == run.total) and not cfg.progress:
                 print(f"step {step}/{run.total} loss {loss_val:.4f} lr {lr_now:.2e} {tps:,.0f} tok/s", flush=True)
             write_log(rec)
