@@ -20,7 +20,9 @@ def models(tmp_path_factory):
     """A tiny Llama teacher, its all-softmax twin (the teacher as a regla checkpoint), and a regla
     linearization keeping layer 1 softmax."""
     tmp = tmp_path_factory.mktemp("lin")
-    folder, _ = tiny_teacher(tmp, "llama")
+    # weights of std 0.1 rather than transformers' 0.02: logits far enough from uniform that the
+    # KL between teacher and student is a clear signal
+    folder, _ = tiny_teacher(tmp, "llama", initializer_range=0.1)
     quiet = dict(log=lambda *a: None)
     return {"teacher": linearize(folder, tmp / "teacher", softmax_layers="all", **quiet),
             "student": linearize(folder, tmp / "student", attn_type="regla", softmax_layers=[1], **quiet),
@@ -72,7 +74,7 @@ def test_kl_stage_is_zero_for_the_teacher_itself_and_falls_for_the_student(model
     out = tmp_path / "kl"
     train(cfg_for(models, out, stage="kl", teacher=str(models["teacher"]), max_steps=16, eval_interval=8, lr=2e-3))
     evals = [r["val_kl"] for r in records(out) if "val_kl" in r]
-    assert evals[-1] < 0.8 * evals[0], evals
+    assert evals[-1] < 0.6 * evals[0], evals
 
 
 def test_lm_stage_from_a_checkpoint_and_exact_resume(models, tmp_path):
