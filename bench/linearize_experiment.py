@@ -244,8 +244,12 @@ def cmd_run(a):
     results_file = exp / "results.json"
     res = json.loads(results_file.read_text()) if results_file.exists() else {}
     res.setdefault("stages", {})
-    res["settings"] = {k: getattr(a, k) for k in ("steps", "transfer_share", "batch_size", "seq_len", "lr_transfer",
-                                                  "lr_kl", "eval_windows")}
+    settings = {k: getattr(a, k) for k in ("steps", "transfer_share", "batch_size", "seq_len", "lr_transfer",
+                                           "lr_kl", "eval_windows")}
+    if res.get("settings", settings) != settings:
+        sys.exit(f"{results_file} holds results of other settings ({res['settings']}): continue with those, or "
+                 f"remove {results_file} and {exp / 'runs'} to start over")
+    res["settings"] = settings
 
     def save():
         results_file.write_text(json.dumps(res, indent=1) + "\n")
