@@ -190,7 +190,9 @@ def teacher_folder(gguf: Path, out: Path, tokenizer: Path) -> Path:
 
     cfg, weights, _ = read_gguf(gguf)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
-    model.load_state_dict(weights, strict=False)  # tied lm_head: absent from the GGUF
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # only the tied lm_head may be absent from a GGUF
+        sys.exit(f"the GGUF's tensors do not fit a Llama: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
