@@ -346,7 +346,7 @@ def train(
     val_data: Optional[List[Path]] = typer.Option(None, help="Held-out files (default: the corpus' last "
                                                   "--val-fraction)."),
     tokenizer: Optional[str] = typer.Option(None, help="bytes (built in), bpe:N (learned on the text), or a "
-                                            "tokenizer folder / hub id. Default: bytes."),
+                                            "tokenizer folder / hub id. Default: the --init-from checkpoint's, else bytes."),
     out: Optional[Path] = typer.Option(None, help="Run folder: checkpoints, log.jsonl, final/."),
     preset: Optional[str] = typer.Option(None, help="tiny, 10m, 15m, 40m, 125m, 350m, 760m, 1.3b."),
     attn_type: Optional[AttnType] = typer.Option(None, case_sensitive=False, help="Layer type."),
@@ -376,6 +376,14 @@ def train(
                                                help="dtype of OUT/final (default f32)."),
     max_shard_size: Optional[str] = typer.Option(None, help="Shard size of saved weights, e.g. 15MB."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Shard with FSDP instead of DDP (under torchrun)."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this regla checkpoint (its config, weights "
+                                             "and, by default, tokenizer), e.g. `regla linearize`'s output."),
+    stage: Optional[str] = typer.Option(None, callback=_one_of("lm", "kl", "transfer"), metavar="[lm|kl|transfer]",
+                                        help="lm (next-token loss, default), kl (match --teacher's "
+                                        "logits) or transfer (match --teacher's softmax attention layer by layer)."),
+    teacher: Optional[Path] = typer.Option(None, help="regla checkpoint giving the kl/transfer targets (for "
+                                           "transfer: softmax where the student is linear, e.g. "
+                                           "`regla linearize SRC T --softmax-layers all`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT's last checkpoint."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of a progress bar."),
 ):
@@ -401,7 +409,7 @@ def train(
                      lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
                      eval_interval=eval_interval, eval_batches=eval_batches, save_interval=save_interval,
                      seed=seed, device=device, dtype=dtype, export_dtype=export_dtype,
-                     max_shard_size=max_shard_size, data=data)
+                     max_shard_size=max_shard_size, data=data, init_from=init_from, stage=stage, teacher=teacher)
         for k, v in flags.items():
             if v is None or v == []:
                 continue  # not given: keep the config file's value or the default
@@ -580,10 +588,43 @@ def _prompt_ids(folder, prompt: str) -> list:
         return [b % vocab for b in prompt.encode()]
 
 
-@app.command(hidden=True)  # listed once it works (its own issue)
-def linearize(src: str = typer.Argument(...), dst: Path = typer.Argument(...)):
-    """Turn a Llama-family transformers checkpoint into a regla one."""
-    fail("`regla linearize` is not available yet in this version.", code=2)
+@app.command()
+def linearize(
+    src: Path = typer.Argument(..., help="A transformers Llama-family model folder (Llama, Mistral, Qwen2, "
+                               "SmolLM) or a GGUF file of one."),
+    dst: Path = typer.Argument(..., help="Output folder (must not exist): a regla checkpoint."),
+    attn_type: AttnType = typer.Option(AttnType.regla, case_sensitive=False,
+                                       help="The type of every layer not kept softmax."),
+    softmax_layers: str = typer.Option("none", help="Layers kept as softmax attention: comma-separated "
+                                       "indices, 'all' (reproduces the teacher) or 'none'."),
+    model_json: Optional[str] = typer.Option(None, "--model", help="Model fields over the derived ones, as "
+                                             "JSON, e.g. '{\"use_output_gate\": true}'."),
+    dtype: str = typer.Option("f32", callback=_dtype, metavar="[f32|bf16|f16]", help="Weights' dtype."),
+    seed: int = typer.Option(0, min=0, help="Seed of the new (gate) weights."),
+):
+    """Turn a pretrained Llama-family Transformer into a regla model (then recover it with
+    `regla train --init-from DST --stage transfer|kl|lm`)."""
+    import json
+    import warnings
+
+    try:
+        from regla_torch.linearize import LinearizeError, linearize as run, parse_layers
+    except ImportError as e:
+        fail(f"{e.name} is not installed: linearize needs PyTorch and transformers")
+    try:
+        model = json.loads(model_json) if model_json else None
+    except json.JSONDecodeError as e:
+        fail(f"--model is not valid JSON ({e})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            run(src, dst, attn_type=attn_type.value, softmax_layers=parse_layers(softmax_layers), model=model,
+                dtype=dtype, seed=seed, log=typer.echo)
+        except LinearizeError as e:
+            fail(str(e))
+    for w in caught:
+        if "linear layers" in str(w.message):
+            typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("spec-check")

@@ -156,6 +156,43 @@ def short_conv(xp, x, weight, bias=None, state=None, seg=None, mask=None):
     return xp.silu(y), xp.take_along_axis(xs, rows[..., None], 1)
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_type(scaling) -> str:
+    """The kind of a ``rope_scaling`` dict (transformers spells it ``rope_type``, older configs ``type``)."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> list:
+    """RoPE's inverse frequencies ``theta^(-2i/D)`` as transformers computes them, with the
+    scalings regla implements: ``linear`` (positions divided by ``factor``, i.e. every frequency)
+    and ``llama3`` (Llama 3.1's band-wise rescaling). Others raise ValueError naming them."""
+    inv = [theta ** (-i / head_dim) for i in range(0, head_dim, 2)]
+    kind = rope_type(scaling)
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return [f / float(scaling["factor"]) for f in inv]
+    if kind == "llama3":
+        factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        old = float(scaling["original_max_position_embeddings"])
+        out = []
+        for f in inv:
+            wavelen = 2 * math.pi / f
+            if wavelen < old / high:  # high frequencies: kept
+                out.append(f)
+            elif wavelen > old / low:  # low frequencies: scaled down
+                out.append(f / factor)
+            else:  # between: a smooth blend of the two
+                smooth = (old / wavelen - low) / (high - low)
+                out.append((1 - smooth) * f / factor + smooth * f)
+        return out
+    raise ValueError(f"rope_scaling type {kind!r} is not implemented (regla implements "
+                     f"{', '.join(ROPE_TYPES)}); it changes the positions' encoding, so the softmax "
+                     "layers would not compute what the checkpoint was trained with")
+
+
 class _NumPyOps:
     """``xp`` for NumPy (the spec runs it on float64 arrays)."""
 

@@ -96,7 +96,13 @@ class ModelArgs:
     softmax_layers: list = field(default_factory=list)
     softmax_num_heads: Optional[int] = None
     softmax_num_kv_heads: Optional[int] = None
+    softmax_head_dim: Optional[int] = None        # None: hidden_size // softmax_num_heads
+    softmax_qkv_bias: bool = False                # Qwen2's q/k/v biases (Llama's attention_bias: both)
+    softmax_o_bias: bool = False
     rope_theta: float = 10000.0
+    # transformers' rope_scaling (None, or {"rope_type": "linear" | "llama3", ...}); not named so, since
+    # PretrainedConfig rewrites an attribute of that name
+    softmax_rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     fuse_norm: bool = True
@@ -127,6 +133,13 @@ class ModelArgs:
             self.softmax_num_heads = self.num_heads
         if self.softmax_num_kv_heads is None:
             self.softmax_num_kv_heads = min(self.num_kv_heads, self.softmax_num_heads)
+        if self.softmax_head_dim is None:
+            if self.softmax_layers and self.hidden_size % self.softmax_num_heads:
+                raise ConfigError(f"hidden_size ({self.hidden_size}) must divide into softmax_num_heads "
+                                  f"({self.softmax_num_heads}) heads, or set softmax_head_dim")
+            self.softmax_head_dim = self.hidden_size // self.softmax_num_heads
+        if self.softmax_rope_scaling is not None and lm.rope_type(self.softmax_rope_scaling) == "default":
+            self.softmax_rope_scaling = None  # transformers writes {"rope_type": "default"} for none
         if self.attn_mode in ("fused_chunk", "fused_recurrent"):
             self.attn_mode = "chunk"  # old fla configs; same math
         self.softmax_layers = sorted(int(i) for i in (self.softmax_layers or []))
@@ -173,13 +186,15 @@ class ModelArgs:
             if not 0 <= i < self.num_hidden_layers:
                 bad(f"softmax_layers index {i} is outside 0..{self.num_hidden_layers - 1}")
         if self.softmax_layers:
-            if self.hidden_size % self.softmax_num_heads:
-                bad(f"hidden_size ({self.hidden_size}) must divide into softmax_num_heads "
-                    f"({self.softmax_num_heads}) heads")
             if self.softmax_num_heads % self.softmax_num_kv_heads:
                 bad("softmax_num_heads must be a multiple of softmax_num_kv_heads")
-            if (self.hidden_size // self.softmax_num_heads) % 2:
-                bad("softmax head dim must be even for RoPE")
+            if self.softmax_head_dim <= 0 or self.softmax_head_dim % 2:
+                bad(f"softmax_head_dim must be positive and even for RoPE, got {self.softmax_head_dim}")
+        if self.softmax_rope_scaling is not None:
+            try:
+                lm.rope_inv_freq(2, self.rope_theta, self.softmax_rope_scaling)
+            except ValueError as e:
+                bad(str(e))
 
     # --------------------------------------------------------------- sizes
     @property
@@ -208,10 +223,6 @@ class ModelArgs:
             return int(self.intermediate_size)
         d = int(self.hidden_size * self.hidden_ratio * 2 / 3)
         return 256 * ((d + 255) // 256)
-
-    @property
-    def softmax_head_dim(self) -> int:
-        return self.hidden_size // self.softmax_num_heads
 
     @property
     def scale(self) -> float:
@@ -534,10 +545,11 @@ def gsa_attention(x, w, cfg: ModelArgs, state=None):
     return linear(o, w["o_proj.weight"]), (Kt, Vt, *conv)
 
 
-def rope(x, positions, theta):
-    """Llama's rotary embedding (rotate-half form) on ``[B,T,H,D]``."""
+def rope(x, positions, theta, scaling=None):
+    """Llama's rotary embedding (rotate-half form) on ``[B,T,H,D]``; ``scaling`` is the config's
+    ``softmax_rope_scaling`` (see ``regla.layer_math.rope_inv_freq``)."""
     D = x.shape[-1]
-    inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+    inv = np.asarray(lm.rope_inv_freq(D, theta, scaling), dtype=np.float64)
     ang = np.asarray(positions, dtype=np.float64)[:, None] * inv[None]  # [T, D/2]
     cos = np.concatenate([np.cos(ang)] * 2, -1)[None, :, None]
     sin = np.concatenate([np.sin(ang)] * 2, -1)[None, :, None]
@@ -553,12 +565,10 @@ def softmax_attention(x, w, cfg: ModelArgs, state=None):
     x = _f64(x)
     B, T, _ = x.shape
     D = cfg.softmax_head_dim
-    q = _heads(linear(x, w["q_proj.weight"]), D)
-    k = _heads(linear(x, w["k_proj.weight"]), D)
-    v = _heads(linear(x, w["v_proj.weight"]), D)
+    q, k, v = (_heads(linear(x, w[f"{n}_proj.weight"], w.get(f"{n}_proj.bias")), D) for n in "qkv")
     past = 0 if state is None else state[0].shape[1]
     pos = np.arange(past, past + T)
-    q, k = rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta)
+    q, k = (rope(t, pos, cfg.rope_theta, cfg.softmax_rope_scaling) for t in (q, k))
     if state is not None:
         k = np.concatenate([state[0], k], 1)
         v = np.concatenate([state[1], v], 1)
@@ -570,7 +580,7 @@ def softmax_attention(x, w, cfg: ModelArgs, state=None):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     o = np.einsum("bhij,bjhd->bihd", p, vr).reshape(B, T, -1)
-    return linear(o, w["o_proj.weight"]), (k, v)
+    return linear(o, w["o_proj.weight"], w.get("o_proj.bias")), (k, v)
 
 
 def mlp(x, w):
@@ -643,6 +653,12 @@ def expected_shapes(cfg: ModelArgs) -> dict[str, tuple]:
             shapes[a + "k_proj.weight"] = (cfg.softmax_num_kv_heads * D, d)
             shapes[a + "v_proj.weight"] = (cfg.softmax_num_kv_heads * D, d)
             shapes[a + "o_proj.weight"] = (d, cfg.softmax_num_heads * D)
+            if cfg.softmax_qkv_bias:
+                shapes[a + "q_proj.bias"] = (cfg.softmax_num_heads * D,)
+                shapes[a + "k_proj.bias"] = (cfg.softmax_num_kv_heads * D,)
+                shapes[a + "v_proj.bias"] = (cfg.softmax_num_kv_heads * D,)
+            if cfg.softmax_o_bias:
+                shapes[a + "o_proj.bias"] = (d,)
             continue
         shapes[a + "q_proj.weight"] = (cfg.key_dim, d)
         shapes[a + "k_proj.weight"] = (Kkv, d)

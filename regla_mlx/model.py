@@ -268,11 +268,20 @@ class SoftmaxAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        d, D = args.hidden_size, args.softmax_head_dim
-        self.q_proj = nn.Linear(d, args.softmax_num_heads * D, bias=False)
-        self.k_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=False)
+        d, D, bias = args.hidden_size, args.softmax_head_dim, args.softmax_qkv_bias
+        self.q_proj = nn.Linear(d, args.softmax_num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=args.softmax_o_bias)
+        # mx.fast.rope takes the periods 1/inv_freq; a leading underscore keeps them out of the weights
+        inv = lm.rope_inv_freq(D, args.rope_theta, args.softmax_rope_scaling)
+        self._periods = None if args.softmax_rope_scaling is None else mx.array([1.0 / f for f in inv], dtype=mx.float32)
+
+    def _rope(self, x, offset):
+        D = self.args.softmax_head_dim
+        if self._periods is None:
+            return mx.fast.rope(x, D, traditional=False, base=self.args.rope_theta, scale=1.0, offset=offset)
+        return mx.fast.rope(x, D, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
 
     def __call__(self, h, norm, cache=None):
         a = self.args
@@ -286,8 +295,7 @@ class SoftmaxAttention(nn.Module):
         # row's padding and position
         mask = create_attention_mask(x, cache)
         offset = 0 if cache is None else cache.offset
-        q = mx.fast.rope(q, D, traditional=False, base=a.rope_theta, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, D, traditional=False, base=a.rope_theta, scale=1.0, offset=offset)
+        q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=D ** -0.5, mask=mask)

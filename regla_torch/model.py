@@ -377,12 +377,11 @@ class GatedSlotAttention(_Mixer):
         return project_add(self.g_norm(F.silu(o)), self.o_proj.weight, h), new_state
 
 
-def rope(x, positions, theta):
+def rope(x, positions, inv_freq):
     """Llama's rotary embedding (rotate-half) on ``x [B,T,H,D]``; ``positions`` is [T], or [B,T]
     when rows of a padded batch sit at different positions."""
     D = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    ang = positions.float()[..., None] * inv  # [T or B,T, D/2]
+    ang = positions.float()[..., None] * inv_freq  # [T or B,T, D/2]
     if ang.dim() == 2:
         ang = ang[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, :, None], torch.cat([ang.sin()] * 2, -1)[:, :, None]
@@ -396,18 +395,28 @@ class SoftmaxAttention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.args, self.layer_idx = args, layer_idx
-        d, D = args.hidden_size, args.softmax_head_dim
-        self.q_proj = nn.Linear(d, args.softmax_num_heads * D, bias=False)
-        self.k_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=False)
+        d, D, bias = args.hidden_size, args.softmax_head_dim, args.softmax_qkv_bias
+        self.q_proj = nn.Linear(d, args.softmax_num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(d, args.softmax_num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(args.softmax_num_heads * D, d, bias=args.softmax_o_bias)
+        # a plain list, not a buffer: models built on the meta device (loading) get real values
+        self._inv_freq_list, self._inv_freq = lm.rope_inv_freq(D, args.rope_theta, args.softmax_rope_scaling), None
+
+    def inv_freq(self, device):
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = torch.tensor(self._inv_freq_list, dtype=torch.float32, device=device)
+        return self._inv_freq
 
     def forward(self, h, norm, state=None, cu_seqlens=None, use_cache=False, pad=None):
         a = self.args
         B, T, _ = h.shape
         D = a.softmax_head_dim
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        q, k, v = (t.view(B, T, -1, D) for t in project(h, ws, norm).split([w.shape[0] for w in ws], -1))
+        qkv = project(h, ws, norm)
+        if a.softmax_qkv_bias:
+            qkv = qkv + torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).to(qkv.dtype)
+        q, k, v = (t.view(B, T, -1, D) for t in qkv.split([w.shape[0] for w in ws], -1))
         past = 0 if state is None else state[0].shape[1]
         if pad is not None:  # padded batch: each row counts positions from its first real token
             pos = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -415,7 +424,8 @@ class SoftmaxAttention(nn.Module):
             pos = torch.arange(past, past + T, device=h.device)
         else:  # positions restart at every packed sequence
             pos = torch.cat([torch.arange(e - b, device=h.device) for b, e in segments(cu_seqlens, T)])
-        q, k = rope(q, pos, a.rope_theta), rope(k, pos, a.rope_theta)
+        inv_freq = self.inv_freq(h.device)
+        q, k = rope(q, pos, inv_freq), rope(k, pos, inv_freq)
         if state is not None:
             k, v = torch.cat([state[0], k], 1), torch.cat([state[1], v], 1)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -441,6 +451,8 @@ class SoftmaxAttention(nn.Module):
             mask = torch.arange(past + T, device=h.device)[None, :] <= (past + torch.arange(T, device=h.device))[:, None]
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
         o = o.transpose(1, 2).reshape(B, T, -1)
+        if a.softmax_o_bias:
+            h = h + self.o_proj.bias.to(h.dtype)
         return project_add(o, self.o_proj.weight, h), ((k, v) if use_cache else None)
 
 

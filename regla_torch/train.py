@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from regla import checkpoint as ckpt
-from regla.spec import ConfigError, ModelArgs
+from regla.spec import ConfigError, ModelArgs, check_weights
 
 from .data import DataError, Windows, load_corpus, open_tokens, pack, expand, read_documents, tokenize_documents
 
@@ -69,10 +69,13 @@ class TrainConfig:
     data: list = field(default_factory=list)       # text/JSONL files or folders, or .bin/.npy token files
     val_data: list = field(default_factory=list)   # held-out files; empty: the corpus' last val_fraction
     val_fraction: float = 0.01
-    tokenizer: str = "bytes"                       # bytes | bpe:N | a tokenizer folder or hub id
+    tokenizer: str = "auto"                        # auto (init_from's, else bytes) | bytes | bpe:N | a folder or hub id
     out: str = "runs/regla"
     preset: str = "10m"
     model: dict = field(default_factory=dict)      # ModelArgs fields over the preset (attn_type, softmax_layers, ...)
+    init_from: str = ""                            # start from this regla checkpoint (config and weights), e.g. linearized
+    stage: str = "lm"                              # lm (next-token loss) | kl (teacher's logits) | transfer (attention outputs)
+    teacher: str = ""                              # regla checkpoint giving the kl/transfer targets
     seq_len: int = 512
     batch_size: int = 8                            # sequences per micro-step and process
     grad_accum: int = 1                            # micro-steps per optimizer step
@@ -155,6 +158,18 @@ def check_config(cfg: TrainConfig):
 
 
 def model_args(cfg: TrainConfig, tokenizer) -> ModelArgs:
+    if cfg.init_from:
+        if cfg.model:
+            raise TrainError(f"--init-from takes the model from {cfg.init_from}'s config: drop the model fields "
+                             f"({', '.join(sorted(cfg.model))})")
+        try:
+            args = ckpt.read_args(ckpt.resolve(cfg.init_from))
+        except ckpt.CheckpointError as e:
+            raise TrainError(f"--init-from: {e}") from None
+        if len(tokenizer) > args.vocab_size:
+            raise TrainError(f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary of "
+                             f"{cfg.init_from} ({args.vocab_size}): train with that checkpoint's tokenizer")
+        return args
     if cfg.preset not in PRESETS:
         raise TrainError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     d = {**PRESETS[cfg.preset], **cfg.model}
@@ -227,15 +242,22 @@ def read_resume_state(folder: Path, args: ModelArgs):
 # would not continue the same run. (The split of the global batch into processes, micro-batches
 # and accumulation may change.)
 RESUME_FIXED = ("data", "val_data", "val_fraction", "tokenizer", "seq_len", "max_steps", "lr", "min_lr_ratio",
-                "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "time_limit")
+                "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "time_limit",
+                "init_from", "stage", "teacher")
+
+
+# What a checkpoint written before a field existed meant by its absence.
+LEGACY_DEFAULTS = {"init_from": "", "stage": "lm", "teacher": ""}
 
 
 def check_resume_config(cfg: TrainConfig, state: dict, world: int, folder: Path):
-    saved = dict(state["config"])
+    saved = {**LEGACY_DEFAULTS, **state["config"]}
     for k in ("dtype", "export_dtype"):  # runs saved before the dtypes had one spelling
         saved[k] = DTYPE_NAMES.get(saved.get(k), saved.get(k))
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIXED
-            if saved.get(k) != getattr(cfg, k)]
+    mine = dataclasses.asdict(cfg)
+    for d in (saved, mine):  # "auto" and what it stands for are the same tokenizer
+        d["tokenizer"] = tokenizer_spec(d["tokenizer"], d["init_from"])
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in RESUME_FIXED if saved.get(k) != mine[k]]
     was = saved["batch_size"] * saved["grad_accum"] * state["world_size"]
     now = cfg.batch_size * cfg.grad_accum * world
     if was != now:
@@ -249,6 +271,372 @@ def check_resume_config(cfg: TrainConfig, state: dict, world: int, folder: Path)
 def log(rank, *msg):
     if rank == 0:
         print(*msg, flush=True)
+
+
+# ------------------------------------------------------------------------ stages
+STAGES = ("lm", "kl", "transfer")
+
+
+def tokenizer_spec(tokenizer: str, init_from: str) -> str:
+    """``auto``: the checkpoint's own tokenizer when starting from one, else bytes."""
+    if tokenizer == "auto":
+        return init_from or "bytes"
+    return tokenizer
+
+
+class Distill(torch.nn.Module):
+    """The student with a teacher's targets: ``forward(input_ids, labels, cu_seqlens) -> loss``.
+
+    ``kl``: the mean over predicted tokens of KL(teacher || student) of the next-token
+    distributions (the student learns the teacher's whole distribution, not one token).
+    ``transfer`` (LoLCATs' attention transfer): every linear layer of the student gets the
+    teacher's residual stream at that layer and must reproduce the teacher's softmax-attention
+    output there; the loss is the mean over those layers of their MSE divided by the mean square
+    of the teacher's attention update (1.0 = as far off as no attention at all). Only the linear
+    layers' attention weights train in that stage.
+
+    The teacher is kept out of the module tree (a list), so DDP/FSDP and checkpoints see only the
+    student.
+    """
+
+    def __init__(self, student, teacher, stage: str):
+        super().__init__()
+        self.student, self._teacher, self.stage = student, [teacher], stage
+        args = student.args
+        self.linear = [i for i in range(args.num_hidden_layers) if args.layer_type(i) != "softmax"]
+
+    def forward(self, input_ids, labels, cu_seqlens):
+        if self.stage == "kl":
+            return self.kl(input_ids, labels, cu_seqlens)
+        return self.transfer(input_ids, cu_seqlens)
+
+    def kl(self, input_ids, labels, cu_seqlens):
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            target = self._teacher[0](input_ids=input_ids, cu_seqlens=cu_seqlens, use_cache=False).logits
+        logits = self.student(input_ids=input_ids, cu_seqlens=cu_seqlens, use_cache=False).logits
+        keep = (labels[:, 1:] != -100).flatten()  # the positions the LM loss counts
+        s = F.log_softmax(logits[:, :-1].flatten(0, 1)[keep].float(), -1)
+        t = F.log_softmax(target[:, :-1].flatten(0, 1)[keep].float(), -1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+    @torch.no_grad()
+    def teacher_attention(self, input_ids, cu_seqlens):
+        """The teacher's residual stream entering each layer and that stream after its attention."""
+        t = self._teacher[0]
+        h = t.model.embeddings(input_ids)
+        inputs, outputs = [], []
+        for block in t.model.layers:
+            inputs.append(h)
+            h, _ = block.attn(h, block.attn_norm, None, cu_seqlens, False)
+            outputs.append(h)
+            h = block.mlp(h, block.mlp_norm)
+        return inputs, outputs
+
+    def transfer(self, input_ids, cu_seqlens):
+        inputs, outputs = self.teacher_attention(input_ids, cu_seqlens)
+        loss = 0.0
+        for i in self.linear:
+            block = self.student.model.layers[i]
+            got, _ = block.attn(inputs[i], block.attn_norm, None, cu_seqlens, False)
+            # both outputs include the residual input, which cancels in the difference
+            err = (got.float() - outputs[i].float()).pow(2).mean()
+            loss = loss + err / (outputs[i].float() - inputs[i].float()).pow(2).mean().clamp(min=1e-12)
+        return loss / len(self.linear)
+
+
+def load_teacher(cfg: TrainConfig, args: ModelArgs, device):
+    """The frozen teacher of a kl/transfer stage, checked against the student's config."""
+    from .loading import load_checkpoint
+
+    try:
+        teacher = load_checkpoint(cfg.teacher, device=device)
+    except (ckpt.CheckpointError, ConfigError) as e:
+        raise TrainError(f"--teacher: {e}") from None
+    t = teacher.args
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(t, k) != getattr(args, k):
+            raise TrainError(f"--teacher {cfg.teacher} has {k} {getattr(t, k)}, the student {getattr(args, k)}")
+    if cfg.stage == "transfer":
+        linear = [i for i in range(args.num_hidden_layers) if args.layer_type(i) != "softmax"]
+        if not linear:
+            raise TrainError("--stage transfer trains the linear layers, and this model has none")
+        odd = [i for i in linear if t.layer_type(i) != "softmax"]
+        if odd:
+            raise TrainError(f"--stage transfer needs softmax attention in the teacher where the student is linear; "
+                             f"the teacher's layers {odd} are not (use `regla linearize SRC T --softmax-layers all`)")
+    teacher.requires_grad_(False)
+    return teacher
+
+
+# ------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """What ``setup`` builds and the loop, ``train_step``, ``evaluate`` and ``save`` use."""
+
+    cfg: TrainConfig
+    world: int
+    rank: int
+    device: torch.device
+    amp: Optional[torch.dtype]
+    out: Path
+    tokenizer: object
+    args: ModelArgs
+    tokens: object                 # the training token stream
+    train_windows: Windows
+    val_windows: Optional[Windows]
+    student: torch.nn.Module       # the model trained and saved (unwrapped by DDP; the FSDP root)
+    model: torch.nn.Module         # what a step calls: student or Distill, wrapped by DDP
+    objective: Optional[Distill]   # kl/transfer stages
+    opt: torch.optim.Optimizer
+    sched: object
+    total: int                     # max_steps (shortened once by --time-limit)
+    step: int = 0
+    samples: int = 0
+    resumed_from: Optional[Path] = None
+    n_params: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+
+    def to_device(self, ids, labels, cu):
+        return (torch.from_numpy(ids).to(self.device), torch.from_numpy(labels).to(self.device),
+                torch.from_numpy(cu).to(device=self.device, dtype=torch.int32))
+
+
+def setup(cfg: TrainConfig, world: int, rank: int, device) -> Run:
+    """Check the settings, read the data, build (or resume) model, optimizer and schedule.
+    Everything is checked before anything is written."""
+    from .model import ReGLAConfig, ReGLAForCausalLM
+
+    out = Path(cfg.out)
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.seq_len < 2 or cfg.max_steps < 1:
+        raise TrainError("batch_size, grad_accum and max_steps must be >= 1 and seq_len >= 2")
+    # dtype, export_dtype: spelled and checked by check_config
+    amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16, "f32": None}[cfg.dtype]
+    if cfg.stage not in STAGES:
+        raise TrainError(f"--stage {cfg.stage!r}: choose {', '.join(STAGES)}")
+    if (cfg.stage != "lm") != bool(cfg.teacher):
+        raise TrainError(f"--stage {cfg.stage} " + ("needs a --teacher checkpoint" if cfg.stage != "lm" else
+                         "learns from the data alone: drop --teacher, or pick --stage kl or transfer"))
+    if cfg.stage == "transfer" and cfg.fsdp and world > 1:
+        raise TrainError("--stage transfer runs single layers of the student, which FSDP shards by block: "
+                         "use DDP (drop --fsdp)")
+
+    for flag, path in (("--init-from", cfg.init_from), ("--teacher", cfg.teacher)):
+        try:
+            if path:
+                ckpt.read_args(ckpt.resolve(path))
+        except ckpt.CheckpointError as e:
+            raise TrainError(f"{flag}: {e}") from None
+
+    # ---- data
+    if not cfg.data:
+        raise TrainError("no training data: pass --data FILE_OR_FOLDER (text, JSONL, .bin or .npy)")
+    try:
+        tokenizer, tokens = load_corpus(cfg.data, tokenizer_spec(cfg.tokenizer, cfg.init_from))
+        if cfg.val_data:
+            vfiles = expand(cfg.val_data)
+            if vfiles[0].suffix in (".bin", ".npy"):
+                val_tokens = open_tokens(vfiles, len(tokenizer))
+            else:
+                val_tokens = tokenize_documents(read_documents(vfiles), tokenizer)
+        else:
+            n_val = max(cfg.seq_len, int(len(tokens) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+            if n_val and len(tokens) - n_val < cfg.seq_len:
+                raise DataError(f"the corpus ({len(tokens)} tokens) is too small to hold out "
+                                f"{n_val} validation tokens and still train on windows of {cfg.seq_len}")
+            tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+        train_windows = Windows(tokens, cfg.seq_len, cfg.seed)
+        val_windows = Windows(val_tokens, cfg.seq_len, cfg.seed) if len(val_tokens) >= cfg.seq_len else None
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    args = model_args(cfg, tokenizer)
+
+    # ---- resume, or start fresh (from random weights or --init-from's)
+    existing = checkpoints(out) if out.exists() else []
+    weights, state, resumed_from = None, None, None
+    if cfg.resume:
+        if not existing:
+            raise TrainError(f"--resume: {out} holds no checkpoint-* folder to resume from")
+        resumed_from = existing[-1]
+        weights, state = read_resume_state(resumed_from, args)
+        check_resume_config(cfg, state, world, resumed_from)
+    elif existing:
+        raise TrainError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to "
+                         "continue that run or choose another --out")
+    elif cfg.init_from:
+        try:
+            weights = ckpt.sanitize(ckpt.read_weights(ckpt.resolve(cfg.init_from), "pt"), args)
+            check_weights(weights, args)
+        except (ckpt.CheckpointError, ConfigError) as e:
+            raise TrainError(f"--init-from: {e}") from None
+    teacher = load_teacher(cfg, args, device) if cfg.teacher else None
+
+    # ---- model, objective, optimizer, schedule
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    student = ReGLAForCausalLM(ReGLAConfig(**args.to_dict()))
+    if weights is not None:
+        if args.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embeddings.weight"]
+        try:
+            student.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+        except RuntimeError as e:
+            raise TrainError(f"the checkpoint's weights do not fit the model ({e})") from None
+    student.to(device)
+    n_params = sum(p.numel() for p in student.parameters())
+    objective = Distill(student, teacher, cfg.stage) if teacher is not None else None
+    if cfg.stage == "transfer":  # only the linear layers' attention learns
+        student.requires_grad_(False)
+        for i in objective.linear:
+            student.model.layers[i].attn.requires_grad_(True)
+    model = objective if objective is not None else student
+    if world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in student.model.layers:
+            fully_shard(block)
+        fully_shard(student)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")
+    run = Run(cfg=cfg, world=world, rank=rank, device=device, amp=amp, out=out, tokenizer=tokenizer, args=args,
+              tokens=tokens, train_windows=train_windows, val_windows=val_windows, student=student, model=model,
+              objective=objective, opt=opt, sched=None, total=cfg.max_steps, resumed_from=resumed_from,
+              n_params=n_params)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, run.total))
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        try:
+            set_optimizer_state_dict(student, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            run.sched.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise TrainError(f"cannot resume: the optimizer state does not fit this model ({e})") from None
+        run.step, run.samples, run.total = state["step"], state["samples"], state["max_steps"]
+        set_rng_state(state["rng"])
+    return run
+
+
+def train_step(run: Run) -> tuple[float, float]:
+    """One optimizer step over grad_accum micro-batches: ``(mean loss, gradient norm)``."""
+    cfg, model = run.cfg, run.model
+    loss_acc = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum):
+        first = run.samples + (micro * run.world + run.rank) * cfg.batch_size
+        rows = [run.train_windows.sample(first + i) for i in range(cfg.batch_size)]
+        ids, labels, cu = run.to_device(*pack(rows, run.tokenizer.eos_token_id))
+        # Sync gradients only on the last micro-step (DDP); FSDP reduces every backward.
+        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+        with (nullcontext() if sync else model.no_sync()), run.autocast():
+            if run.objective is None:
+                loss = model(input_ids=ids, labels=labels, cu_seqlens=cu, use_cache=False).loss
+            else:
+                loss = model(ids, labels, cu)
+        (loss / cfg.grad_accum).backward()
+        loss_acc += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    else:
+        gnorm = float("nan")
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    run.samples += run.global_batch
+    if run.world > 1:
+        dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG if run.device.type == "cuda" else dist.ReduceOp.SUM)
+        if run.device.type != "cuda":  # gloo has no AVG
+            loss_acc /= run.world
+    return loss_acc.item(), gnorm
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Mean token loss over the first eval_batches*batch_size validation windows (split by rank),
+    and the stage's own loss on them for kl/transfer runs: ``{"val_loss", "val_ppl"[, "val_<stage>"]}``."""
+    cfg, world, rank = run.cfg, run.world, run.rank
+    run.model.eval()
+    n = min(run.val_windows.count, cfg.eval_batches * cfg.batch_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+    # Every rank runs the same number of forwards (FSDP's are collective); a rank past the
+    # end runs window 0 and counts nothing.
+    for r in range(-(-n // (world * cfg.batch_size))):
+        start = (r * world + rank) * cfg.batch_size
+        weight = 1.0 if start < n else 0.0
+        rows = [run.val_windows.window(w) for w in range(start, min(n, start + cfg.batch_size))] \
+            or [run.val_windows.window(0)]
+        ids, labels, cu = run.to_device(*pack(rows, run.tokenizer.eos_token_id))
+        with run.autocast():
+            loss = run.student(input_ids=ids, labels=labels, use_cache=False, cu_seqlens=cu).loss
+            stage = run.objective(ids, labels, cu) if run.objective is not None else loss
+        count = int((labels[:, 1:] != -100).sum()) * weight
+        sums += torch.tensor([loss.double().item() * count, count, stage.double().item() * weight],
+                             device=run.device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums)
+    run.model.train()
+    vl = (sums[0] / sums[1].clamp(min=1)).item()
+    rec = {"val_loss": vl, "val_ppl": math.exp(min(vl, 50))}
+    if run.objective is not None:
+        rec[f"val_{cfg.stage}"] = (sums[2] / max(1, -(-n // cfg.batch_size))).item()
+    return rec
+
+
+def save(run: Run, folder_name: str, with_state: bool, dtype=None):
+    """Write a checkpoint (or the exported model) to a temp folder, then rename it into place.
+    Under FSDP every rank takes part in gathering the full state; rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    cfg, out = run.cfg, run.out
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(run.student, options=opts)
+    osd = get_optimizer_state_dict(run.student, run.opt, options=opts) if with_state else None
+    if run.rank == 0:
+        final = out / folder_name
+        tmp = out / f".tmp-{folder_name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        msd = {k: v.detach().cpu() for k, v in msd.items()}
+        if dtype is not None:
+            msd = {k: v.to(dtype) for k, v in msd.items()}
+        if run.args.tie_word_embeddings:
+            msd.pop("lm_head.weight", None)
+        run.student.save_pretrained(tmp, state_dict=msd, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+        if dtype is not None:  # save_pretrained records the live model's dtype, not the file's
+            conf = json.loads((tmp / "config.json").read_text())
+            conf["dtype"] = str(dtype).replace("torch.", "")
+            (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        run.tokenizer.save_pretrained(tmp)
+        if with_state:
+            torch.save({"step": run.step, "samples": run.samples, "max_steps": run.total, "optimizer": osd,
+                        "scheduler": run.sched.state_dict(), "rng": rng_state(), "world_size": run.world,
+                        "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
+        if final.exists():  # an export of the same name from an earlier run: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if with_state:
+            for old in checkpoints(out)[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+    if run.world > 1:
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------ train
@@ -289,184 +677,30 @@ def _train(cfg, on_step, world, rank, device):
 
     from transformers.utils import logging as hf_logging
 
-    from .model import ReGLAConfig, ReGLAForCausalLM
-
     hf_logging.disable_progress_bar()  # one bar (ours); not one per saved shard
 
     run_start = time.perf_counter()
-    out = Path(cfg.out)
-    amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16, "f32": None}[cfg.dtype]
-
-    # ---- data (every check before anything is written)
-    if not cfg.data:
-        raise TrainConfigError("no training data: pass --data FILE_OR_FOLDER (text, JSONL, .bin or .npy)")
-    try:
-        tokenizer, tokens = load_corpus(cfg.data, cfg.tokenizer)
-        if cfg.val_data:
-            vfiles = expand(cfg.val_data)
-            if vfiles[0].suffix in (".bin", ".npy"):
-                val_tokens = open_tokens(vfiles, len(tokenizer))
-            else:
-                val_tokens = tokenize_documents(read_documents(vfiles), tokenizer)
-        else:
-            n_val = max(cfg.seq_len, int(len(tokens) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-            if n_val and len(tokens) - n_val < cfg.seq_len:
-                raise DataError(f"the corpus ({len(tokens)} tokens) is too small to hold out "
-                                f"{n_val} validation tokens and still train on windows of {cfg.seq_len}")
-            tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
-        train_windows = Windows(tokens, cfg.seq_len, cfg.seed)
-        val_windows = Windows(val_tokens, cfg.seq_len, cfg.seed) if len(val_tokens) >= cfg.seq_len else None
-    except DataError as e:
-        raise TrainError(str(e)) from None
-    eos = tokenizer.eos_token_id
-    args = model_args(cfg, tokenizer)
-
-    # ---- resume or start fresh
-    existing = checkpoints(out) if out.exists() else []
-    resume_weights, state = None, None
-    if cfg.resume:
-        if not existing:
-            raise TrainError(f"--resume: {out} holds no checkpoint-* folder to resume from")
-        resume_weights, state = read_resume_state(existing[-1], args)
-        check_resume_config(cfg, state, world, existing[-1])
-    elif existing:
-        raise TrainError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to "
-                         "continue that run or choose another --out")
-
-    # ---- model, optimizer, schedule
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict()))
-    if resume_weights is not None:
-        if args.tie_word_embeddings:
-            resume_weights["lm_head.weight"] = resume_weights["model.embeddings.weight"]
-        try:
-            model.load_state_dict(resume_weights, strict=True)
-        except RuntimeError as e:
-            raise TrainError(f"cannot resume: the checkpoint's weights do not fit the model ({e})") from None
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    core = model
-    if world > 1 and cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    decay = [p for n, p in core.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in core.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=device.type == "cuda")
-    total = [cfg.max_steps]  # a list so --time-limit can shorten it once measured
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, total[0]))
-    step, samples = 0, 0
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        try:
-            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-            sched.load_state_dict(state["scheduler"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise TrainError(f"cannot resume: the optimizer state does not fit this model ({e})") from None
-        step, samples, total[0] = state["step"], state["samples"], state["max_steps"]
-        set_rng_state(state["rng"])
-
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    tokens_per_step = global_batch * cfg.seq_len
-    log(rank, f"model {args.attn_type} (softmax layers {args.softmax_layers or 'none'}): {n_params / 1e6:.2f}M "
-              f"parameters | {len(tokens):,} training tokens ({train_windows.count:,} windows of {cfg.seq_len}) | "
+    run = setup(cfg, world, rank, device)
+    out = run.out
+    tokens_per_step = run.global_batch * cfg.seq_len
+    args = run.args
+    log(rank, f"model {args.attn_type} (softmax layers {args.softmax_layers or 'none'}): {run.n_params / 1e6:.2f}M "
+              f"parameters{f' from {cfg.init_from}' if cfg.init_from else ''} | stage {cfg.stage} | "
+              f"{len(run.tokens):,} training tokens ({run.train_windows.count:,} windows of {cfg.seq_len}) | "
               f"{world} process(es) on {device.type}{' FSDP' if cfg.fsdp and world > 1 else ''} | "
-              f"global batch {global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens/step")
-    if state is not None:
-        log(rank, f"resumed from {existing[-1]} at step {step}")
-
-    def batch(first_sample):
-        rows = [train_windows.sample(first_sample + i) for i in range(cfg.batch_size)]
-        ids, labels, cu = pack(rows, eos)
-        return (torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device),
-                torch.from_numpy(cu).to(device=device, dtype=torch.int32))
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean token loss over the first eval_batches*batch_size validation windows (split by rank)."""
-        model.eval()
-        n = min(val_windows.count, cfg.eval_batches * cfg.batch_size)
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-        # Every rank runs the same number of forwards (FSDP's are collective); a rank past the
-        # end runs window 0 and counts nothing.
-        for r in range(-(-n // (world * cfg.batch_size))):
-            start = (r * world + rank) * cfg.batch_size
-            weight = 1.0 if start < n else 0.0
-            rows = [val_windows.window(w) for w in range(start, min(n, start + cfg.batch_size))] or [val_windows.window(0)]
-            ids, labels, cu = pack(rows, eos)
-            ids_t, lab_t = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
-            with autocast():
-                out_ = model(input_ids=ids_t, labels=lab_t, use_cache=False,
-                             cu_seqlens=torch.from_numpy(cu).to(device=device, dtype=torch.int32))
-            count = int((lab_t[:, 1:] != -100).sum()) * weight
-            loss_sum += torch.tensor([out_.loss.double().item() * count, count], device=device, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        model.train()
-        return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-
-    def save(folder_name, with_state, dtype=None):
-        """Write a checkpoint (or the exported model) to a temp folder, then rename it into place.
-        Under FSDP every rank takes part in gathering the full state; rank 0 writes."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, opt, options=opts) if with_state else None
-        if rank == 0:
-            final = out / folder_name
-            tmp = out / f".tmp-{folder_name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            msd = {k: v.detach().cpu() for k, v in msd.items()}
-            if dtype is not None:
-                msd = {k: v.to(dtype) for k, v in msd.items()}
-            if args.tie_word_embeddings:
-                msd.pop("lm_head.weight", None)
-            core.save_pretrained(tmp, state_dict=msd, safe_serialization=True, max_shard_size=cfg.max_shard_size)
-            if dtype is not None:  # save_pretrained records the live model's dtype, not the file's
-                conf = json.loads((tmp / "config.json").read_text())
-                conf["dtype"] = str(dtype).replace("torch.", "")
-                (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-            tokenizer.save_pretrained(tmp)
-            if with_state:
-                torch.save({"step": step, "samples": samples, "max_steps": total[0], "optimizer": osd,
-                            "scheduler": sched.state_dict(), "rng": rng_state(), "world_size": world,
-                            "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
-            if final.exists():  # an export of the same name from an earlier run: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            if with_state:
-                for old in checkpoints(out)[: -cfg.keep_checkpoints]:
-                    shutil.rmtree(old)
-        if world > 1:
-            dist.barrier()
+              f"global batch {run.global_batch} x {cfg.seq_len} = {tokens_per_step:,} tokens/step")
+    if run.resumed_from is not None:
+        log(rank, f"resumed from {run.resumed_from} at step {run.step}")
 
     # ---- the log: one JSON line per step; on resume, lines past the checkpoint are dropped
     # (they belong to the steps the crash lost and will be trained again)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log_file = out / "log.jsonl"
-        if state is not None and log_file.exists():
-            kept = [l for l in log_file.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        if run.resumed_from is not None and log_file.exists():
+            kept = [l for l in log_file.read_text().splitlines() if l and json.loads(l)["step"] <= run.step]
             log_file.write_text("".join(l + "\n" for l in kept))
-        elif state is None:
+        elif run.resumed_from is None:
             log_file.write_text("")
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
@@ -475,43 +709,28 @@ def _train(cfg, on_step, world, rank, device):
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
 
+    # ---- where a started-from checkpoint stands before any step (the "before" of a recovery)
+    if cfg.init_from and run.resumed_from is None and run.val_windows is not None:
+        rec = {"step": 0, **evaluate(run)}
+        log(rank, f"step 0: val loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}"
+                  + (f", val {cfg.stage} {rec[f'val_{cfg.stage}']:.4f}" if run.objective is not None else ""))
+        write_log(rec)
+
     # ---- the loop
-    model.train()
+    run.model.train()
     metrics = {}
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                         TextColumn("ETA"), TimeRemainingColumn(), disable=rank != 0 or not cfg.progress)
     timing = {"t0": None, "s0": None}
+    fresh = run.resumed_from is None
     with progress:
-        task = progress.add_task("train", total=total[0], completed=step, loss=float("nan"), tps=0.0)
+        task = progress.add_task("train", total=run.total, completed=run.step, loss=float("nan"), tps=0.0)
         t_last = time.perf_counter()
-        while step < total[0]:
-            loss_acc = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                first = samples + (micro * world + rank) * cfg.batch_size
-                ids, labels, cu = batch(first)
-                # Sync gradients only on the last micro-step (DDP); FSDP reduces every backward.
-                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                with (nullcontext() if sync else model.no_sync()), autocast():
-                    loss = model(input_ids=ids, labels=labels, cu_seqlens=cu, use_cache=False).loss
-                (loss / cfg.grad_accum).backward()
-                loss_acc += loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            else:
-                gnorm = float("nan")
-            lr_now = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            samples += global_batch
-            if world > 1:
-                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
-                if device.type != "cuda":  # gloo has no AVG
-                    loss_acc /= world
-            loss_val = loss_acc.item()
+        while run.step < run.total:
+            lr_now = run.opt.param_groups[0]["lr"]
+            loss_val, gnorm = train_step(run)
+            step = run.step
             if not math.isfinite(loss_val) or not math.isfinite(gnorm if cfg.grad_clip > 0 else 0.0):
                 # Stop before a non-finite update reaches a checkpoint; the last one stays usable.
                 raise TrainError(f"step {step}: loss {loss_val}, gradient norm {gnorm}: training diverged. "
@@ -524,39 +743,39 @@ def _train(cfg, on_step, world, rank, device):
 
             # --time-limit: after 20 timed steps (past compilation/autotuning) fit max_steps
             # to the time left; the warmup is not over yet, so only the cosine is stretched.
-            if cfg.time_limit > 0 and state is None:
+            if cfg.time_limit > 0 and fresh:
                 if step == 5:
                     timing["t0"], timing["s0"] = now, step
                 elif step == 25:
                     per_step = (now - timing["t0"]) / (step - timing["s0"])
-                    evals = max(1, total[0] // max(1, cfg.eval_interval))
+                    evals = max(1, run.total // max(1, cfg.eval_interval))
                     budget = cfg.time_limit - (now - run_start) - 30.0 - evals * 2.0
-                    new_total = max(step + 1, min(total[0], step + int(budget / per_step)))
-                    if new_total != total[0]:
-                        log(rank, f"--time-limit: {per_step * 1e3:.0f} ms/step, max_steps {total[0]} -> {new_total}")
-                        total[0] = new_total
+                    new_total = max(step + 1, min(run.total, step + int(budget / per_step)))
+                    if new_total != run.total:
+                        log(rank, f"--time-limit: {per_step * 1e3:.0f} ms/step, max_steps {run.total} -> {new_total}")
+                        run.total = new_total
                         progress.update(task, total=new_total)
-            if step % cfg.eval_interval == 0 or step == total[0]:
-                if val_windows is not None:
-                    vl = evaluate()
-                    rec.update(val_loss=vl, val_ppl=math.exp(min(vl, 50)))
-                    progress.console.print(f"step {step}: val loss {vl:.4f}, perplexity {math.exp(min(vl, 50)):.2f}")
-            if rank == 0 and (step % cfg.log_interval == 0 or step == total[0]) and not cfg.progress:
-                print(f"step {step}/{total[0]} loss {loss_val:.4f} lr {lr_now:.2e} {tps:,.0f} tok/s", flush=True)
+            if step % cfg.eval_interval == 0 or step == run.total:
+                if run.val_windows is not None:
+                    rec.update(evaluate(run))
+                    progress.console.print(f"step {step}: val loss {rec['val_loss']:.4f}, perplexity "
+                                           f"{rec['val_ppl']:.2f}" + (f", val {cfg.stage} {rec[f'val_{cfg.stage}']:.4f}"
+                                                                     if run.objective is not None else ""))
+            if rank == 0 and (step % cfg.log_interval == 0 or step == run.total) and not cfg.progress:
+                print(f"step {step}/{run.total} loss {loss_val:.4f} lr {lr_now:.2e} {tps:,.0f} tok/s", flush=True)
             write_log(rec)
             metrics = rec
-            if step % cfg.save_interval == 0 or step == total[0]:
-                save(f"checkpoint-{step}", with_state=True)
+            if step % cfg.save_interval == 0 or step == run.total:
+                save(run, f"checkpoint-{step}", with_state=True)
             if on_step is not None:
                 on_step(step, loss_val)
             t_last = time.perf_counter()  # tokens/s counts training, not evaluation or saving
     if not metrics:
-        log(rank, f"the run in {out} had already reached its last step ({step}); writing {out / 'final'} again")
+        log(rank, f"the run in {out} had already reached its last step ({run.step}); writing {out / 'final'} again")
     dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.export_dtype]
-    save("final", with_state=False, dtype=dt)
+    save(run, "final", with_state=False, dtype=dt)
     if metrics:
-        log(rank, f"done: step {step}, loss {metrics['loss']:.4f}"
+        log(rank, f"done: step {run.step}, loss {metrics['loss']:.4f}"
                   + (f", val perplexity {metrics['val_ppl']:.2f}" if "val_ppl" in metrics else "")
                   + f"; model in {out / 'final'}")
     return metrics
-

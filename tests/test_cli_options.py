@@ -90,6 +90,7 @@ TRAIN = [
     (["--attn-type", "mamba"], "--attn-type"),
     (["--softmax-layers", "a,b"], "--softmax-layers"),
     (["--model", "{not json"], "--model"),
+    (["--stage", "rl"], "--stage"),
 ]
 
 
@@ -142,9 +143,17 @@ def test_ctrl_c_in_train_says_how_to_resume(tmp_path, monkeypatch, saved):
         assert "before the first checkpoint" in r.output
 
 
+@pytest.mark.parametrize("args,name", [(["--attn-type", "mamba"], "--attn-type"), (["--dtype", "q8"], "--dtype"),
+                                       (["--seed", "-1"], "--seed")])
+def test_linearize_rejects_bad_options(tmp_path, args, name):
+    r = run("linearize", tmp_path / "src", tmp_path / "dst", *args)
+    assert_usage_error(r, "Invalid value", name)
+    assert not (tmp_path / "dst").exists()
+
+
 def test_help_lists_only_working_commands():
     h = run("--help").output
-    for cmd in ("chat", "generate", "convert", "train", "parity", "spec-check"):
+    for cmd in ("chat", "generate", "convert", "train", "parity", "spec-check", "linearize"):
         assert cmd in h
-    assert "linearize" not in h and "bench" not in h
+    assert "bench" not in h
     assert run("bench").exit_code == 2  # no such command
