@@ -222,6 +222,9 @@ def chat(
 
     from regla.chat import SessionError
 
+    if session_file is not None and not session_file.expanduser().absolute().parent.is_dir():
+        # checked before the chat starts: finding out on exit would lose the conversation
+        fail(f"--session {session_file}: the folder {session_file.parent} does not exist", code=2)
     sampling = dict(temp=temp, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
     session = _open_session(_model_path(model), backend.value, max_tokens, sampling, seed)
     session.session_file = session_file

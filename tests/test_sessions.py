@@ -145,3 +145,5 @@ def test_chat_cli_session_flag_and_commands(dirs, tmp_path):
     assert "resumed" in r.output and "loaded" in r.output
     bad = CliRunner().invoke(app, ["chat", "--model", str(dirs["other_mlx"]), "--session", str(f)], input="")
     assert bad.exit_code == 2 and "belongs to another model" in bad.output
+    nowhere = CliRunner().invoke(app, ["chat", "--session", str(tmp_path / "no" / "such.safetensors")], input="hi\n")
+    assert nowhere.exit_code == 2 and "does not exist" in nowhere.output and ">>>" not in nowhere.output
