@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from regla import spec  # noqa: E402
 from regla_torch.ops.triton import (  # noqa: E402
-    chunk_gla, chunk_gsa, fused_recurrent_gla, fused_recurrent_gla_step_, fused_recurrent_gsa)
+    chunk_gla, fused_recurrent_gla, fused_recurrent_gla_step_)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -58,6 +58,8 @@ def make(B, T, K, V, dtype, gates="mixed", seed=0):
     q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
     if gates == "weak":
         g = -torch.rand(B, T, H, K, generator=gen) * 1e-3
+    elif gates == "regla":  # ReGLA-like: 0.7 to 1.4 bits per token, chunks of 64 decay by 46 to 92 bits
+        g = -(0.5 + 0.5 * torch.rand(B, T, H, K, generator=gen))
     else:  # "gla": logsigmoid/8, the fast path
         g = torch.nn.functional.logsigmoid(r(B, T, H, K)) / 8
         if gates == "mixed":  # strong channels: log gates between -10 and -1e4
@@ -78,7 +80,7 @@ def grads_ref(q, k, v, g, h0, do, dht, scale=None):
 @pytest.mark.parametrize("K,V", DIMS)
 @pytest.mark.parametrize("T", TS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gates", ["mixed", "gla"])
+@pytest.mark.parametrize("gates", ["mixed", "gla", "regla"])
 @pytest.mark.parametrize("op", ["chunk", "recurrent"])
 def test_forward_vs_spec(op, gates, dtype, T, K, V):
     if op == "recurrent" and T > 130:
@@ -93,7 +95,7 @@ def test_forward_vs_spec(op, gates, dtype, T, K, V):
     assert rel(ht, rs) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("gates", ["mixed", "weak", "gla"])
+@pytest.mark.parametrize("gates", ["mixed", "weak", "gla", "regla"])
 @pytest.mark.parametrize("T", [63, 130] if not REAL else [65, 300])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["chunk", "recurrent"])
@@ -134,6 +136,16 @@ def test_exact_path_equals_fast_path(dtype, monkeypatch):
         tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
         for name, x, r in zip("q k v g h0".split(), ins, rg):
             assert rel(x.grad, r) <= tol, (span, name)
+
+
+def test_regla_gates_take_the_fast_path_past_30_bits():
+    """The "regla" gates above must exercise what SPAN = 96 changed: chunks decaying by more
+    than the old limit (30 bits) but within SPAN, so the fast path runs on them."""
+    from regla_torch.ops.triton import chunk as C
+    g = make(2, 128, *DIMS[0], torch.float32, "regla", seed=3)[3].cpu()
+    bits = -g.view(2, 2, 64, H, -1).sum(2) / np.log(2)  # per chunk of 64, per channel
+    span = bits.amax(-1)
+    assert 30 < span.min() and span.max() <= C.SPAN
 
 
 def minus_1e4_among_weak(T, K, V, where, seed):
@@ -324,7 +336,16 @@ def test_two_sided_gates_forward_backward(gates):
 
 
 @pytest.mark.parametrize("op", ["recurrent", "chunk"])
-def test_gsa_forward_backward(op):
+def test_gsa_forward_backward(op, monkeypatch):
+    """GSA through the library's op (regla_torch.ops.chunk_gsa) with its CUDA dispatch: both
+    passes on the Triton GLA kernels token by token, or pass two on the chunked one. Off CUDA
+    the dispatch is forced, so the interpreter runs the same kernels."""
+    import regla_torch.ops.chunk
+    import regla_torch.ops.fused_recurrent
+    import regla_torch.ops.gsa
+    from regla_torch.ops import chunk_gsa
+    for mod in (regla_torch.ops.gsa, regla_torch.ops.chunk, regla_torch.ops.fused_recurrent):
+        monkeypatch.setattr(mod, "use_triton", lambda x: True)
     K, V = DIMS[0]
     M = 16 if not REAL else 64
     B, T = 2, 70
@@ -332,10 +353,10 @@ def test_gsa_forward_backward(op):
     q, k = (torch.randn(B, T, H, K, generator=gen) for _ in range(2))
     v = torch.randn(B, T, H, V, generator=gen)
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, M, generator=gen)) / 8
+    g[..., :2] = -10 - torch.rand(B, T, H, 2, generator=gen) * (1e4 - 10)  # strong slots too
     s = 1 - g.exp()
-    f = fused_recurrent_gsa if op == "recurrent" else chunk_gsa
     ins = [x.to(DEV).requires_grad_() for x in (q, k, v, s, g)]
-    o, (hk, hv) = f(*ins, scale=0.25, output_final_state=True)
+    o, (hk, hv) = chunk_gsa(*ins, scale=0.25, output_final_state=True, chunked=op == "chunk")
     refs = [x.detach().double().requires_grad_() for x in (q, k, v, s, g)]
     ro, rk, rv = naive_gsa(*refs, 0.25)
     assert hk.shape == (B, H, K, M) and hv.shape == (B, H, M, V)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .chunk import chunk_gated
+from .chunk import chunk_gated, chunk_gla
+from .fused_recurrent import fused_recurrent_gla
 from .naive import naive_recurrent_gla
+from .utils import use_triton
 
 
 def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=False, chunked=True):
@@ -14,16 +16,20 @@ def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=F
     Pass one builds the slot keys (state ``[B,H,K,M]``, gated on the slot side) and scores the
     query against them; a softmax over slots turns the scores into the query of pass two,
     which reads the slot values (state ``[B,H,M,V]``, gated on the slot side, now the key side).
+    ``chunked`` picks the chunked ops (training, long prefill) or the token-by-token ones
+    (decode, short prefill). On CUDA pass two is the GLA Triton kernel (chunked or recurrent),
+    and so is pass one token by token; chunked, pass one stays plain torch: a value-side gate
+    has no chunked Triton kernel (fla writes one; see BENCHMARKS for what this costs).
     Returns ``(o, (hk, hv))``.
     """
     hk0, hv0 = (None, None) if initial_state is None else initial_state
     if chunked:
         scores, hk = chunk_gated(q, k, s, None, g, scale, hk0, True)
+    elif use_triton(q):
+        from .triton import fused_recurrent_gla_gv
+        scores, hk = fused_recurrent_gla_gv(q, k, s, None, g, scale, hk0, True)
     else:
         scores, hk = naive_recurrent_gla(q, k, s, None, scale, hk0, True, gv=g)
-    p = torch.softmax(scores.float(), -1)
-    if chunked:
-        o, hv = chunk_gated(p, s, v, g, None, 1.0, hv0, True)
-    else:
-        o, hv = naive_recurrent_gla(p, s, v, g, 1.0, hv0, True)
+    p = torch.softmax(scores.float(), -1).to(s.dtype)
+    o, hv = (chunk_gla if chunked else fused_recurrent_gla)(p, s, v, g, 1.0, hv0, True)
     return o.to(q.dtype), ((hk, hv) if output_final_state else None)
