@@ -24,7 +24,9 @@ def run(model, ids, device, autocast):
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = model(ids.to(device), labels=ids.to(device), use_cache=False)
     out.loss.backward()
-    return out.logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids.to(device), use_cache=False).logits  # a training forward returns the loss alone
+    return logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def main():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -377,6 +378,20 @@ class GatedSlotAttention(_Mixer):
         return project_add(self.g_norm(F.silu(o)), self.o_proj.weight, h), new_state
 
 
+def lm_loss_by_blocks(h, norm, head, labels, rows=4096):
+    """``next_token_loss(project(h, [head], norm), labels, "mean")`` holding the logits of one
+    block of ``rows`` positions at a time: each block is checkpointed, so the backward forms its
+    logits again (one more head matmul) instead of keeping them all."""
+    x = h[:, :-1].flatten(0, 1)
+    y = labels[:, 1:].flatten()
+    total = h.new_zeros((), dtype=torch.float32)
+    for r in range(0, len(y), rows):
+        total = total + torch.utils.checkpoint.checkpoint(
+            lambda xb, yb: F.cross_entropy(project(xb, [head], norm).float(), yb, ignore_index=-100, reduction="sum"),
+            x[r:r + rows], y[r:r + rows], use_reentrant=False)
+    return total / (y != -100).sum()
+
+
 def rope(x, positions, inv_freq):
     """Llama's rotary embedding (rotate-half) on ``x [B,T,H,D]``; ``positions`` is [T], or [B,T]
     when rows of a padded batch sit at different positions."""
@@ -565,19 +580,28 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = self.make_cache()
         states = cache.states if cache is not None else [None] * len(self.model.layers)
-        logits, states = self.run_layers(input_ids, states, cu_seqlens, use_cache, logits_to_keep, pad)
+        h, states = self.hidden(input_ids, states, cu_seqlens, use_cache, logits_to_keep, pad)
         if use_cache:
             cache.states = states
             cache.seen_tokens += input_ids.shape[1]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        logits = loss = None
+        if labels is not None and torch.is_grad_enabled():
+            # a training step returns the loss alone: its logits, [B*T, vocab] with a float
+            # copy and a log-softmax beside them (~5 GiB of a 350m step at 8 x 2048), are
+            # formed a block of rows at a time and formed again in the backward
+            loss = lm_loss_by_blocks(h, self.model.norm, self.head_weight(), labels)
+        else:
+            logits = project(h, [self.head_weight()], self.model.norm)
+            if labels is not None:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
-    def run_layers(self, input_ids, states, cu_seqlens=None, use_cache=False, logits_to_keep=0, pad=None):
-        """Logits and the layers' new states: the forward pass on plain tensors and lists (no
-        cache object), which is what ``GraphStep`` compiles and captures. ``pad`` [B, seen + T]
-        (False at padding) is the attention mask of a padded batch."""
+    def head_weight(self):
+        return self.model.embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def hidden(self, input_ids, states, cu_seqlens=None, use_cache=False, logits_to_keep=0, pad=None):
+        """The last layer's output (before the final norm) and the layers' new states."""
         h = self.model.embeddings(input_ids)
         new = []
         for block, st in zip(self.model.layers, states):
@@ -585,8 +609,14 @@ class ReGLAForCausalLM(ReGLAPreTrainedModel, GenerationMixin):
             new.append(st)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        head = self.model.embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return project(h, [head], self.model.norm), new
+        return h, new
+
+    def run_layers(self, input_ids, states, cu_seqlens=None, use_cache=False, logits_to_keep=0, pad=None):
+        """Logits and the layers' new states: the forward pass on plain tensors and lists (no
+        cache object), which is what ``GraphStep`` compiles and captures. ``pad`` [B, seen + T]
+        (False at padding) is the attention mask of a padded batch."""
+        h, new = self.hidden(input_ids, states, cu_seqlens, use_cache, logits_to_keep, pad)
+        return project(h, [self.head_weight()], self.model.norm), new
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       use_cache=True, **kwargs):

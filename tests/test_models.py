@@ -108,6 +108,35 @@ def test_mlx_prefill_then_decode_equals_full_forward(case):
     assert rel_rms(np.array(mx.concatenate(outs, 1)), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["regla", "gla"])
+def test_training_loss_by_blocks_equals_the_loss_of_whole_logits(name, monkeypatch):
+    """A training forward with labels forms its logits a block of rows at a time (and returns
+    none): same loss and gradients as the cross-entropy of the whole logits, ignored labels
+    and a block boundary inside a row included."""
+    import regla_torch.model as M
+    cfg = tiny(name)
+    torch.manual_seed(0)
+    m = ReGLAForCausalLM(ReGLAConfig(**cfg.to_dict())).train()
+    ids = torch.randint(0, cfg.vocab_size, (3, 21))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    by_blocks = M.lm_loss_by_blocks
+    monkeypatch.setattr(M, "lm_loss_by_blocks", lambda *a: by_blocks(*a, rows=8))  # 60 rows: 8 blocks
+    out = m(input_ids=ids, labels=labels, use_cache=False)
+    assert out.logits is None
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    logits = m(input_ids=ids, use_cache=False).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref.backward()
+    assert abs(out.loss.item() - ref.item()) <= 1e-6 * ref.item()
+    for n, p in m.named_parameters():
+        assert rel_rms(got[n].numpy(), p.grad.numpy()) <= 1e-5, n
+    with torch.no_grad():  # evaluation keeps the logits
+        assert m(input_ids=ids, labels=labels, use_cache=False).logits.shape == (3, 21, cfg.vocab_size)
+
+
 def test_linear_state_has_the_same_size_at_every_length():
     cfg = tiny("regla")
     m = torch_model(cfg, spec.init_weights(cfg))
