@@ -1,6 +1,7 @@
 """Training throughput on CUDA: regla's models against fla's GLA model of the same size, one GPU.
 
-    python bench/bench_train.py [--preset 350m] [--batch 8] [--seq 2048] [--no-fla] [--fla-configs 3]
+    python bench/bench_train.py [--preset 350m] [--batch 8] [--seq 2048] [--models regla gla fla-gla gsa]
+                                [--fla-configs 3] [--profile N]
 
 Each model: fp32 master weights, bf16 autocast, fused AdamW, random tokens, [batch, seq] rows;
 tokens/s over --steps timed steps after --warmup. MFU = 6 * parameters * tokens/s over the
@@ -41,7 +42,23 @@ def measure(model, vocab, batch, seq, warmup, steps):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     assert torch.isfinite(loss)
-    return batch * seq / dt, torch.cuda.max_memory_allocated() / 2**30
+    return batch * seq / dt, torch.cuda.max_memory_allocated() / 2**30, step
+
+
+def kernels(step, top):
+    """One more step under torch.profiler: the CUDA kernels that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in rows)
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    lines = [f"  one step: {total / 1e3:.1f} ms of CUDA kernels; the top {top}:"]
+    for e in rows[:top]:
+        lines.append(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.self_device_time_total / total:6.1%} "
+                     f"x{e.count:<4d} {e.key[:110]}")
+    return "\n".join(lines)
 
 
 def ours(attn_type, preset, vocab):
@@ -76,6 +93,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--models", nargs="+", default=["regla", "gla", "fla-gla"])
     ap.add_argument("--fla-configs", type=int, default=3, help="autotune configs kept per fla kernel")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one step of each model and print its N costliest CUDA kernels")
     a = ap.parse_args()
     if "fla-gla" in a.models:
         from bench_ops import limit_autotune
@@ -84,17 +103,20 @@ def main():
           f"{a.seq}, bf16 autocast, fused AdamW", flush=True)
     print("| model | parameters | tokens/s | MFU | peak memory |")
     print("|---|---|---|---|---|")
-    res = {}
+    res, profiles = {}, []
     for name in a.models:
         torch.manual_seed(0)
         model = fla_gla(a.preset, a.vocab) if name == "fla-gla" else ours(name, a.preset, a.vocab)
         n = sum(p.numel() for p in model.parameters())
-        tps, mem = measure(model, a.vocab, a.batch, a.seq, a.warmup, a.steps)
+        tps, mem, step = measure(model, a.vocab, a.batch, a.seq, a.warmup, a.steps)
         res[name] = tps
         print(f"| {name if name == 'fla-gla' else 'regla ' + name} | {n / 1e6:.0f}M | {tps:,.0f} | "
               f"{6 * n * tps / PEAK:.1%} | {mem:.1f} GiB |", flush=True)
-        del model
+        if a.profile:  # now, while the model is alive; printed after the table
+            profiles.append(f"\n{name}:\n" + kernels(step, a.profile))
+        del model, step
         torch.cuda.empty_cache()
+    print("\n".join(profiles))
     if "fla-gla" in res:
         print("ratios to fla-gla: " + ", ".join(f"{k} {v / res['fla-gla']:.2f}x" for k, v in res.items()
                                                 if k != "fla-gla"))

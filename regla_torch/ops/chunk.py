@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from .utils import check_inputs, over_segments, segment_ids, use_triton
 
@@ -18,6 +19,23 @@ def _suffix_sums(g):
     total minus a prefix sum."""
     later = torch.nn.functional.pad(g[..., 1:, :], (0, 0, 0, 1))
     return later.flip(-2).cumsum(-2).flip(-2)
+
+
+def _chunk_states(ak, av, u, S0):
+    """The state entering each chunk, and the last one, of S_n = (ak_n x av_n) * S_{n-1} + u_n
+    (``u [B, N, H, K, V]``, decay factors ``ak [.., K, 1]``, ``av [.., 1, V]``, ``S0 [B, H, K, V]``).
+    A scan in log2(N) steps (Hillis-Steele) instead of N dependent steps: a few large ops where a
+    loop over chunks issues thousands of small ones (and their backward), which is what bounds
+    the chunked GSA's training on a GPU. Only products of decays, never quotients: a decay that
+    underflows to 0 stays exact."""
+    N, d = u.shape[1], 1
+    while d < N:
+        late = [x[:, d:] if x.shape[1] > 1 else x for x in (ak, av)]  # a factor of 1 stays [.., 1, ..]
+        u = torch.cat([u[:, :d], u[:, d:] + late[0] * late[1] * u[:, :-d]], 1)
+        ak, av = [x if x.shape[1] == 1 else torch.cat([x[:, :d], y * x[:, :-d]], 1) for x, y in zip((ak, av), late)]
+        d *= 2
+    S = u + ak * av * S0[:, None]  # after each chunk: its own part plus the decayed initial state
+    return torch.cat([S0[:, None], S[:, :-1]], 1), S[:, -1]
 
 
 def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
@@ -77,21 +95,21 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
         v_in = v_
     if keep is not None:
         q_in, k_in = q_in * reads_state, k_in * reaches_end
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    inter = []
-    for n in range(N):
-        o_n = q_in[:, n] @ S
-        if gv_ is not None:
-            o_n = o_n * bv[:, n].exp()
-        inter.append(o_n)
-        if gk_ is not None:
-            S = S * bk[:, n, :, -1, :, None].exp()
-        if gv_ is not None:
-            S = S * bv[:, n, :, -1, None, :].exp()
-        if keep is not None:
-            S = S * keep[n]
-        S = S + k_in[:, n].transpose(-1, -2) @ v_in[:, n]
-    o = scale * (torch.stack(inter, 1) + intra)  # [B, N, H, C, V]
+    S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    # what each chunk does to the state: S <- (ak x av) * S + k_in^T v_in, decays kept as factors
+    ak = bk[:, :, :, -1, :, None].exp() if gk_ is not None else q_.new_ones(1, 1, 1, 1, 1)
+    av = bv[:, :, :, -1, None, :].exp() if gv_ is not None else q_.new_ones(1, 1, 1, 1, 1)
+    if keep is not None:
+        ak = ak * keep[None, :, None, None, None]
+    u = k_in.transpose(-1, -2) @ v_in
+    if torch.is_grad_enabled():  # the scan's log2(N) intermediate states are recomputed, not kept
+        S_in, S = torch.utils.checkpoint.checkpoint(_chunk_states, ak, av, u, S0, use_reentrant=False)
+    else:
+        S_in, S = _chunk_states(ak, av, u, S0)
+    inter = q_in @ S_in
+    if gv_ is not None:
+        inter = inter * bv.exp()
+    o = scale * (inter + intra)  # [B, N, H, C, V]
     o = o.transpose(2, 3).reshape(B, N * C, H, V)[:, :T]
     return o.to(dtype), (S if output_final_state else None)
 
