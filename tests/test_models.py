@@ -137,6 +137,30 @@ def test_training_loss_by_blocks_equals_the_loss_of_whole_logits(name, monkeypat
         assert m(input_ids=ids, labels=labels, use_cache=False).logits.shape == (3, 21, cfg.vocab_size)
 
 
+@pytest.mark.parametrize("name", ["regla", "gsa"])
+def test_training_recomputes_norms_and_gating_with_the_same_gradients(name, monkeypatch):
+    """Under autograd the pre-norms before each projection and the MLP's silu(gate) * up are
+    recomputed in the backward (torch.utils.checkpoint) instead of kept: the gradients equal
+    those of running the same functions without recomputation."""
+    import torch.utils.checkpoint as C
+    cfg = tiny(name)
+    torch.manual_seed(0)
+    m = ReGLAForCausalLM(ReGLAConfig(**cfg.to_dict())).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 37))
+    m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    wrapped = []
+    monkeypatch.setattr(C, "checkpoint", lambda fn, *a, use_reentrant: (wrapped.append(fn.__name__), fn(*a))[1])
+    m.zero_grad()
+    m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    # per block: the attention's and the MLP's input projections, the MLP's output; then the
+    # final norm and the head (74 rows of loss: one block)
+    assert wrapped.count("_norm_linear") == 2 * cfg.num_hidden_layers + 1
+    assert wrapped.count("_glu_linear") == cfg.num_hidden_layers
+    for n, p in m.named_parameters():
+        assert rel_rms(got[n].numpy(), p.grad.numpy()) <= 1e-6, n
+
+
 def test_linear_state_has_the_same_size_at_every_length():
     cfg = tiny("regla")
     m = torch_model(cfg, spec.init_weights(cfg))

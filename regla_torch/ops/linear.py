@@ -11,18 +11,16 @@ each (``regla_torch.ops.triton.grouped_gemv``) with the norm, the MLP's gating a
 residual add inside it: one launch per projection instead of one cuBLAS call per weight
 plus an elementwise kernel on each side (bench/bench_gemv.py). Inside a compiled decode step,
 ``linear`` with a short inner dimension is a broadcast sum that torch.compile fuses into the
-gate's elementwise kernel. Everywhere else all three are the plain torch they describe.
+gate's elementwise kernel. Everywhere else all three are the plain torch they describe; under
+autograd the norm and the gating are recomputed in the backward instead of kept (memory).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .utils import use_triton
-
-
-def _rms_norm(x, norm):
-    return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
 
 
 def _gemv_ok(x, weights):
@@ -41,8 +39,17 @@ def project(x, weights, norm=None):
         y = _grouped_gemv(x.reshape(-1, x.shape[-1]), list(weights), None if norm is None else norm.weight,
                           1e-6 if norm is None else norm.eps, False, None)
         return y.view(*x.shape[:-1], y.shape[-1])
-    if norm is not None:
-        x = _rms_norm(x, norm)
+    if norm is not None and torch.is_grad_enabled():
+        # training: keep x (which the norm's backward needs anyway), not norm(x) as well; the
+        # norm is recomputed in the backward (one elementwise pass)
+        return torch.utils.checkpoint.checkpoint(_norm_linear, x, norm.weight, norm.eps, *weights,
+                                                 use_reentrant=False)
+    return _norm_linear(x, None if norm is None else norm.weight, None if norm is None else norm.eps, *weights)
+
+
+def _norm_linear(x, norm_weight, eps, *weights):
+    if norm_weight is not None:
+        x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
     if len(weights) == 1:
         return F.linear(x, weights[0])
     # stack whichever is smaller: the weights (one GEMM, for training and prefill) or the
@@ -59,10 +66,16 @@ def project_add(x, weight, residual, glu=False):
         rows = residual.reshape(-1, residual.shape[-1])
         y = _grouped_gemv(x.reshape(-1, x.shape[-1]), [weight], None, 1e-6, glu, rows)
         return y.view(residual.shape)
-    if glu:
-        gate, up = x.chunk(2, -1)
-        x = F.silu(gate) * up
-    return residual + F.linear(x, weight)
+    if glu and torch.is_grad_enabled():
+        # training: keep [gate | up], not silu(gate) * up as well; the product is recomputed in
+        # the backward (as fla's fused SwiGLU-linear does)
+        return residual + torch.utils.checkpoint.checkpoint(_glu_linear, x, weight, use_reentrant=False)
+    return residual + (_glu_linear(x, weight) if glu else F.linear(x, weight))
+
+
+def _glu_linear(x, weight):
+    gate, up = x.chunk(2, -1)
+    return F.linear(F.silu(gate) * up, weight)
 
 
 def linear(x, weight, bias=None):
