@@ -7,6 +7,8 @@ layer not listed in ``softmax_layers``. Weight names are fla's, so fla-hub ``gla
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -322,12 +324,16 @@ class LinearAttention(_Mixer):
         else:
             op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
             o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
-        if a.attn_norm != "none":
-            o = getattr(self, a.norm_name)(o)
-        o = o.reshape(B, T, -1)
-        if a.use_output_gate:
-            o = o * F.silu(out_gate)
-        return project_add(o, self.o_proj.weight, h), ((S, m_last, *conv) if use_cache else None)
+        return (project_add(o, self.o_proj.weight, h, pre=functools.partial(self._output, out_gate=out_gate)),
+                (S, m_last, *conv) if use_cache else None)
+
+    def _output(self, o, out_gate):
+        """The op's output [B, T, H, V] -> the output projection's input: the per-head norm and
+        the output gate (recomputed in the backward, see ``project_add``)."""
+        if self.args.attn_norm != "none":
+            o = getattr(self, self.args.norm_name)(o)
+        o = o.flatten(2)
+        return o * F.silu(out_gate) if out_gate is not None else o
 
 
 class GatedSlotAttention(_Mixer):
@@ -375,7 +381,7 @@ class GatedSlotAttention(_Mixer):
         new_state = None
         if use_cache:
             new_state = (*(torch.cat([st[i] for st in states], 0) for i in range(2)), *conv)
-        return project_add(self.g_norm(F.silu(o)), self.o_proj.weight, h), new_state
+        return project_add(o, self.o_proj.weight, h, pre=lambda x: self.g_norm(F.silu(x))), new_state
 
 
 def lm_loss_by_blocks(h, norm, head, labels, rows=4096):

@@ -139,9 +139,10 @@ def test_training_loss_by_blocks_equals_the_loss_of_whole_logits(name, monkeypat
 
 @pytest.mark.parametrize("name", ["regla", "gsa"])
 def test_training_recomputes_norms_and_gating_with_the_same_gradients(name, monkeypatch):
-    """Under autograd the pre-norms before each projection and the MLP's silu(gate) * up are
-    recomputed in the backward (torch.utils.checkpoint) instead of kept: the gradients equal
-    those of running the same functions without recomputation."""
+    """Under autograd the pre-norms before each projection, the attention's output norm and gate
+    and the MLP's silu(gate) * up are recomputed in the backward (torch.utils.checkpoint)
+    instead of kept: the gradients equal those of running the same functions without
+    recomputation."""
     import torch.utils.checkpoint as C
     cfg = tiny(name)
     torch.manual_seed(0)
@@ -153,10 +154,10 @@ def test_training_recomputes_norms_and_gating_with_the_same_gradients(name, monk
     monkeypatch.setattr(C, "checkpoint", lambda fn, *a, use_reentrant: (wrapped.append(fn.__name__), fn(*a))[1])
     m.zero_grad()
     m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    # per block: the attention's and the MLP's input projections, the MLP's output; then the
-    # final norm and the head (74 rows of loss: one block)
+    # per block: the attention's and the MLP's input projections and output projections; then
+    # the final norm and the head (74 rows of loss: one block)
     assert wrapped.count("_norm_linear") == 2 * cfg.num_hidden_layers + 1
-    assert wrapped.count("_glu_linear") == cfg.num_hidden_layers
+    assert wrapped.count("_prepared_linear") == 2 * cfg.num_hidden_layers
     for n, p in m.named_parameters():
         assert rel_rms(got[n].numpy(), p.grad.numpy()) <= 1e-6, n
 

@@ -19,17 +19,24 @@ def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=F
     ``chunked`` picks the chunked ops (training, long prefill) or the token-by-token ones
     (decode, short prefill). On CUDA pass two is the GLA Triton kernel (chunked or recurrent),
     and so is pass one token by token; chunked, pass one stays plain torch: a value-side gate
-    has no chunked Triton kernel (fla writes one; see BENCHMARKS for what this costs).
+    has no chunked Triton kernel (fla writes one; see BENCHMARKS for what this costs). A single
+    token (a decode step) takes the plain-torch recurrence in both passes: a few elementwise
+    ops that torch.compile fuses into the compiled, CUDA-graph-captured decode step, where the
+    Triton ops' autograd Functions would be traced through.
     Returns ``(o, (hk, hv))``.
     """
     hk0, hv0 = (None, None) if initial_state is None else initial_state
+    step = not chunked and q.shape[1] == 1
     if chunked:
         scores, hk = chunk_gated(q, k, s, None, g, scale, hk0, True)
-    elif use_triton(q):
+    elif not step and use_triton(q):
         from .triton import fused_recurrent_gla_gv
         scores, hk = fused_recurrent_gla_gv(q, k, s, None, g, scale, hk0, True)
     else:
         scores, hk = naive_recurrent_gla(q, k, s, None, scale, hk0, True, gv=g)
-    p = torch.softmax(scores.float(), -1).to(s.dtype)
-    o, hv = (chunk_gla if chunked else fused_recurrent_gla)(p, s, v, g, 1.0, hv0, True)
+    p = torch.softmax(scores.float(), -1)
+    if step:
+        o, hv = naive_recurrent_gla(p, s, v, g, 1.0, hv0, True)
+    else:  # the kernels take one dtype for their q, k and v
+        o, hv = (chunk_gla if chunked else fused_recurrent_gla)(p.to(s.dtype), s, v, g, 1.0, hv0, True)
     return o.to(q.dtype), ((hk, hv) if output_final_state else None)

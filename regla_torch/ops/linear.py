@@ -2,8 +2,8 @@
 
 - ``project(x, weights, norm)``: ``F.linear(norm(x), cat(weights))``, a block's input
   projections after its pre-norm;
-- ``project_add(x, weight, residual, glu)``: ``residual + F.linear(glu(x), weight)``, a block's
-  output projection onto the residual stream;
+- ``project_add(x, weight, residual, glu, pre)``: ``residual + F.linear(glu(pre(x)), weight)``, a
+  block's output projection onto the residual stream;
 - ``linear(x, weight, bias)``: ``F.linear``, for the gates' low-rank second factors.
 
 At decode on CUDA (at most four rows, no autograd) the first two are one Triton GEMV launch
@@ -59,23 +59,31 @@ def _norm_linear(x, norm_weight, eps, *weights):
     return F.linear(x, torch.cat(weights))
 
 
-def project_add(x, weight, residual, glu=False):
-    """``residual + F.linear(x, weight)``; with ``glu``, x is ``[gate | up]`` and the product
-    is with ``silu(gate) * up``."""
+def project_add(x, weight, residual, glu=False, pre=None):
+    """``residual + F.linear(pre(x), weight)``; with ``glu``, x is ``[gate | up]`` and the
+    product is with ``silu(gate) * up``. ``pre`` (elementwise work before the projection: an
+    attention layer's output norm and gate) defaults to the identity."""
+    if torch.is_grad_enabled() and (glu or pre is not None):
+        # training: keep x, not the normed, gated or silu(gate) * up tensors as well; they are
+        # recomputed in the backward (as fla's fused norm-linear and SwiGLU-linear do)
+        return residual + torch.utils.checkpoint.checkpoint(_prepared_linear, x, weight, glu, pre,
+                                                            use_reentrant=False)
+    if pre is not None:
+        x = pre(x)
     if _gemv_ok(x, [weight]) and residual.dtype == x.dtype:
         rows = residual.reshape(-1, residual.shape[-1])
         y = _grouped_gemv(x.reshape(-1, x.shape[-1]), [weight], None, 1e-6, glu, rows)
         return y.view(residual.shape)
-    if glu and torch.is_grad_enabled():
-        # training: keep [gate | up], not silu(gate) * up as well; the product is recomputed in
-        # the backward (as fla's fused SwiGLU-linear does)
-        return residual + torch.utils.checkpoint.checkpoint(_glu_linear, x, weight, use_reentrant=False)
-    return residual + (_glu_linear(x, weight) if glu else F.linear(x, weight))
+    return residual + _prepared_linear(x, weight, glu, None)
 
 
-def _glu_linear(x, weight):
-    gate, up = x.chunk(2, -1)
-    return F.linear(F.silu(gate) * up, weight)
+def _prepared_linear(x, weight, glu, pre):
+    if pre is not None:
+        x = pre(x)
+    if glu:
+        gate, up = x.chunk(2, -1)
+        x = F.silu(gate) * up
+    return F.linear(x, weight)
 
 
 def linear(x, weight, bias=None):
