@@ -20,7 +20,7 @@ from regla import layer_math as lm
 from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
-from .ops.linear import linear, project, project_add
+from .ops.linear import linear, norm_linear, project, project_add, rms_norm
 from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
@@ -74,10 +74,6 @@ class RecurrentCache:
         def pick(x):
             return None if x is None else x.index_select(0, beam_idx.to(x.device))
         self.states = [None if s is None else tuple(pick(x) for x in s) for s in self.states]
-
-
-def rms_norm(x, weight, eps):
-    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -393,7 +389,8 @@ def lm_loss_by_blocks(h, norm, head, labels, rows=4096):
     total = h.new_zeros((), dtype=torch.float32)
     for r in range(0, len(y), rows):
         total = total + torch.utils.checkpoint.checkpoint(
-            lambda xb, yb: F.cross_entropy(project(xb, [head], norm).float(), yb, ignore_index=-100, reduction="sum"),
+            lambda xb, yb: F.cross_entropy(norm_linear(xb, norm.weight, norm.eps, head).float(), yb,
+                                           ignore_index=-100, reduction="sum"),
             x[r:r + rows], y[r:r + rows], use_reentrant=False)
     return total / (y != -100).sum()
 

@@ -113,8 +113,9 @@ def test_gsa_op_matches_spec_layer_recurrence(chunked):
     v = rng.standard_normal((B, T, H, V))
     g = spec.logsigmoid(rng.standard_normal((B, T, H, M))) / 8
     s = 1 - np.exp(g)
-    # spec form: Kt [K,m], Vt [m,V] updated per token
-    Kt, Vt = np.zeros((B, H, K, M)), np.zeros((B, H, M, V))
+    # spec form: Kt [K,m], Vt [m,V] updated per token, from a carried-in state
+    Kt0, Vt0 = rng.standard_normal((B, H, K, M)), rng.standard_normal((B, H, M, V))
+    Kt, Vt = Kt0, Vt0
     ref = np.zeros((B, T, H, V))
     for t in range(T):
         a = np.exp(g[:, t])
@@ -124,7 +125,7 @@ def test_gsa_op_matches_spec_layer_recurrence(chunked):
         p = np.exp(sc - sc.max(-1, keepdims=True))
         ref[:, t] = np.einsum("bhm,bhmv->bhv", p / p.sum(-1, keepdims=True), Vt)
     T_ = lambda x: torch.from_numpy(x).float()
-    o, (hk, hv) = chunk_gsa(T_(q), T_(k), T_(v), T_(s), T_(g), 1.0, None, True, chunked=chunked)
+    o, (hk, hv) = chunk_gsa(T_(q), T_(k), T_(v), T_(s), T_(g), 1.0, (T_(Kt0), T_(Vt0)), True, chunked=chunked)
     assert rel_rms(o, ref) <= 1e-5 and rel_rms(hk, Kt) <= 1e-5 and rel_rms(hv, Vt) <= 1e-5
 
 

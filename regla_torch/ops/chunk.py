@@ -23,16 +23,16 @@ def _suffix_sums(g):
 
 def _chunk_states(ak, av, u, S0):
     """The state entering each chunk, and the last one, of S_n = (ak_n x av_n) * S_{n-1} + u_n
-    (``u [B, N, H, K, V]``, decay factors ``ak [.., K, 1]``, ``av [.., 1, V]``, ``S0 [B, H, K, V]``).
+    (``u [B, N, H, K, V]``, decay factors ``ak [., N, ., K, 1]``, ``av [., N, ., 1, V]``, ``S0 [B, H, K, V]``).
     A scan in log2(N) steps (Hillis-Steele) instead of N dependent steps: a few large ops where a
     loop over chunks issues thousands of small ones (and their backward), which is what bounds
     the chunked GSA's training on a GPU. Only products of decays, never quotients: a decay that
     underflows to 0 stays exact."""
     N, d = u.shape[1], 1
     while d < N:
-        late = [x[:, d:] if x.shape[1] > 1 else x for x in (ak, av)]  # a factor of 1 stays [.., 1, ..]
-        u = torch.cat([u[:, :d], u[:, d:] + late[0] * late[1] * u[:, :-d]], 1)
-        ak, av = [x if x.shape[1] == 1 else torch.cat([x[:, :d], y * x[:, :-d]], 1) for x, y in zip((ak, av), late)]
+        u = torch.cat([u[:, :d], u[:, d:] + ak[:, d:] * av[:, d:] * u[:, :-d]], 1)
+        ak = torch.cat([ak[:, :d], ak[:, d:] * ak[:, :-d]], 1)
+        av = torch.cat([av[:, :d], av[:, d:] * av[:, :-d]], 1)
         d *= 2
     S = u + ak * av * S0[:, None]  # after each chunk: its own part plus the decayed initial state
     return torch.cat([S0[:, None], S[:, :-1]], 1), S[:, -1]
@@ -97,8 +97,8 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
         q_in, k_in = q_in * reads_state, k_in * reaches_end
     S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     # what each chunk does to the state: S <- (ak x av) * S + k_in^T v_in, decays kept as factors
-    ak = bk[:, :, :, -1, :, None].exp() if gk_ is not None else q_.new_ones(1, 1, 1, 1, 1)
-    av = bv[:, :, :, -1, None, :].exp() if gv_ is not None else q_.new_ones(1, 1, 1, 1, 1)
+    ak = bk[:, :, :, -1, :, None].exp() if gk_ is not None else q_.new_ones(1, N, 1, 1, 1)
+    av = bv[:, :, :, -1, None, :].exp() if gv_ is not None else q_.new_ones(1, N, 1, 1, 1)
     if keep is not None:
         ak = ak * keep[None, :, None, None, None]
     u = k_in.transpose(-1, -2) @ v_in

@@ -23,6 +23,11 @@ import torch.utils.checkpoint
 from .utils import use_triton
 
 
+def rms_norm(x, weight, eps):
+    """RMSNorm in float32, back in x's dtype (``weight`` None: no affine weight)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
 def _gemv_ok(x, weights):
     if torch.is_grad_enabled() or not use_triton(x):
         return False
@@ -42,14 +47,16 @@ def project(x, weights, norm=None):
     if norm is not None and torch.is_grad_enabled():
         # training: keep x (which the norm's backward needs anyway), not norm(x) as well; the
         # norm is recomputed in the backward (one elementwise pass)
-        return torch.utils.checkpoint.checkpoint(_norm_linear, x, norm.weight, norm.eps, *weights,
+        return torch.utils.checkpoint.checkpoint(norm_linear, x, norm.weight, norm.eps, *weights,
                                                  use_reentrant=False)
-    return _norm_linear(x, None if norm is None else norm.weight, None if norm is None else norm.eps, *weights)
+    return norm_linear(x, None if norm is None else norm.weight, None if norm is None else norm.eps, *weights)
 
 
-def _norm_linear(x, norm_weight, eps, *weights):
+def norm_linear(x, norm_weight, eps, *weights):
+    """``project`` without the decode GEMV nor the recomputation: for callers that checkpoint
+    a larger piece themselves (the loss by blocks)."""
     if norm_weight is not None:
-        x = F.rms_norm(x.float(), (x.shape[-1],), norm_weight.float(), eps).to(x.dtype)
+        x = rms_norm(x, norm_weight, eps)
     if len(weights) == 1:
         return F.linear(x, weights[0])
     # stack whichever is smaller: the weights (one GEMM, for training and prefill) or the
