@@ -250,7 +250,7 @@ def test_hf_generate_continues_from_a_filled_cache():
     assert out2.tolist() == fresh.tolist()
 
 
-@pytest.mark.parametrize("name", ["regla", "gla", "regla-hybrid"])
+@pytest.mark.parametrize("name", ["regla", "gla", "regla-hybrid", "gsa"])
 def test_packed_training_forward_equals_sequences_one_by_one(name):
     cfg = tiny(name)
     m = torch_model(cfg, spec.init_weights(cfg, seed=3, std=0.3)).train()

@@ -7,10 +7,11 @@ import torch
 from .chunk import chunk_gated, chunk_gla
 from .fused_recurrent import fused_recurrent_gla
 from .naive import naive_recurrent_gla
-from .utils import use_triton
+from .utils import segment_ids, use_triton
 
 
-def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=False, chunked=True):
+def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=False, chunked=True,
+              cu_seqlens=None):
     """``q, k [B,T,H,K]``, ``v [B,T,H,V]``, slot weights ``s`` and log slot gates ``g [B,T,H,M]``.
 
     Pass one builds the slot keys (state ``[B,H,K,M]``, gated on the slot side) and scores the
@@ -23,8 +24,18 @@ def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=F
     token (a decode step) takes the plain-torch recurrence in both passes: a few elementwise
     ops that torch.compile fuses into the compiled, CUDA-graph-captured decode step, where the
     Triton ops' autograd Functions would be traced through.
+    ``cu_seqlens`` (B == 1, chunked, no states in or out: packed training rows) runs the packed
+    sequences in one pass each, none seeing another.
     Returns ``(o, (hk, hv))``.
     """
+    if cu_seqlens is not None:
+        if not chunked or initial_state is not None or output_final_state:
+            raise ValueError("chunk_gsa takes cu_seqlens only chunked, without states in or out "
+                             "(run the sequences one by one for those)")
+        scores, _ = chunk_gated(q, k, s, None, g, scale, segment_ids=segment_ids(cu_seqlens, q.shape[1]))
+        p = torch.softmax(scores.float(), -1).to(s.dtype)
+        o, _ = chunk_gla(p, s, v, g, 1.0, cu_seqlens=cu_seqlens)
+        return o.to(q.dtype), None
     hk0, hv0 = (None, None) if initial_state is None else initial_state
     step = not chunked and q.shape[1] == 1
     if chunked:
