@@ -533,6 +533,18 @@ def setup(cfg: TrainConfig, world: int, rank: int, device) -> Run:
     return run
 
 
+def _nonfinite_grads(model, show=4) -> str:
+    """The parameters whose gradient is not finite, deepest first: a NaN made in the backward
+    spreads to everything before it, so the deepest one named is where it was made."""
+    names = []
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is not None and not bool(torch.isfinite(g.full_tensor() if hasattr(g, "full_tensor") else g).all()):
+            names.append(name)
+    more = f" and {len(names) - show} earlier" if len(names) > show else ""
+    return f"{len(names)} parameters, deepest first: " + ", ".join(names[::-1][:show]) + more
+
+
 def train_step(run: Run) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches: ``(mean loss, gradient norm)``."""
     cfg, model = run.cfg, run.model
@@ -551,8 +563,17 @@ def train_step(run: Run) -> tuple[float, float]:
         (loss / cfg.grad_accum).backward()
         loss_acc += loss.detach() / cfg.grad_accum
     if cfg.grad_clip > 0:
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        # the norm first, the clipping after the check: clipping by a NaN norm would make every
+        # gradient NaN and hide where it started
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        gnorm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        if not math.isfinite(gnorm):
+            # stop before the update: the weights and the last checkpoint stay usable, and the
+            # message says where the gradient broke
+            raise TrainError(f"step {run.step + 1}: loss {loss_acc.item()}, gradient norm {gnorm}: training "
+                             f"diverged; non-finite gradients in {_nonfinite_grads(model)}. Lower --lr, raise "
+                             "--warmup-steps or try --dtype f32, then --resume.")
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, total)
     else:
         gnorm = float("nan")
     run.opt.step()

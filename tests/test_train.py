@@ -242,3 +242,44 @@ def test_time_limit_shortens_the_run_and_still_exports(tmp_path):
     assert 25 < steps < 1000 and metrics["step"] == steps
     assert "val_loss" in metrics  # the shortened run still ends with a validation pass
     assert (tmp_path / "run" / f"checkpoint-{steps}").exists() and (tmp_path / "run" / "final").exists()
+
+
+
+def test_nan_gradient_stops_before_the_update_and_names_where_it_was_made(tmp_path, monkeypatch):
+    """A backward that turns NaN at the last block's output from step 3 on: the error names the
+    parameters just before that point first (the last block's MLP), not the lm head after it,
+    and no checkpoint of a NaN update is written."""
+    from regla_torch import model as model_mod
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    calls = {"n": 0}
+    forward = model_mod.Block.forward
+
+    def poisoned(self, h, *a, **kw):
+        out, state = forward(self, h, *a, **kw)
+        last = self.attn.layer_idx == self.attn.args.num_hidden_layers - 1
+        if last and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 2:  # steps 1 and 2 train normally
+                out = NanGrad.apply(out)
+        return out, state
+
+    data = make_corpus(tmp_path / "data")
+    cfg = tiny(tmp_path, data, save_interval=2, eval_interval=100)
+    monkeypatch.setattr(model_mod.Block, "forward", poisoned)
+    with pytest.raises(TrainError) as e:
+        train(cfg)
+    msg = str(e.value)
+    layers = json.loads((tmp_path / "run" / "checkpoint-2" / "config.json").read_text())["num_hidden_layers"]
+    assert "step 3" in msg and "non-finite gradients" in msg, msg
+    assert f"deepest first: model.layers.{layers - 1}.mlp." in msg, msg
+    assert "lm_head" not in msg and "model.norm" not in msg, msg
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
