@@ -5,8 +5,8 @@ against torch + cuBLAS.
 
 Shapes are one layer of the 1.37B GLA model of bench_generate.py (hidden 2048): the grouped
 input projections (q, k, v, gate low-rank, output gate: 1024+1024+2048+16+2048 rows) after
-the block's RMSNorm, the MLP's gate and up (2 x 5632) after its RMSNorm, o (2048) plus the
-residual, down (2048 x 5632) of silu(gate) * up plus the residual, and the 32000-row head
+the block's RMSNorm, the MLP's gate and up (2 x 5632) after its RMSNorm, o (2048) of the
+attention output's per-head RMSNorm times silu(output gate) plus the residual, down (2048 x 5632) of silu(gate) * up plus the residual, and the 32000-row head
 after the final norm; the torch side runs the norm, gating and add as their own kernels. Each shape
 has 24 copies of its weights (one per layer, as in a step: none comes from L2) called back to
 back in one CUDA graph; then a whole step's projections in their order. GB/s counts the weight
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SHAPES = {  # name: (row counts of the grouped weights, K, what is folded in)
     "in-proj (5 weights)": ([1024, 1024, 2048, 16, 2048], 2048, "norm"),
     "gate+up (2)": ([5632, 5632], 2048, "norm"),
-    "o": ([2048], 2048, "residual"),
+    "o": ([2048], 2048, "head+residual"),  # 4 heads of 512: per-head RMSNorm, silu(gate)
     "down": ([2048], 5632, "glu+residual"),
     "head": ([32000], 2048, "norm"),
 }
@@ -44,11 +44,17 @@ def case(ns, K, fold, rows):
     layers = [[torch.randn(n, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for n in ns] for _ in range(LAYERS)]
     nw = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
     res = torch.randn(rows, sum(ns), device="cuda", dtype=torch.bfloat16) if "residual" in fold else None
+    D = 512  # the attention output's head size ("head" fold)
+    gate = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+    hw = nw[:D]
 
     def ref(ws):
         h = x
         if fold == "norm":
             h = F.rms_norm(h.float(), (K,), nw.float(), 1e-6).to(h.dtype)
+        if "head" in fold:
+            h = F.rms_norm(h.view(rows, -1, D).float(), (D,), hw.float(), 1e-6).to(h.dtype).flatten(1)
+            h = h * F.silu(gate)
         if "glu" in fold:
             a, b = h.chunk(2, -1)
             h = F.silu(a) * b
@@ -56,6 +62,8 @@ def case(ns, K, fold, rows):
         return ys[0] + res if res is not None else torch.cat(ys, -1)
 
     def ours(ws):
+        if "head" in fold:
+            return gemv.grouped_gemv(x, ws, hw, 1e-6, False, res, head_dim=D, gate=gate)
         return gemv.grouped_gemv(x, ws, nw if fold == "norm" else None, 1e-6, "glu" in fold, res)
     return [lambda ws=ws: ours(ws) for ws in layers], [lambda ws=ws: ref(ws) for ws in layers], sum(ns) * K * 2
 

@@ -7,8 +7,6 @@ layer not listed in ``softmax_layers``. Weight names are fla's, so fla-hub ``gla
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,7 +18,7 @@ from regla import layer_math as lm
 from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
-from .ops.linear import linear, norm_linear, project, project_add, rms_norm
+from .ops.linear import HeadNormGate, RMSNorm, linear, norm_linear, project, project_add
 from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
@@ -74,16 +72,6 @@ class RecurrentCache:
         def pick(x):
             return None if x is None else x.index_select(0, beam_idx.to(x.device))
         self.states = [None if s is None else tuple(pick(x) for x in s) for s in self.states]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6, affine=True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
 
 
 def low_rank(d_in, d_out, rank):
@@ -320,16 +308,11 @@ class LinearAttention(_Mixer):
         else:
             op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
             o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
-        return (project_add(o, self.o_proj.weight, h, pre=functools.partial(self._output, out_gate=out_gate)),
+        # the per-head norm and the output gate: recomputed in the backward, folded into the
+        # o projection's GEMV at decode (see project_add)
+        norm = getattr(self, a.norm_name) if a.attn_norm != "none" else None
+        return (project_add(o, self.o_proj.weight, h, pre=HeadNormGate(norm, out_gate)),
                 (S, m_last, *conv) if use_cache else None)
-
-    def _output(self, o, out_gate):
-        """The op's output [B, T, H, V] -> the output projection's input: the per-head norm and
-        the output gate (recomputed in the backward, see ``project_add``)."""
-        if self.args.attn_norm != "none":
-            o = getattr(self, self.args.norm_name)(o)
-        o = o.flatten(2)
-        return o * F.silu(out_gate) if out_gate is not None else o
 
 
 class GatedSlotAttention(_Mixer):

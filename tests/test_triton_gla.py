@@ -488,7 +488,54 @@ def test_grouped_gemv(M, K, dtype):
     a, b = gu.double().chunk(2, -1)
     ref = res.double() + (a * torch.sigmoid(a) * b) @ ws[2].double().T
     assert rel(grouped_gemv(gu, [ws[2]], glu=True, residual=res), ref) <= tol
+    # an attention output: RMSNorm per head, times silu(gate) (a strided view, as at decode), plus
+    # the residual; heads scaled apart, so a norm over the wrong span shows
+    for D, affine in ((64, True), (128, False), (8, True)):
+        Kh = 640 if D != 128 else 512
+        o = (torch.randn(M, Kh // D, D, generator=gen) * torch.logspace(-2, 2, Kh // D)[:, None]).to(DEV, dtype)
+        big = torch.randn(M, Kh + 40, generator=gen).to(DEV, dtype)
+        gate = big[:, 40:]
+        hw = (1 + torch.rand(D, generator=gen)).to(DEV, dtype) if affine else None
+        wo = torch.randn(33, Kh, generator=gen).to(DEV, dtype)
+        r = torch.randn(M, 33, generator=gen).to(DEV, dtype)
+        od = o.double()
+        on = od * torch.rsqrt(od.pow(2).mean(-1, keepdim=True) + 1e-5) * (1 if hw is None else hw.double())
+        gd = gate.double()
+        ref = r.double() + (on.flatten(1) * gd * torch.sigmoid(gd)) @ wo.double().T
+        got = grouped_gemv(o.flatten(1), [wo], hw, 1e-5, residual=r, head_dim=D, gate=gate)
+        assert rel(got, ref) <= tol, (D, affine)
+        ref = (on.flatten(1) @ wo.double().T)
+        assert rel(grouped_gemv(o.flatten(1), [wo], hw, 1e-5, head_dim=D), ref) <= tol, (D, affine)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        grouped_gemv(x[:, :600], [ws[0][:, :600].contiguous()], head_dim=48)
     with pytest.raises(ValueError, match="weights must be contiguous"):
         grouped_gemv(x, [ws[0].T.contiguous().T])
     with pytest.raises(ValueError, match="residual must be"):
         grouped_gemv(x, ws[:2], residual=res)
+
+
+@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+def test_model_decode_through_the_gemvs_equals_full_forward(attn_type, monkeypatch):
+    """A model's decode steps through the Triton path (the GEMVs with the pre-norms, the output
+    norm and gate and the residual adds folded in; the in-place step kernel) against its full
+    forward, fp32. Off CUDA the dispatch is forced, so the interpreter runs the same kernels."""
+    import regla_torch.ops.chunk
+    import regla_torch.ops.fused_recurrent
+    import regla_torch.ops.linear
+    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+    if not CUDA:
+        for mod in (regla_torch.ops.linear, regla_torch.ops.chunk, regla_torch.ops.fused_recurrent):
+            monkeypatch.setattr(mod, "use_triton", lambda x: True)
+    args = spec.ModelArgs(attn_type=attn_type, vocab_size=96, hidden_size=64, num_hidden_layers=2, num_heads=2)
+    torch.manual_seed(0)
+    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    model = model.to(DEV)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEV)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.make_cache()
+        steps = [model(ids[:, :5], cache=cache, use_cache=True).logits[:, -1]]
+        steps += [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1] for t in range(5, 9)]
+    assert rel(torch.stack(steps, 1), full[:, 4:].numpy(force=True)) <= 1e-5

@@ -3,12 +3,13 @@
 - ``project(x, weights, norm)``: ``F.linear(norm(x), cat(weights))``, a block's input
   projections after its pre-norm;
 - ``project_add(x, weight, residual, glu, pre)``: ``residual + F.linear(glu(pre(x)), weight)``, a
-  block's output projection onto the residual stream;
+  block's output projection onto the residual stream (``pre``: ``HeadNormGate``, an attention
+  layer's output norm and gate, or any callable);
 - ``linear(x, weight, bias)``: ``F.linear``, for the gates' low-rank second factors.
 
 At decode on CUDA (at most four rows, no autograd) the first two are one Triton GEMV launch
-each (``regla_torch.ops.triton.grouped_gemv``) with the norm, the MLP's gating and the
-residual add inside it: one launch per projection instead of one cuBLAS call per weight
+each (``regla_torch.ops.triton.grouped_gemv``) with the pre-norm, the attention output's
+per-head norm and gate, the MLP's gating and the residual add inside it: one launch per projection instead of one cuBLAS call per weight
 plus an elementwise kernel on each side (bench/bench_gemv.py). Inside a compiled decode step,
 ``linear`` with a short inner dimension is a broadcast sum that torch.compile fuses into the
 gate's elementwise kernel. Everywhere else all three are the plain torch they describe; under
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import nn
 
 from .utils import use_triton
 
@@ -26,6 +28,37 @@ from .utils import use_triton
 def rms_norm(x, weight, eps):
     """RMSNorm in float32, back in x's dtype (``weight`` None: no affine weight)."""
     return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6, affine=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class HeadNormGate:
+    """``pre`` of a linear attention layer's o projection (``project_add``): the per-head norm
+    of o ``[..., H, D]`` (an RMSNorm, a LayerNorm or None), flattened, times ``silu(gate)``
+    ``[..., H * D]`` (or no gate). At decode an RMSNorm and the gate run inside the projection's
+    GEMV."""
+
+    def __init__(self, norm, gate):
+        self.norm, self.gate = norm, gate
+
+    def __call__(self, o):
+        if self.norm is not None:
+            o = self.norm(o)
+        o = o.flatten(-2)
+        return o * F.silu(self.gate) if self.gate is not None else o
+
+    def folds_into_gemv(self, o) -> bool:
+        D = o.shape[-1]
+        return (isinstance(self.norm, RMSNorm) and D & (D - 1) == 0
+                and (self.gate is None or (self.gate.dtype == o.dtype and self.gate.stride(-1) == 1)))
 
 
 def _gemv_ok(x, weights):
@@ -69,12 +102,21 @@ def norm_linear(x, norm_weight, eps, *weights):
 def project_add(x, weight, residual, glu=False, pre=None):
     """``residual + F.linear(pre(x), weight)``; with ``glu``, x is ``[gate | up]`` and the
     product is with ``silu(gate) * up``. ``pre`` (elementwise work before the projection: an
-    attention layer's output norm and gate) defaults to the identity."""
+    attention layer's output norm and gate) defaults to the identity; at decode a
+    ``HeadNormGate`` with an RMSNorm runs inside the GEMV."""
     if torch.is_grad_enabled() and (glu or pre is not None):
         # training: keep x, not the normed, gated or silu(gate) * up tensors as well; they are
         # recomputed in the backward (as fla's fused norm-linear and SwiGLU-linear do)
         return residual + torch.utils.checkpoint.checkpoint(_prepared_linear, x, weight, glu, pre,
                                                             use_reentrant=False)
+    if (isinstance(pre, HeadNormGate) and pre.folds_into_gemv(x) and _gemv_ok(x.flatten(-2), [weight])
+            and residual.dtype == x.dtype):
+        K = x.shape[-2] * x.shape[-1]
+        rows = residual.reshape(-1, residual.shape[-1])
+        gate = None if pre.gate is None else pre.gate.reshape(-1, K)
+        y = _grouped_gemv(x.reshape(-1, K), [weight], pre.norm.weight, pre.norm.eps, False, rows, x.shape[-1],
+                          gate)
+        return y.view(residual.shape)
     if pre is not None:
         x = pre(x)
     if _gemv_ok(x, [weight]) and residual.dtype == x.dtype:
@@ -104,12 +146,13 @@ def linear(x, weight, bias=None):
 # A registered op, so torch.compile keeps the launch as one opaque call in a compiled decode step.
 @torch.library.custom_op("regla::grouped_gemv", mutates_args=())
 def _grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None, eps: float,
-                  glu: bool, residual: torch.Tensor | None) -> torch.Tensor:
+                  glu: bool, residual: torch.Tensor | None, head_dim: int = 0,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
     from .triton import grouped_gemv
 
-    return grouped_gemv(x, weights, norm_weight, eps, glu, residual)
+    return grouped_gemv(x, weights, norm_weight, eps, glu, residual, head_dim, gate)
 
 
 @_grouped_gemv.register_fake
-def _(x, weights, norm_weight, eps, glu, residual):
+def _(x, weights, norm_weight, eps, glu, residual, head_dim=0, gate=None):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))

@@ -14,6 +14,10 @@ the whole GPU, with fp32 accumulation, and takes what sits next to the products 
   scales once at the end, so the norm adds no pass over x.
 - ``glu``: x is ``[gate | up]`` (2K wide) and the product is with ``silu(gate) * up``.
 - ``residual``: the output is ``residual + x @ W.T`` (the block's residual stream).
+- ``head_dim``: x is an attention layer's output, heads of ``head_dim`` side by side, and the
+  product is with ``rmsnorm_per_head(x) * head_weight * silu(gate)``: the output norm and gate
+  that sat between the decode step and the o projection as two more kernels a layer. A K
+  block holds whole heads, so each program normalizes the heads it reads itself.
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
 # group's branch a different type than the others'. K must stay specialized (divisible by
 # 16), or the weight rows lose their alignment and the loads their 16-byte width.
 @triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5", "M"])
-def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, M, K, XS, NY, eps,
+def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, gt, GS, M, K, XS, NY, eps,
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr):
+                 NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
+                 HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
     pid = tl.program_id(0)
@@ -79,6 +84,15 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
         if NORM:
             ss += b_x * b_x
             b_x *= tl.load(nw + rk, mask=mk, other=0.).to(tl.float32)[None, :]
+        if HEAD > 0:
+            b_h = tl.reshape(b_x, (BM, BK // HEAD, HEAD))
+            b_r = tl.rsqrt(tl.sum(b_h * b_h, 2) / HEAD + eps)
+            b_x = tl.reshape(b_h * b_r[:, :, None], (BM, BK))
+            if HEAD_W:
+                b_x *= tl.load(nw + rk % HEAD).to(tl.float32)[None, :]
+            if GATE:
+                b_g = tl.load(gt + rm[:, None] * GS + rk[None, :], mask=mx, other=0.).to(tl.float32)
+                b_x *= b_g * tl.sigmoid(b_g)
         acc += b_x[:, None, :] * b_w.to(tl.float32)[None, :, :]
     b_y = tl.sum(acc, 2)
     if NORM:
@@ -107,26 +121,33 @@ def config(N: int, K: int) -> dict:
 
 
 def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
-                 eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+                 eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None,
+                 head_dim: int = 0, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.cat([f(x) @ w.T for w in weights], -1) (+ residual)`` for x [M, K] with M <= 4
     rows and up to six contiguous weights [N_g, K] of x's dtype, where f is nothing, the
-    RMSNorm with ``norm_weight`` [K], or (``glu``, x [M, 2K]) ``silu(x[:, :K]) * x[:, K:]``.
-    Returns [M, sum N_g] in x's dtype."""
+    RMSNorm with ``norm_weight`` [K], or (``glu``, x [M, 2K]) ``silu(x[:, :K]) * x[:, K:]``, or
+    (``head_dim`` > 0, a power of two dividing K) the RMSNorm of each head of ``head_dim``
+    channels with ``norm_weight`` [head_dim] (or none), times ``silu(gate)`` ([M, K], any row
+    stride; or no gate). Returns [M, sum N_g] in x's dtype."""
     M = x.shape[0]
     K = x.shape[1] // 2 if glu else x.shape[1]
     G = len(weights)
     if not (1 <= G <= MAX_GROUPS and 1 <= M <= MAX_ROWS) or x.dim() != 2:
         raise ValueError(f"grouped_gemv takes x [M, K] with 1..{MAX_ROWS} rows and 1..{MAX_GROUPS} weights, "
                          f"got x {tuple(x.shape)}, {G} weights")
-    if glu and norm_weight is not None:
-        raise ValueError("grouped_gemv: glu and norm_weight do not combine")
+    if glu and (norm_weight is not None or head_dim):
+        raise ValueError("grouped_gemv: glu does not combine with a norm")
+    if head_dim and (head_dim & (head_dim - 1) or K % head_dim):
+        raise ValueError(f"head_dim must be a power of two dividing K = {K}, got {head_dim}")
+    if gate is not None and (not head_dim or gate.shape != (M, K) or gate.stride(1) != 1):
+        raise ValueError(f"gate must be [{M}, {K}] with unit column stride, with head_dim; got {tuple(gate.shape)}")
     for w in weights:
         if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or not w.is_contiguous():
             raise ValueError(f"weights must be contiguous [N, {K}] in {x.dtype}; got {tuple(w.shape)} {w.dtype}")
     ns = [w.shape[0] for w in weights]
     NY = sum(ns)
-    if norm_weight is not None and norm_weight.shape != (K,):
-        raise ValueError(f"norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+    if norm_weight is not None and norm_weight.shape != ((head_dim or K),):
+        raise ValueError(f"norm_weight must be [{head_dim or K}], got {tuple(norm_weight.shape)}")
     if residual is not None and residual.shape != (M, NY):
         raise ValueError(f"residual must be [{M}, {NY}], got {tuple(residual.shape)}")
     x = x.contiguous()
@@ -135,11 +156,16 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     BM = triton.next_power_of_2(M)
     # the accumulator holds BM * BN * BK fp32: at most the tuned one-row tile's 8192
     c["BK"] = max(16, min(c["BK"], triton.next_power_of_2(K), 8192 // (BM * c["BN"])))
+    if head_dim:  # whole heads in every K block
+        c["BK"] = max(c["BK"], head_dim)
+        c["BN"] = max(1, min(c["BN"], 8192 // (BM * c["BK"])))
     ws = list(weights) + [weights[0]] * (MAX_GROUPS - G)
     ns_all = ns + [0] * (MAX_GROUPS - G)
     grid = (sum(triton.cdiv(n, c["BN"]) for n in ns),)
     nw = x if norm_weight is None else norm_weight.contiguous()
     res = x if residual is None else residual.contiguous()
-    _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, M, K, x.shape[1], NY, eps, G=G, BM=BM,
-                       NORM=norm_weight is not None, GLU=glu, RES=residual is not None, **c)
+    gt = x if gate is None else gate
+    _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
+                       NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
+                       HEAD=head_dim, HEAD_W=norm_weight is not None, GATE=gate is not None, **c)
     return y
