@@ -387,6 +387,7 @@ def test_gsa_packed_forward_backward(dtype, monkeypatch):
     q, k = (torch.randn(1, T, H, K, generator=gen) for _ in range(2))
     v = torch.randn(1, T, H, V, generator=gen)
     g = torch.nn.functional.logsigmoid(torch.randn(1, T, H, M, generator=gen)) / 8
+    g[..., :2] = -10 - torch.rand(1, T, H, 2, generator=gen) * (1e4 - 10)  # strong slots too
     s = 1 - g.exp()
     ins = [x.to(DEV, dtype if i < 4 else torch.float32).requires_grad_() for i, x in enumerate((q, k, v, s, g))]
     o, _ = chunk_gsa(*ins, scale=K ** -0.5, chunked=True, cu_seqlens=cu)
