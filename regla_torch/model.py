@@ -106,7 +106,9 @@ class _TorchOps:
 
     @staticmethod
     def cummax(x, axis):
-        return torch.cummax(x, axis).values
+        # along the last, contiguous axis: CUDA's scan over a middle axis runs one thread per
+        # column ([B, T, H]: B*H threads, each T steps: 5.5 ms of a 350m ReGLA training step)
+        return torch.cummax(x.movedim(axis, -1).contiguous(), -1).values.movedim(-1, axis)
 
     @staticmethod
     def concat(xs, axis):
