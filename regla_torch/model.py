@@ -18,7 +18,7 @@ from regla import layer_math as lm
 from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
-from .ops.linear import HeadNormGate, RMSNorm, linear, norm_linear, project, project_add
+from .ops.linear import HeadNormGate, RMSNorm, fused, linear, norm_linear, project, project_add
 from .ops.utils import segment_ids
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
@@ -232,18 +232,11 @@ def maps_and_gate(a: ModelArgs, q, k, z_f, z_r, m0=None, mask=None, seg=None, en
     return q_out, k.to(q.dtype), g, m_last
 
 
-_COMPILED_MAPS = []
-
-
-def _compiled_maps_and_gate():
-    """``maps_and_gate`` through torch.compile, for training on CUDA: about a dozen fp32
-    elementwise passes over [B,T,H,K] (log-sigmoid, refining gate, clamp, feature maps, running
-    max term) become a few fused kernels, and the backward recomputes them instead of keeping
-    every intermediate (PROFILE-H200: ReGLA's unfused gate work cost ~40 ms and 11 GiB a step
-    at 350M)."""
-    if not _COMPILED_MAPS:
-        _COMPILED_MAPS.append(torch.compile(maps_and_gate, dynamic=None))
-    return _COMPILED_MAPS[0]
+# Training on CUDA runs it compiled: about a dozen fp32 elementwise passes over [B,T,H,K]
+# (log-sigmoid, refining gate, clamp, feature maps, running max term) become a few fused kernels,
+# and the backward recomputes them instead of keeping every intermediate (PROFILE-H200: ReGLA's
+# unfused gate work cost ~40 ms and 11 GiB a step at 350M).
+_fused_maps_and_gate = fused(maps_and_gate)
 
 
 class LinearAttention(_Mixer):
@@ -296,8 +289,7 @@ class LinearAttention(_Mixer):
             seg = ends = None
             if cu_seqlens is not None:
                 seg, ends = segment_ids(cu_seqlens, T), (cu_seqlens[1:] - 1).long()
-            fn = _compiled_maps_and_gate() if (q.is_cuda and torch.is_grad_enabled()) else maps_and_gate
-            q, k, g, m_last = fn(a, q, k, z[0], z_r, m0, mask, seg, ends)
+            q, k, g, m_last = _fused_maps_and_gate(a, q, k, z[0], z_r, m0, mask, seg, ends)
         if G > 1:
             k, v, g = (t.repeat_interleave(G, dim=2) for t in (k, v, g))
         # Under autocast the feature maps' exp runs in float32 while the projections give bf16;

@@ -1,6 +1,7 @@
 """Whole models: the same random weights through the spec, the torch model and the MLX model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -163,6 +164,31 @@ def test_training_recomputes_norms_and_gating_with_the_same_gradients(name, monk
     assert wrapped.count("_prepared_linear") == 2 * cfg.num_hidden_layers
     for n, p in m.named_parameters():
         assert rel_rms(got[n].numpy(), p.grad.numpy()) <= 1e-6, n
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler (g++)")
+def test_training_with_the_fused_pieces_compiled_gives_the_same_gradients(monkeypatch):
+    """On CUDA under autograd the norms (cast straight to the matmul's dtype), the attention's
+    output norm and gate, SwiGLU and the gate math run torch.compile'd (``ops.linear.fused``).
+    Forced on here (Inductor's CPU code): the same loss and gradients as eager."""
+    import regla_torch.ops.linear as L
+    cfg = tiny("regla")
+    torch.manual_seed(0)
+    m = ReGLAForCausalLM(ReGLAConfig(**cfg.to_dict())).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 37))
+    loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in m.named_parameters()}
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (compiled.append(fn.__name__), real(fn, **kw))[1])
+    monkeypatch.setattr(L, "_compiles", lambda x: torch.is_grad_enabled())
+    m.zero_grad()
+    got = m(input_ids=ids, labels=ids, use_cache=False).loss
+    got.backward()
+    assert {"_rms", "_head_norm_gate", "_swiglu", "maps_and_gate"} <= set(compiled), compiled
+    assert abs(got.item() - loss.item()) <= 1e-6 * loss.item()
+    for n, p in m.named_parameters():
+        assert rel_rms(eager[n].numpy(), p.grad.numpy()) <= 1e-5, n
 
 
 def test_linear_state_has_the_same_size_at_every_length():

@@ -13,9 +13,13 @@ per-head norm and gate, the MLP's gating and the residual add inside it: one lau
 plus an elementwise kernel on each side (bench/bench_gemv.py). Inside a compiled decode step,
 ``linear`` with a short inner dimension is a broadcast sum that torch.compile fuses into the
 gate's elementwise kernel. Everywhere else all three are the plain torch they describe; under
-autograd the norm and the gating are recomputed in the backward instead of kept (memory).
+autograd the norm and the gating are recomputed in the backward instead of kept (memory), and
+on CUDA they run torch.compile'd (``fused``): the normed input goes straight to the matmul's
+dtype, each piece one kernel each way.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +29,45 @@ from torch import nn
 from .utils import use_triton
 
 
-def rms_norm(x, weight, eps):
-    """RMSNorm in float32, back in x's dtype (``weight`` None: no affine weight)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(x.dtype)
+def _compiles(x) -> bool:
+    """Whether the elementwise work around the projections runs torch.compile'd: on CUDA under
+    autograd (training), where each unfused cast, norm or gating is a pass over the
+    [tokens, width] activations and its backward another."""
+    return x.is_cuda and torch.is_grad_enabled()
+
+
+def fused(fn):
+    """``fn``, run through ``torch.compile`` where ``_compiles`` says so (its first tensor
+    argument decides): one kernel each way instead of one per elementwise op, as fla's fused
+    norm and SwiGLU kernels are. Compiled once per process."""
+    compiled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _compiles(next(a for a in args if isinstance(a, torch.Tensor))):
+            if not compiled:
+                compiled.append(torch.compile(fn, dynamic=None))
+            return compiled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
+def _rms(x, weight, eps, dtype):
+    return F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps).to(dtype)
+
+
+_rms_norm = fused(_rms)
+
+
+def rms_norm(x, weight, eps, dtype=None):
+    """RMSNorm in float32, back in ``dtype`` (default x's; ``weight`` None: no affine weight)."""
+    return _rms_norm(x, weight, eps, x.dtype if dtype is None else dtype)
+
+
+def _matmul_dtype(x):
+    """The dtype a matmul of x runs in: autocast's, where it is on, else x's."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -50,6 +90,8 @@ class HeadNormGate:
         self.norm, self.gate = norm, gate
 
     def __call__(self, o):
+        if isinstance(self.norm, RMSNorm):
+            return _head_norm_gate(o, self.norm.weight, self.norm.eps, self.gate)
         if self.norm is not None:
             o = self.norm(o)
         o = o.flatten(-2)
@@ -68,6 +110,18 @@ def _gemv_ok(x, weights):
 
     return (x.numel() // x.shape[-1] <= MAX_ROWS and len(weights) <= MAX_GROUPS
             and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
+
+
+@fused
+def _head_norm_gate(o, weight, eps, gate):
+    o = _rms(o, weight, eps, o.dtype).flatten(-2)
+    return o * F.silu(gate) if gate is not None else o
+
+
+@fused
+def _swiglu(x):
+    gate, up = x.chunk(2, -1)
+    return F.silu(gate) * up
 
 
 def project(x, weights, norm=None):
@@ -89,7 +143,8 @@ def norm_linear(x, norm_weight, eps, *weights):
     """``project`` without the decode GEMV nor the recomputation: for callers that checkpoint
     a larger piece themselves (the loss by blocks)."""
     if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)
+        # straight to the matmul's dtype: no separate cast of the normed copy under autocast
+        x = rms_norm(x, norm_weight, eps, _matmul_dtype(x))
     if len(weights) == 1:
         return F.linear(x, weights[0])
     # stack whichever is smaller: the weights (one GEMM, for training and prefill) or the
@@ -130,8 +185,7 @@ def _prepared_linear(x, weight, glu, pre):
     if pre is not None:
         x = pre(x)
     if glu:
-        gate, up = x.chunk(2, -1)
-        x = F.silu(gate) * up
+        x = _swiglu(x)
     return F.linear(x, weight)
 
 
