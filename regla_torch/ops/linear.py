@@ -44,7 +44,10 @@ def fused(fn):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if _compiles(next(a for a in args if isinstance(a, torch.Tensor))):
+        for x in args:  # a plain loop: traced without a graph break inside a compiled decode step
+            if isinstance(x, torch.Tensor):
+                break
+        if _compiles(x):
             if not compiled:
                 compiled.append(torch.compile(fn, dynamic=None))
             return compiled[0](*args, **kwargs)
