@@ -20,6 +20,7 @@ dtype, each piece one kernel each way.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,9 @@ from .utils import use_triton
 def _compiles(x) -> bool:
     """Whether the elementwise work around the projections runs torch.compile'd: on CUDA under
     autograd (training), where each unfused cast, norm or gating is a pass over the
-    [tokens, width] activations and its backward another."""
-    return x.is_cuda and torch.is_grad_enabled()
+    [tokens, width] activations and its backward another; ``REGLA_COMPILE=0`` keeps it eager
+    (for comparisons, or where compiling fails)."""
+    return x.is_cuda and torch.is_grad_enabled() and os.environ.get("REGLA_COMPILE", "1") != "0"
 
 
 def fused(fn):
