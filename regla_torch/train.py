@@ -533,6 +533,11 @@ def setup(cfg: TrainConfig, world: int, rank: int, device) -> Run:
     return run
 
 
+def _diverged(step, loss, gnorm, detail="") -> TrainError:
+    return TrainError(f"step {step}: loss {loss}, gradient norm {gnorm}: training diverged{detail}. "
+                      "Lower --lr, raise --warmup-steps or try --dtype f32, then --resume.")
+
+
 def _nonfinite_grads(model, show=4) -> str:
     """The parameters whose gradient is not finite, deepest first: a NaN made in the backward
     spreads to everything before it, so the deepest one named is where it was made."""
@@ -570,9 +575,8 @@ def train_step(run: Run) -> tuple[float, float]:
         if not math.isfinite(gnorm):
             # stop before the update: the weights and the last checkpoint stay usable, and the
             # message says where the gradient broke
-            raise TrainError(f"step {run.step + 1}: loss {loss_acc.item()}, gradient norm {gnorm}: training "
-                             f"diverged; non-finite gradients in {_nonfinite_grads(model)}. Lower --lr, raise "
-                             "--warmup-steps or try --dtype f32, then --resume.")
+            raise _diverged(run.step + 1, loss_acc.item(), gnorm,
+                            f"; non-finite gradients in {_nonfinite_grads(model)}")
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, total)
     else:
         gnorm = float("nan")
@@ -752,10 +756,9 @@ def _train(cfg, on_step, world, rank, device):
             lr_now = run.opt.param_groups[0]["lr"]
             loss_val, gnorm = train_step(run)
             step = run.step
-            if not math.isfinite(loss_val) or not math.isfinite(gnorm if cfg.grad_clip > 0 else 0.0):
+            if not math.isfinite(loss_val):  # (a non-finite gradient stops train_step itself)
                 # Stop before a non-finite update reaches a checkpoint; the last one stays usable.
-                raise TrainError(f"step {step}: loss {loss_val}, gradient norm {gnorm}: training diverged. "
-                                 "Lower --lr, raise --warmup-steps or try --dtype f32, then --resume.")
+                raise _diverged(step, loss_val, gnorm)
             now = time.perf_counter()
             tps = tokens_per_step / max(now - t_last, 1e-9)
             t_last = now

@@ -9,8 +9,9 @@
 
 At decode on CUDA (at most four rows, no autograd) the first two are one Triton GEMV launch
 each (``regla_torch.ops.triton.grouped_gemv``) with the pre-norm, the attention output's
-per-head norm and gate, the MLP's gating and the residual add inside it: one launch per projection instead of one cuBLAS call per weight
-plus an elementwise kernel on each side (bench/bench_gemv.py). Inside a compiled decode step,
+per-head norm and gate, the MLP's gating and the residual add inside it: one launch per
+projection instead of one cuBLAS call per weight plus an elementwise kernel on each side
+(bench/bench_gemv.py). Inside a compiled decode step,
 ``linear`` with a short inner dimension is a broadcast sum that torch.compile fuses into the
 gate's elementwise kernel. Everywhere else all three are the plain torch they describe; under
 autograd the norm and the gating are recomputed in the backward instead of kept (memory), and
@@ -97,10 +98,7 @@ class HeadNormGate:
     def __call__(self, o):
         if isinstance(self.norm, RMSNorm):
             return _head_norm_gate(o, self.norm.weight, self.norm.eps, self.gate)
-        if self.norm is not None:
-            o = self.norm(o)
-        o = o.flatten(-2)
-        return o * F.silu(self.gate) if self.gate is not None else o
+        return _gated(o if self.norm is None else self.norm(o), self.gate)
 
     def folds_into_gemv(self, o) -> bool:
         D = o.shape[-1]
@@ -117,10 +115,15 @@ def _gemv_ok(x, weights):
             and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
 
 
+def _gated(o, gate):
+    """o [..., H, D] flattened to [..., H * D], times silu(gate) (None: no gate)."""
+    o = o.flatten(-2)
+    return o * F.silu(gate) if gate is not None else o
+
+
 @fused
 def _head_norm_gate(o, weight, eps, gate):
-    o = _rms(o, weight, eps, o.dtype).flatten(-2)
-    return o * F.silu(gate) if gate is not None else o
+    return _gated(_rms(o, weight, eps, o.dtype), gate)
 
 
 @fused
