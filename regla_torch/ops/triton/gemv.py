@@ -167,5 +167,6 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     gt = x if gate is None else gate
     _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
                        NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
-                       HEAD=head_dim, HEAD_W=norm_weight is not None, GATE=gate is not None, **c)
+                       HEAD=head_dim, HEAD_W=bool(head_dim) and norm_weight is not None,
+                       GATE=gate is not None, **c)
     return y
