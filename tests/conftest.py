@@ -60,6 +60,41 @@ if importlib.util.find_spec("torch") is not None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_bf16():
+    """Two bf16 faults of Triton's interpreter (3.9), mended so the kernels' bf16 code can run
+    here as on a GPU: it stores bf16 as uint16 and its ``tl.dot`` multiplies that raw storage
+    (bf16 operands are widened to fp32 first, exact: the GPU's tensor-core dot also sums the
+    products in fp32), and it rounds fp32 -> bf16 toward zero where a GPU rounds to nearest
+    even (twice the error: bf16 outputs missed their 5e-3 bound)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    dot, cast = interpreter.InterpreterBuilder.create_dot, interpreter.InterpreterBuilder.cast_impl
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, widen(a), widen(b), d, *args)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        u = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        r = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        return interpreter.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), r), tl.bfloat16)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+_interpreter_bf16()
+
+
 def rel_rms(a, b):
     """fla's measure: ||a - b||_rms / ||b||_rms, in float64."""
     a = np.asarray(a, dtype=np.float64)

@@ -24,8 +24,9 @@ from regla_torch.ops.triton import (  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 REAL = CUDA and os.environ.get("REGLA_TRITON_SMALL") != "1"
-# interpreter: tl.dot on bf16 is wrong there (triton 3.9), so bf16 runs on CUDA only
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# bf16 in the interpreter too: conftest widens its bf16 dot operands (triton 3.9's multiplies
+# their raw storage); a GPU compiler's bf16 faults still show on the device only
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32: the chunk cumsum of the gates is fp32, so exp(b_i - b_j) carries an error of
 # about |b| * 6e-8 (|b| up to 64 * |g|); 1e-5 holds for GLA-sized gates
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3}
@@ -115,7 +116,12 @@ def test_backward_vs_autograd(op, dtype, T, gates):
     tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
     for name, x, r in zip("q k v g h0".split(), ins, rg):
         assert x.grad.dtype == x.dtype
-        assert rel(x.grad, r) <= tol, name
+        # bf16 dg under ReGLA-strength gates: 2.2% in the interpreter for the chunk op and the
+        # token-by-token recurrent op alike (dg is a remainder of q dq - k dk, summed over few
+        # tokens at ~1 bit of decay each, from bf16 operands), so a bound for bf16 rounding,
+        # not for the chunking
+        bound = 3e-2 if (name, dtype, gates) == ("g", torch.bfloat16, "regla") else tol
+        assert rel(x.grad, r) <= bound, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -372,7 +378,7 @@ def test_gsa_forward_backward(op, monkeypatch):
 def test_gsa_packed_forward_backward(dtype, monkeypatch):
     """Packed training rows (cu_seqlens): pass one masked by segment, pass two the varlen
     Triton kernel; outputs and gradients equal each sequence run alone (float64 reference).
-    bf16 runs on CUDA only (the interpreter's bf16 dot is wrong)."""
+    On the H200, bf16 gave s a wrong gradient here (2026-12-03; see chunk.py's exact path)."""
     import regla_torch.ops.chunk
     import regla_torch.ops.gsa
     from regla_torch.ops import chunk_gsa
