@@ -24,8 +24,8 @@ from regla_torch.ops.triton import (  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 REAL = CUDA and os.environ.get("REGLA_TRITON_SMALL") != "1"
-# bf16 in the interpreter too: conftest widens its bf16 dot operands (triton 3.9's multiplies
-# their raw storage); a GPU compiler's bf16 faults still show on the device only
+# bf16 in the interpreter too: conftest mends triton 3.9's bf16 dot (it multiplied the raw
+# storage) and its fp32 -> bf16 rounding; a GPU compiler's bf16 faults show on the device only
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32: the chunk cumsum of the gates is fp32, so exp(b_i - b_j) carries an error of
 # about |b| * 6e-8 (|b| up to 64 * |g|); 1e-5 holds for GLA-sized gates
