@@ -567,19 +567,17 @@ def train_step(run: Run) -> tuple[float, float]:
                 loss = model(ids, labels, cu)
         (loss / cfg.grad_accum).backward()
         loss_acc += loss.detach() / cfg.grad_accum
+    # the norm first (with or without clipping), the clipping after the check: clipping by a
+    # NaN norm would make every gradient NaN and hide where it started
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    gnorm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+    if not math.isfinite(gnorm):
+        # stop before the update: the weights and the last checkpoint stay usable, and the
+        # message says where the gradient broke
+        raise _diverged(run.step + 1, loss_acc.item(), gnorm,
+                        f"; non-finite gradients in {_nonfinite_grads(model)}")
     if cfg.grad_clip > 0:
-        # the norm first, the clipping after the check: clipping by a NaN norm would make every
-        # gradient NaN and hide where it started
-        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        gnorm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-        if not math.isfinite(gnorm):
-            # stop before the update: the weights and the last checkpoint stay usable, and the
-            # message says where the gradient broke
-            raise _diverged(run.step + 1, loss_acc.item(), gnorm,
-                            f"; non-finite gradients in {_nonfinite_grads(model)}")
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, total)
-    else:
-        gnorm = float("nan")
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)

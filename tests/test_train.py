@@ -244,11 +244,11 @@ def test_time_limit_shortens_the_run_and_still_exports(tmp_path):
     assert (tmp_path / "run" / f"checkpoint-{steps}").exists() and (tmp_path / "run" / "final").exists()
 
 
-
-def test_nan_gradient_stops_before_the_update_and_names_where_it_was_made(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_nan_gradient_stops_before_the_update_and_names_where_it_was_made(tmp_path, monkeypatch, grad_clip):
     """A backward that turns NaN at the last block's output from step 3 on: the error names the
     parameters just before that point first (the last block's MLP), not the lm head after it,
-    and no checkpoint of a NaN update is written."""
+    and no checkpoint of a NaN update is written, with gradient clipping or without."""
     from regla_torch import model as model_mod
 
     class NanGrad(torch.autograd.Function):
@@ -273,7 +273,7 @@ def test_nan_gradient_stops_before_the_update_and_names_where_it_was_made(tmp_pa
         return out, state
 
     data = make_corpus(tmp_path / "data")
-    cfg = tiny(tmp_path, data, save_interval=2, eval_interval=100)
+    cfg = tiny(tmp_path, data, save_interval=2, eval_interval=100, grad_clip=grad_clip)
     monkeypatch.setattr(model_mod.Block, "forward", poisoned)
     with pytest.raises(TrainError) as e:
         train(cfg)
