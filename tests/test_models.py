@@ -167,28 +167,35 @@ def test_training_recomputes_norms_and_gating_with_the_same_gradients(name, monk
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler (g++)")
-def test_training_with_the_fused_pieces_compiled_gives_the_same_gradients(monkeypatch):
-    """On CUDA under autograd the norms (cast straight to the matmul's dtype), the attention's
-    output norm and gate, SwiGLU and the gate math run torch.compile'd (``ops.linear.fused``).
-    Forced on here (Inductor's CPU code): the same loss and gradients as eager."""
+@pytest.mark.parametrize("name", ["regla", "gsa", "regla-hybrid"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_with_compiled_blocks_gives_the_same_gradients(name, packed, monkeypatch):
+    """On CUDA under autograd every block runs as one torch.compile'd graph each way
+    (``model._stateless_block``). Forced on here (Inductor's CPU code): the same loss and
+    gradients as eager, for plain and packed (cu_seqlens) rows, and no graph break inside a
+    linear block."""
     import regla_torch.ops.linear as L
-    cfg = tiny("regla")
+    cfg = tiny(name)
     torch.manual_seed(0)
     m = ReGLAForCausalLM(ReGLAConfig(**cfg.to_dict())).train()
-    ids = torch.randint(0, cfg.vocab_size, (2, 37))
-    loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+    ids = torch.randint(0, cfg.vocab_size, (1 if packed else 2, 70))
+    cu = torch.tensor([0, 9, 10, 70]) if packed else None
+    loss = m(input_ids=ids, labels=ids, use_cache=False, cu_seqlens=cu).loss
     loss.backward()
     eager = {n: p.grad.clone() for n, p in m.named_parameters()}
-    compiled, real = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (compiled.append(fn.__name__), real(fn, **kw))[1])
     monkeypatch.setattr(L, "_compiles", lambda x: torch.is_grad_enabled())
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     m.zero_grad()
-    got = m(input_ids=ids, labels=ids, use_cache=False).loss
+    got = m(input_ids=ids, labels=ids, use_cache=False, cu_seqlens=cu).loss
     got.backward()
-    assert {"_rms", "_head_norm_gate", "_swiglu", "maps_and_gate"} <= set(compiled), compiled
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters)
+    if name != "regla-hybrid":  # (a softmax layer's packed mask reads the offsets: a break there)
+        assert not counters["graph_break"], dict(counters["graph_break"])
     assert abs(got.item() - loss.item()) <= 1e-6 * loss.item()
-    for n, p in m.named_parameters():
-        assert rel_rms(eager[n].numpy(), p.grad.numpy()) <= 1e-5, n
+    for n, p in m.named_parameters():  # (fused fp32 sums reorder: GSA's smallest gradients move ~2e-5)
+        assert rel_rms(eager[n].numpy(), p.grad.numpy()) <= 1e-4, n
 
 
 def test_linear_state_has_the_same_size_at_every_length():

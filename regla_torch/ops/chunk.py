@@ -70,7 +70,7 @@ def chunk_gated(q, k, v, gk=None, gv=None, scale=None, initial_state=None, outpu
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     keep = None
     if segment_ids is not None:
-        seg = torch.nn.functional.pad(segment_ids, (0, pad), value=int(segment_ids[-1])).view(N, C)
+        seg = torch.cat([segment_ids, segment_ids[-1:].expand(pad)]).view(N, C)  # the last sequence's
         entering = torch.cat([seg[:1, :1], seg[:-1, -1:]], 0)  # the sequence the state belongs to
         causal = causal & (seg[:, :, None] == seg[:, None, :])[None, :, None]  # [1, N, 1, C, C]
         reads_state = (seg == entering)[None, :, None, :, None].float()

@@ -42,7 +42,9 @@ def _compiles(x) -> bool:
 def fused(fn):
     """``fn``, run through ``torch.compile`` where ``_compiles`` says so (its first tensor
     argument decides): one kernel each way instead of one per elementwise op, as fla's fused
-    norm and SwiGLU kernels are. Compiled once per process."""
+    norm and SwiGLU kernels are. Compiled once per process. Training compiles each block whole
+    (``model._stateless_block``); the pieces inside it are traced inline, and compiled alone
+    where a piece runs outside a block (the loss's final norm, the attention-transfer stage)."""
     compiled = []
 
     @functools.wraps(fn)
@@ -50,7 +52,7 @@ def fused(fn):
         for x in args:  # a plain loop: traced without a graph break inside a compiled decode step
             if isinstance(x, torch.Tensor):
                 break
-        if _compiles(x):
+        if _compiles(x) and not torch.compiler.is_compiling():  # inside a compiled block: inlined
             if not compiled:
                 compiled.append(torch.compile(fn, dynamic=None))
             return compiled[0](*args, **kwargs)

@@ -724,37 +724,60 @@ def _flat(x):
     return x.reshape(1, B * T, *x.shape[2:]).contiguous()
 
 
-class ChunkGLAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        B, T, H, K = q.shape
-        ch = chunks(B, T, q.device, cu_seqlens)
-        qf, kf, vf, gf = map(_flat, (q, k, v, g))
-        h0 = None if initial_state is None else initial_state.float().contiguous()
-        if h0 is not None and h0.shape[0] != ch.N:
-            raise ValueError(f"initial_state has {h0.shape[0]} rows, expected {ch.N}")
-        gcs, kd, _ = _prep(qf, kf, gf, ch, store_qg=False)
-        h, ht = _fwd_h(kd, vf, gcs, h0, ch, store_ht=output_final_state)
-        del kd
-        o = _fwd_o(qf, kf, vf, gcs, h, scale, ch)
-        del h, gcs
-        ctx.save_for_backward(qf, kf, vf, gf, h0)
-        ctx.ch, ctx.scale, ctx.shape = ch, scale, (B, T)
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        return o.view(v.shape), ht
+# The op is two registered torch ops (forward, backward) tied by register_autograd rather than
+# an autograd.Function: torch.compile then keeps each as one opaque call inside a compiled
+# training block (the chunk bookkeeping and launch logic stay out of the trace), so a whole
+# block compiles to one graph each way. They take the flat [1, B*T, H, D] layout; ``B`` splits
+# it into rows again. No final state / no initial state: an empty tensor (ops return tensors).
+@torch.library.custom_op("regla::chunk_gla_fwd", mutates_args=())
+def _chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, B: int, scale: float,
+               h0: torch.Tensor | None, output_final_state: bool,
+               cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    ch = chunks(B, q.shape[1] // B, q.device, cu_seqlens)
+    gcs, kd, _ = _prep(q, k, g, ch, store_qg=False)
+    h, ht = _fwd_h(kd, v, gcs, h0, ch, store_ht=output_final_state)
+    del kd
+    o = _fwd_o(q, k, v, gcs, h, scale, ch)
+    return o, (ht if output_final_state else q.new_empty(0, dtype=torch.float32))
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        qf, kf, vf, gf, h0 = ctx.saved_tensors
-        ch = ctx.ch
-        B, T = ctx.shape
-        dof = _flat(do)
-        dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dh0 = _bwd(qf, kf, vf, gf, h0, dof, dht, ctx.scale, ch)
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        sh = lambda x: x.view(B, T, *x.shape[2:])
-        return sh(dq), sh(dk), sh(dv), sh(dg), None, dh0, None, None
+
+@_chunk_fwd.register_fake
+def _(q, k, v, g, B, scale, h0, output_final_state, cu_seqlens):
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+    return torch.empty_like(v), (ht if output_final_state else q.new_empty(0, dtype=torch.float32))
+
+
+@torch.library.custom_op("regla::chunk_gla_bwd", mutates_args=())
+def _chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, B: int, scale: float,
+               h0: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    ch = chunks(B, q.shape[1] // B, q.device, cu_seqlens)
+    dq, dk, dv, dg, dh0 = _bwd(q, k, v, g, h0, do, dht, scale, ch)
+    return dq, dk, dv, dg, (dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32))
+
+
+@_chunk_bwd.register_fake
+def _(q, k, v, g, B, scale, h0, do, dht, cu_seqlens):
+    dh0 = torch.empty_like(h0) if h0 is not None else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, B, scale, h0, output_final_state, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, g, h0, cu_seqlens)
+    ctx.B, ctx.scale, ctx.output_final_state = B, scale, output_final_state
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, h0, cu_seqlens = ctx.saved_tensors
+    dht = dht.float().contiguous() if ctx.output_final_state and dht is not None else None
+    dq, dk, dv, dg, dh0 = _chunk_bwd(q, k, v, g, ctx.B, ctx.scale, h0, do.contiguous(), dht, cu_seqlens)
+    return dq, dk, dv, dg, None, None, (dh0 if h0 is not None else None), None, None
+
+
+_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
@@ -772,6 +795,14 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
         raise ValueError("shapes must be q, k, g [B, T, H, K] and v [B, T, H, V]")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k and v must share a dtype")
+    B, T = q.shape[:2]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h0 = None
+    if initial_state is not None:
+        if initial_state.shape[0] != N:
+            raise ValueError(f"initial_state has {initial_state.shape[0]} rows, expected {N}")
+        h0 = initial_state.float().contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, bool(output_final_state),
-                                  cu_seqlens)
+    o, ht = _chunk_fwd(_flat(q), _flat(k), _flat(v), _flat(g), B, scale, h0, bool(output_final_state),
+                       cu_seqlens)
+    return o.view(v.shape), (ht if output_final_state else None)
