@@ -3,8 +3,8 @@
     python bench/bench_train.py [--preset 350m] [--batch 8] [--seq 2048] [--models regla gla fla-gla gsa]
                                 [--fla-configs 3] [--profile N]
 
-A model name with "-eager" (``regla-eager``) runs that type with the norms, gating and gate math
-left uncompiled (``REGLA_COMPILE=0``), for a same-run comparison.
+A model name with "-eager" (``regla-eager``) runs that type uncompiled (``REGLA_COMPILE=0``; by
+default on CUDA each block trains as one torch.compile'd graph), for a same-run comparison.
 
 Each model: fp32 master weights, bf16 autocast, fused AdamW, random tokens, [batch, seq] rows;
 tokens/s over --steps timed steps after --warmup. MFU = 6 * parameters * tokens/s over the
@@ -109,7 +109,7 @@ def main():
     res, profiles = {}, []
     for name in a.models:
         torch.manual_seed(0)
-        # "<type>-eager": the same model with the elementwise pieces left uncompiled (REGLA_COMPILE=0)
+        # "<type>-eager": the same model with its blocks left uncompiled (REGLA_COMPILE=0)
         os.environ["REGLA_COMPILE"] = "0" if name.endswith("-eager") else "1"
         attn_type = name.removesuffix("-eager")
         model = fla_gla(a.preset, a.vocab) if name == "fla-gla" else ours(attn_type, a.preset, a.vocab)

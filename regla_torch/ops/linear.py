@@ -32,10 +32,10 @@ from .utils import use_triton
 
 
 def _compiles(x) -> bool:
-    """Whether the elementwise work around the projections runs torch.compile'd: on CUDA under
-    autograd (training), where each unfused cast, norm or gating is a pass over the
-    [tokens, width] activations and its backward another; ``REGLA_COMPILE=0`` keeps it eager
-    (for comparisons, or where compiling fails)."""
+    """Whether a block (or a piece outside one) runs torch.compile'd: on CUDA under autograd
+    (training), where each unfused cast, norm or gating is a pass over the [tokens, width]
+    activations and its backward another, and each small op a launch from Python;
+    ``REGLA_COMPILE=0`` keeps it eager (for comparisons, or where compiling fails)."""
     return x.is_cuda and torch.is_grad_enabled() and os.environ.get("REGLA_COMPILE", "1") != "0"
 
 
