@@ -500,7 +500,7 @@ def _stateless_block(block, h, cu_seqlens, pad):
     """A block with no state in or out. Training on CUDA runs it as one compiled graph each
     way (``fused``; the chunk op is a registered op inside it): one block is ~100 small
     kernels and autograd nodes, and launching them one by one from Python left the 350m
-    step host-bound (364 ms of CPU for 115 ms of GPU work on the H200, PROFILE-H200). Blocks
+    step host-bound (364 ms of CPU for 115 ms of GPU work on the H200, BENCHMARKS section 2). Blocks
     of one layer type share the compiled code."""
     h, _ = block.attn(h, block.attn_norm, None, cu_seqlens, False, pad)
     return block.mlp(h, block.mlp_norm)

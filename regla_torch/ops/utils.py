@@ -19,7 +19,7 @@ def check_inputs(q, k, v, g, initial_state, cu_seqlens):
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens needs a packed batch (B == 1), got B = {B}")
-        # (values need a host sync: not inside a compiled block, where the op checks them itself)
+        # (values need a host sync: not inside a compiled block; the Triton op checks them there)
         if not torch.compiler.is_compiling() and (int(cu_seqlens[-1]) != T or int(cu_seqlens[0]) != 0):
             raise ValueError(f"cu_seqlens must run from 0 to T = {T}, got {cu_seqlens.tolist()}")
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
