@@ -113,7 +113,7 @@ def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None, mask=None):
         # m_t = max(m_prev, max_{s<=t} tok_s): the carried max as row 0 of one cummax. At decode
         # this form compiles faster than a one-token special case (an elementwise max, no scan):
         # Inductor fused that one into a 5.4 us reduction kernel a layer, 1,398 against 1,315 us
-        # of kernels a 1.3B ReGLA step, 675 against 716 tok/s (H200, BENCHMARKS section 5)
+        # of kernels a 1.3B ReGLA step, 675 against 716 tok/s (H200, BENCHMARKS section 1, decode)
         m = xp.cummax(xp.concat([xp.cast_like(m_prev, tok)[:, None], tok], 1), 1)
         m_before, m = m[:, :-1], m[:, 1:]
     if mask is None:

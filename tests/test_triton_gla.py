@@ -378,7 +378,8 @@ def test_gsa_forward_backward(op, monkeypatch):
 def test_gsa_packed_forward_backward(dtype, monkeypatch):
     """Packed training rows (cu_seqlens): pass one masked by segment, pass two the varlen
     Triton kernel; outputs and gradients equal each sequence run alone (float64 reference).
-    On the H200, bf16 gave s a wrong gradient here (2026-12-03; see chunk.py's exact path)."""
+    On the H200 bf16 gives s a wrong gradient here (open, 2026-12-03: BENCHMARKS section 1,
+    "Correctness on the device"; bench/check_bf16_chunk.py narrows it down)."""
     import regla_torch.ops.chunk
     import regla_torch.ops.gsa
     from regla_torch.ops import chunk_gsa

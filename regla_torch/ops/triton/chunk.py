@@ -361,7 +361,7 @@ def _dv_part(q, k, gc, gc_lo, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
                     b_gk = tl.load(gc + off_j, mask=m_j, other=0.)
                     b_lk = _lo(gc_lo, off_j, m_j, need)
                     b_dh = tl.load(dh_base + kc[:, None] * V + vc[None, :],
-                                   mask=mk[:, None] & mv[None, :], other=0.).to(tl.float32)
+                                   mask=mk[:, None] & mv[None, :], other=0.)
                     e_l = tl.where(m_j, (b_gl[None, :] - b_gk) + (b_ll[None, :] - b_lk), float("-inf"))
                     acc += tl.dot((b_k * tl.exp2(e_l)).to(b_dh.dtype), b_dh, input_precision=PREC)
                     if i_j < NC - 1:
@@ -478,14 +478,6 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
         # sub-chunks done; the total's dk^inter comes from the same rounded operands (v, dh)
         # as the per-sub-chunk dk^inter below, so the two agree to fp32 rounding
         need = b_gl < -SPAN
-        # The states are read as fp32 here (and in _dv_part's exact path). With bf16 states,
-        # on the H200 (Triton 3.6, K = 64 at BK 32; GSA's packed test, 2026-12-03), dk came
-        # out wrong in the fast-path key block of chunks whose other block took this path,
-        # while the interpreter (its bf16 dot mended) and fp16 inputs, whose states are fp32,
-        # were right: suspected to be the shared-memory misaddressing 6a519a7 met with bf16
-        # states in the fast path. A bf16 value is exact in tf32, so the products are the
-        # same (more precise where a factor used to be rounded to bf16 for the dot); the
-        # generated code differs. Not yet run on a GPU.
         b_la = _lo(gc_lo, off_a, m_a, need)
         b_ll = tl.load(gc_lo + (last * H + i_h) * K + kc, mask=mk & need, other=0.)
         e_kl = tl.exp2(tl.where(m_a, (b_gl[None, :] - b_ga) + (b_ll[None, :] - b_la), float("-inf")))
@@ -496,11 +488,11 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
             mv = vc < V
             m_kv = mk[:, None] & mv[None, :]
             off_kv = kc[:, None] * V + vc[None, :]
-            b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
-            b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
+            b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.)
+            b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
             b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :],
                            mask=ma[:, None] & mv[None, :], other=0.)
-            hdh += tl.sum(b_h * b_dh, 1)
+            hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
             d_kse += tl.dot(b_va.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
         kdk_rest = tl.sum(tl.where(m_a, b_ka.to(tl.float32) * d_kse * e_kl, 0.), 0)
         hdh = hdh * tl.exp2(b_gl)
@@ -528,8 +520,8 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
                                     mask=mi[:, None] & mv[None, :], other=0.)
                     b_vi = tl.load(v + (rows_i[:, None] * H + i_h) * V + vc[None, :],
                                    mask=mi[:, None] & mv[None, :], other=0.)
-                    b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
-                    b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.).to(tl.float32)
+                    b_h = tl.load(h + hb + off_kv, mask=m_kv, other=0.)
+                    b_dh = tl.load(dh + hb + off_kv, mask=m_kv, other=0.)
                     d_qh += tl.dot(b_doi.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
                     d_ks += tl.dot(b_vi.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
                     d_ad += tl.dot(b_doi, tl.trans(b_vi), input_precision=PREC)
