@@ -97,7 +97,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=["regla", "gla", "fla-gla"])
     ap.add_argument("--fla-configs", type=int, default=3, help="autotune configs kept per fla kernel")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after timing, profile one step of each model and print its N costliest CUDA kernels")
+                    help="after timing, profile one step of each model and print its N costliest CUDA kernels "
+                         "(to stderr)")
     a = ap.parse_args()
     if "fla-gla" in a.models:
         from bench_ops import limit_autotune
@@ -106,7 +107,7 @@ def main():
           f"{a.seq}, bf16 autocast, fused AdamW", flush=True)
     print("| model | parameters | tokens/s | MFU | peak memory |")
     print("|---|---|---|---|---|")
-    res, profiles = {}, []
+    res = {}
     for name in a.models:
         torch.manual_seed(0)
         # "<type>-eager": the same model with its blocks left uncompiled (REGLA_COMPILE=0)
@@ -118,11 +119,10 @@ def main():
         res[name] = tps
         print(f"| {name if name == 'fla-gla' else 'regla ' + name} | {n / 1e6:.0f}M | {tps:,.0f} | "
               f"{6 * n * tps / PEAK:.1%} | {mem:.1f} GiB |", flush=True)
-        if a.profile:  # now, while the model is alive; printed after the table
-            profiles.append(f"\n{name}:\n" + kernels(step, a.profile))
+        if a.profile:  # now, while the model is alive, to stderr: a run cut short keeps it
+            print(f"\n{name}:\n" + kernels(step, a.profile), file=sys.stderr, flush=True)
         del model, step
         torch.cuda.empty_cache()
-    print("\n".join(profiles))
     if "fla-gla" in res:
         print("ratios to fla-gla: " + ", ".join(f"{k} {v / res['fla-gla']:.2f}x" for k, v in res.items()
                                                 if k != "fla-gla"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -74,9 +75,22 @@ def _plain_chunks(B: int, T: int, device: torch.device) -> Chunks:
     return Chunks(B, T, device)
 
 
+_VARLEN: dict = {}  # id(cu_seqlens) -> (weakref to it, its version, T, Chunks)
+
+
 def chunks(B: int, T: int, device, cu_seqlens=None) -> Chunks:
     """The bookkeeping of a batch; that of a plain [B, T] batch is made once and reused, since
-    building it costs several small launches per op call (the whole op at small shapes)."""
+    building it costs several small launches per op call (the whole op at small shapes).
+    A packed batch's costs a host sync (its grid depends on the segment lengths), so it is kept
+    for as long as the same ``cu_seqlens`` tensor, unchanged, comes back: a training step passes
+    one tensor to every layer's forward and backward, one sync a step instead of two a layer."""
     if cu_seqlens is None:
         return _plain_chunks(B, T, torch.device(device))
-    return Chunks(B, T, device, cu_seqlens)
+    hit = _VARLEN.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, T):
+        return hit[3]
+    ch = Chunks(B, T, device, cu_seqlens)
+    if len(_VARLEN) >= 8:  # the live entries are the current step's; drop the oldest
+        _VARLEN.pop(next(iter(_VARLEN)))
+    _VARLEN[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, T, ch)
+    return ch
