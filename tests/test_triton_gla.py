@@ -446,10 +446,13 @@ def test_gsa_packed_forward_backward(dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 autocast training of a model: CUDA only")
-def test_gsa_model_packed_training_bf16():
+def test_gsa_model_packed_training_bf16(monkeypatch):
     """A GSA model of SmolLM2-135M's attention shape (9 heads of 64, 3 kv heads, 64 slots)
     trained on one packed row under bf16 autocast, as the linearization's recovery trains:
-    the loss and every gradient finite and close to those of the sequences run one by one."""
+    the loss and every gradient finite and close to those of the sequences run one by one,
+    and near those of the plain-torch ops in fp32. The last bound is loose (bf16 autocast
+    against fp32) but independent of the Triton kernels: packed and one-by-one runs share
+    them, and both passed here while Triton 3.6 gave garbage bf16 key gradients at this shape."""
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
     args = spec.ModelArgs(attn_type="gsa", vocab_size=512, hidden_size=576, num_hidden_layers=2, num_heads=9,
                           num_kv_heads=3, num_slots=64)
@@ -459,9 +462,9 @@ def test_gsa_model_packed_training_bf16():
     ids = torch.randint(0, 512, (1, sum(lengths)), device=DEV)
     cu = torch.tensor([0] + lengths, device=DEV).cumsum(0)
 
-    def grads(packed):
+    def grads(packed, amp=True):
         m.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             if packed:
                 logits = m(ids, cu_seqlens=cu, use_cache=False).logits
             else:
@@ -473,10 +476,14 @@ def test_gsa_model_packed_training_bf16():
 
     loss, got = grads(True)
     ref_loss, ref = grads(False)
+    monkeypatch.setenv("REGLA_TRITON", "0")  # eager too: a compiled block may have fixed the dispatch
+    monkeypatch.setenv("REGLA_COMPILE", "0")
+    _, plain = grads(True, amp=False)
     assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) <= 1e-2
     for name, gr in got.items():
         assert torch.isfinite(gr).all(), f"{name}: non-finite gradient"
         assert rel(gr, ref[name]) <= 3e-2, name
+        assert rel(gr, plain[name]) <= 1e-1, name
 
 
 @pytest.mark.skipif(not REAL, reason="long sequence: CUDA only")
