@@ -285,6 +285,12 @@ def test_packed_bookkeeping_kept_per_cu_seqlens_tensor(monkeypatch):
         assert len(built) == builds
         ro, _ = spec.recurrent_gla(*(x.cpu().double().numpy() for x in (q, k, v, g)), cu_seqlens=cu.cpu().numpy())
         assert rel(o, ro) <= 1e-5
+    with torch.inference_mode():  # inference tensors have no version counter: built every call
+        cu = torch.tensor([0, 30, 100], device=DEV, dtype=torch.int32)
+        o = chunk_gla(q, k, v, g, cu_seqlens=cu)[0]
+        cu[1] = 70
+        o2 = chunk_gla(q, k, v, g, cu_seqlens=cu)[0]
+    assert len(built) == 4 and rel(o2, ro) <= 1e-5 and rel(o, o2) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -86,6 +86,8 @@ def chunks(B: int, T: int, device, cu_seqlens=None) -> Chunks:
     one tensor to every layer's forward and backward, one sync a step instead of two a layer."""
     if cu_seqlens is None:
         return _plain_chunks(B, T, torch.device(device))
+    if cu_seqlens.is_inference():  # no version counter to tell an in-place change: not kept
+        return Chunks(B, T, device, cu_seqlens)
     hit = _VARLEN.get(id(cu_seqlens))
     if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, T):
         return hit[3]
