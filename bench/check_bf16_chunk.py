@@ -49,7 +49,13 @@ CASES = {
     "rand-weak-plain": ("rand", False, False, (64, 64), {}),
     "k128": ("gsa", True, True, (128, 128), {}),
     "k64-v128": ("gsa", True, True, (64, 128), {}),
-    "k32": ("gsa", True, True, (32, 64), {}),  # one key block of 32 and one value block: untested on the H200
+    "k32": ("gsa", True, True, (32, 64), {}),  # its one key block holds the strong channels: exact path
+    "k32-weak": ("gsa", False, True, (32, 64), {}),  # the fast path at K = 32 (faulty with blocks of 32)
+    # test_backward_vs_autograd's "gla" inputs at K = V = 128 (dk 6.8e-2 off float64 at T = 300 on
+    # the H200): key blocks of 32, two value blocks
+    "k128-rand-weak-plain": ("rand", False, False, (128, 128), {}),
+    "k128-rand-weak-plain-bk64": ("rand", False, False, (128, 128), {"BK_QK": 64}),
+    "k128-rand-weak-plain-fp32-states": ("rand", False, False, (128, 128), {"state_dtype": lambda d: torch.float32}),
 }
 
 

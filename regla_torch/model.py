@@ -7,6 +7,8 @@ layer not listed in ``softmax_layers``. Weight names are fla's, so fla-hub ``gla
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -495,15 +497,32 @@ class Block(nn.Module):
         return self.mlp(h, self.mlp_norm), state
 
 
-@fused
+def _block(block, h, cu_seqlens, pad):
+    h, _ = block.attn(h, block.attn_norm, None, cu_seqlens, False, pad)
+    return block.mlp(h, block.mlp_norm)
+
+
+_compiled_blocks = {}
+
+
 def _stateless_block(block, h, cu_seqlens, pad):
     """A block with no state in or out. Training on CUDA runs it as one compiled graph each
     way (``fused``; the chunk op is a registered op inside it): one block is ~100 small
     kernels and autograd nodes, and launching them one by one from Python left the 350m
-    step host-bound (364 ms of CPU for 115 ms of GPU work on the H200, BENCHMARKS section 2). Blocks
-    of one layer type share the compiled code."""
-    h, _ = block.attn(h, block.attn_norm, None, cu_seqlens, False, pad)
-    return block.mlp(h, block.mlp_norm)
+    step host-bound (364 ms of CPU for 115 ms of GPU work on the H200, BENCHMARKS section 2).
+
+    Blocks of one layer type share the compiled code; each layer type compiles its own copy.
+    Dynamo keeps its automatic-dynamic marks per function name: with one shared by all types,
+    a GSA block compiled after a GLA one (two models in one process, as bench_train.py runs
+    them) found the float expand_k that sets the head dims marked dynamic, and its chunk
+    scan's checkpoint then failed to trace ("Source of ... is None")."""
+    kind = type(block.attn)
+    f = _compiled_blocks.get(kind)
+    if f is None:  # a copy of _block's code under a name of its own (dynamo keys its state on the name)
+        name = f"_block_{kind.__name__}"
+        code = _block.__code__.replace(co_name=name, co_qualname=name)
+        f = _compiled_blocks[kind] = fused(types.FunctionType(code, _block.__globals__, name))
+    return f(block, h, cu_seqlens, pad)
 
 
 class ReGLAModel(nn.Module):

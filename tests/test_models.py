@@ -319,3 +319,34 @@ def test_cli_spec_check_reports_both_backends_agreeing():
     r = CliRunner().invoke(app, ["spec-check", "--attn-type", "regla"])
     assert r.exit_code == 0, r.output
     assert "regla  torch" in r.output and "regla  mlx" in r.output and "MISMATCH" not in r.output
+
+
+def test_compiled_blocks_of_two_layer_types_in_one_process(monkeypatch):
+    """Training compiles each block (``model._stateless_block``). A GLA model's blocks compiled,
+    then a GSA model's, in one process (bench_train.py measures them so): the GSA block must
+    trace (one compiled function shared by the types failed: dynamo had marked the float that
+    sets the head dims dynamic) and give the uncompiled loss and gradients. On CPU, the
+    plain-torch ops, and the aot_eager backend: the fault is dynamo's tracing, and Inductor's
+    C++ code would take a minute to build."""
+    import functools
+
+    import regla_torch.model
+    import regla_torch.ops.linear
+
+    monkeypatch.setenv("REGLA_TRITON", "0")
+    monkeypatch.setattr(regla_torch.model, "_compiled_blocks", {}, raising=False)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    for attn_type in ("gla", "gsa"):
+        args = spec.ModelArgs(attn_type=attn_type, vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=2)
+        torch.manual_seed(0)
+        model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).train()
+        got = {}
+        for compiled in (False, True):
+            monkeypatch.setattr(regla_torch.ops.linear, "_compiles", lambda x, c=compiled: c and torch.is_grad_enabled())
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            got[compiled] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        for a, b in zip(got[True], got[False]):
+            assert rel_rms(a.numpy(), b.numpy()) <= 1e-5, attn_type  # aot_eager: the same kernels

@@ -129,13 +129,51 @@ def test_backward_vs_autograd(op, dtype, T, gates, dims):
 
 
 def test_one_value_block_takes_key_blocks_of_64():
-    """The launch shape that avoids Triton 3.6's bf16 miscompile at K = V = 64 on the H200 (dk
-    and dg ~1e3 off with key blocks of 32; bench/check_bf16_chunk.py): the interpreter computes
-    both shapes right, so only the choice itself can be checked off the device."""
+    """The launch shape that avoids Triton 3.6's bf16 miscompile on the H200 at K = V = 64 (dk
+    and dg ~1e3 off with key blocks of 32; bench/check_bf16_chunk.py) and at K = 32, V = 64
+    (0.97): the interpreter computes both shapes right, so only the choice itself can be
+    checked off the device."""
     from regla_torch.ops.triton.chunk import _cfg
     assert _cfg("intra", 64, 64)["BK_QK"] == 64
+    assert _cfg("intra", 32, 64)["BK_QK"] == 64  # half the block masked
     assert _cfg("intra", 128, 64)["BK_QK"] == 64
     assert _cfg("intra", 128, 128)["BK_QK"] == 32  # two value blocks: the shape that ran right
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_no_read_of_unwritten_memory(packed, monkeypatch):
+    """Every buffer the chunk op allocates starts NaN-filled: an output that reads an entry no
+    kernel wrote (which fresh, zeroed GPU memory would hide, and memory recycled by the caching
+    allocator would not) turns non-finite or off the recurrence. Both kernel paths ("mixed"
+    gates), plain and packed rows, a short last chunk, an initial state; fp32. (On the H200 a
+    bf16 error at K = V = 128 came and went with the load on the GPU: BENCHMARKS section 1.)"""
+    from regla_torch.ops.triton import chunk as C
+    from regla_torch.ops.naive import recurrent_gla_reference
+
+    def nan_filled(make):
+        def f(*a, **kw):
+            t = make(*a, **kw)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return f
+
+    fake = type("torch_with_nan_buffers", (), {})()
+    fake.__dict__.update({n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
+    fake.empty, fake.empty_like = nan_filled(torch.empty), nan_filled(torch.empty_like)
+    monkeypatch.setattr(C, "torch", fake)
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    B, T, cu = (1, 150, [0, 70, 71, 150]) if packed else (2, 130, None)
+    q, k, v, g, _ = make(B, T, K, V, torch.float32, "mixed", seed=3)
+    N = B if cu is None else len(cu) - 1
+    gen = torch.Generator().manual_seed(4)
+    h0, dht = (torch.randn(N, H, K, V, generator=gen).to(DEV) for _ in range(2))
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    o, ht = chunk_gla(*ins[:4], initial_state=ins[4], output_final_state=True, cu_seqlens=cu_t)
+    torch.autograd.backward((o, ht), (do, dht))
+    ref = recurrent_gla_reference(*(x.cpu() for x in (q, k, v, g, h0, do, dht)), cu_seqlens=cu)
+    for name, x, r in zip("o ht dq dk dv dg dh0".split(), [o, ht] + [t.grad for t in ins], ref):
+        assert rel(x, r) <= 1e-5, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

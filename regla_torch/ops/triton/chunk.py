@@ -628,12 +628,13 @@ def _cfg(name, K, V, scans=None):
         if b in c:
             c[b] = min(c[b], max(16, next_pow2(d)))
     if name == "intra" and V <= c["BV_QK"]:
-        # one value block: then the dq/dk/dg part takes the key channels 64 at a time. At K = V
-        # = 64 in bf16, key blocks of 32 made Triton 3.6 compile a fast path whose dk and dg
-        # are garbage on the H200 (rel. error ~1e3, every block, any gates, plain or packed
-        # rows; right in the interpreter, in fp32, with two value blocks, and at BK 64:
-        # bench/check_bf16_chunk.py, BENCHMARKS section 1)
-        c["BK_QK"] = min(64, max(16, next_pow2(K)))
+        # one value block: then the dq/dk/dg part takes the key channels in blocks of 64, even
+        # when K < 64 (the rest masked). With blocks of 32, Triton 3.6 compiled a bf16 fast path
+        # whose dk and dg are garbage on the H200: at K = V = 64 (rel. error ~1e3, every block,
+        # any gates, plain or packed rows) and at K = 32, V = 64 (0.97, weak gates, plain rows);
+        # right in the interpreter, in fp32, with two value blocks, and at BK 64
+        # (bench/check_bf16_chunk.py, BENCHMARKS section 1)
+        c["BK_QK"] = 64
     if scans is not None:
         # a scan runs one program per (segment, head, block) serially over the chunks; with
         # few segments and heads, narrower value blocks fill the GPU

@@ -1,0 +1,110 @@
+"""Our chunk op against fla's own ``chunk_gla`` outputs and gradients (tests/fixtures/fla_ops,
+made on an H200 by fla 0.6.0 with tests/fixtures/make_fla_ops.py), in fp32 and bf16, at head
+dims 32 to 128, plain and packed rows, weak and strong gates (tests/helpers_fla_ops.py).
+
+fla's error against the float64 recurrence of the same rounded inputs is the yardstick: ours
+must be within twice it of that recurrence, and within three times it of fla's own output (plus
+a floor: 1e-5 in fp32, MATH.md's bound; 2e-3 in bf16, about one rounding); bf16's dg is the one
+known gap (FACTOR). fla's own error must be small too (FLA_MAX: at most 1.0e-6 in fp32 and
+2.4e-3 in bf16 were measured), else the yardstick would grow with a misreading shared by our spec
+and our backends. Such a misreading fails there or in the second bound; a kernel that computes
+garbage in one precision (as Triton 3.6 did in bf16 at K = V = 64: BENCHMARKS section 1) fails both.
+
+On CUDA the Triton kernels run in the fixture's dtype. Without CUDA the fp32 fixtures run on the
+plain torch and MLX chunk ops and on the Triton kernels in the interpreter; the bf16 ones need
+the GPU (the interpreter's bf16 dots are wrong).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_rms
+from helpers_fla_ops import fixture_names, inputs
+from regla_torch.ops.naive import recurrent_gla_reference
+
+FIXTURES = Path(__file__).parent / "fixtures" / "fla_ops"
+MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+KEYS = ("o", "ht", "dq", "dk", "dv", "dg", "dh0")
+FLOOR = {"float32": 1e-5, "bfloat16": 2e-3}
+FLA_MAX = {"float32": 1e-5, "bfloat16": 5e-3}
+# Our bf16 dg is the one known gap: 7.9e-3 to 8.6e-3 against fla's 1.7e-3 to 2.1e-3 on the H200 at
+# every fixture shape (BENCHMARKS section 1). It is even across key blocks (no launch-shape fault)
+# and the same with fp32 chunk states; likely the rounding of the bf16 operands of our intra-chunk
+# dots (fla keeps more in fp32), which dg, a small remainder of sums of q dq and k dk, magnifies. The bound holds it there:
+# a regression past 6x fla's error, or a fault (1e2 to 1e3), still fails.
+FACTOR = {("bfloat16", "dg"): 3.0}  # ours within 6x fla's error of the recurrence, 9x of fla
+CUDA = torch.cuda.is_available()
+
+
+def test_fixtures_are_fla_s():
+    assert MANIFEST["fla"] == "0.6.0" and MANIFEST["device"] != "cpu"
+    assert MANIFEST["op"] == "fla.ops.gla.chunk_gla" and MANIFEST["fixtures"] == fixture_names()
+
+
+def _cases():
+    ops = ["chunk"] if CUDA else ["chunk", "chunk-interpreter", "chunk-mlx"]
+    for name in fixture_names():
+        for op in ops:
+            marks = []
+            if name.endswith("bfloat16") and not CUDA:
+                marks = [pytest.mark.skip(reason="bf16 runs on the GPU's Triton kernels (the interpreter's bf16 "
+                                                 "dots are wrong; the CPU ops compute in fp32)")]
+            yield pytest.param(name, op, marks=marks, id=f"{name}-{op}")
+
+
+def _tensors(name):
+    q, k, v, g, h0, do, dht, cu, dtype = inputs(name)
+    dt = getattr(torch, dtype)
+    dev = "cuda" if CUDA else "cpu"
+    cast = lambda x, d: torch.tensor(x, dtype=torch.float32).to(d).to(dev)  # noqa: E731
+    return [cast(x, dt) for x in (q, k, v, g)] + [cast(h0, torch.float32), cast(do, dt),
+                                                   cast(dht, torch.float32)], cu
+
+
+def run_ours(op, q, k, v, g, h0, do, dht, cu):
+    if op == "chunk-mlx":
+        mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install '.[mlx]')")
+        from regla_mlx.ops import chunk_gla
+
+        (o, ht), grads = mx.vjp(
+            lambda *x: chunk_gla(*x[:4], initial_state=x[4], output_final_state=True, cu_seqlens=cu),
+            [mx.array(x.numpy()) for x in (q, k, v, g, h0)], [mx.array(do.numpy()), mx.array(dht.numpy())])
+        return [np.array(x) for x in (o, ht, *grads)]
+    if op == "chunk-interpreter":
+        from regla_torch.ops.triton import chunk_gla
+    else:
+        from regla_torch.ops import chunk_gla
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=q.device)
+    o, ht = chunk_gla(*leaves[:4], scale=q.shape[-1] ** -0.5, initial_state=leaves[4], output_final_state=True,
+                      cu_seqlens=cu_t)
+    torch.autograd.backward((o, ht), (do, dht))
+    return [x.detach().float().cpu().numpy() for x in (o, ht, *(t.grad for t in leaves))]
+
+
+@pytest.mark.parametrize("name,op", list(_cases()))
+def test_chunk_gla_against_fla(name, op):
+    from safetensors.torch import load_file
+
+    (q, k, v, g, h0, do, dht), cu = _tensors(name)
+    fla = load_file(str(FIXTURES / f"{name}.safetensors"))
+    ref = recurrent_gla_reference(*(x.cpu() for x in (q, k, v, g, h0, do, dht)), scale=q.shape[-1] ** -0.5,
+                                  cu_seqlens=cu)
+    ours = run_ours(op, q, k, v, g, h0, do, dht, cu)
+    dtype = name.rsplit("_", 1)[1]
+    floor = FLOOR[dtype]
+    report, bad = [], []
+    for key, r, x in zip(KEYS, ref, ours):
+        f = fla[key].double().numpy()
+        r = r.numpy()
+        assert x.shape == f.shape == r.shape, key
+        e_fla, e_ours, e_direct = rel_rms(f, r), rel_rms(x, r), rel_rms(x, f)
+        report.append(f"{key}: fla {e_fla:.1e}, ours {e_ours:.1e}, ours vs fla {e_direct:.1e}")
+        c = FACTOR.get((dtype, key), 1.0)
+        if not (e_fla <= FLA_MAX[dtype] and np.isfinite(x).all() and e_ours <= 2 * c * e_fla + floor and e_direct <= 3 * c * e_fla + floor):
+            bad.append(key)
+    print(f"{name} {op}:\n" + "\n".join(report))  # shown with -rP
+    assert not bad, f"{bad} off (rel. RMS against the float64 recurrence):\n" + "\n".join(report)
