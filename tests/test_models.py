@@ -349,4 +349,5 @@ def test_compiled_blocks_of_two_layer_types_in_one_process(monkeypatch):
             loss.backward()
             got[compiled] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
         for a, b in zip(got[True], got[False]):
-            assert rel_rms(a.numpy(), b.numpy()) <= 1e-5, attn_type  # aot_eager: the same kernels
+            # aot_eager runs the traced graph's decomposed ops: fp32 sums in another order
+            assert rel_rms(a.numpy(), b.numpy()) <= 1e-4, attn_type

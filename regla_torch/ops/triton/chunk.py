@@ -45,8 +45,9 @@ def _chunk_rows(cu, cidx, i_t, BT: tl.constexpr):
 
 @triton.jit
 def _op(x, ref, F32OPS: tl.constexpr):
-    """Operand of a fast-path dot: in the input dtype, or fp32 for fp16 inputs (their
-    factors exp(r - b_j) may reach 2^SPAN, past fp16's range)."""
+    """Operand of a fast-path dot: in the input dtype, or fp32 (a tf32 dot) where F32OPS: fp16
+    inputs (their factors exp(r - b_j) may reach 2^SPAN, past fp16's range), and bf16 ones in
+    the backward (see _bwd_intra)."""
     if F32OPS:
         return x.to(tl.float32)
     else:
@@ -453,7 +454,7 @@ def _dqkg_part(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dg, cu, cidx, scale, i_k, 
             b_va = tl.load(v + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
             b_doa = tl.load(do + (rows_a[:, None] * H + i_h) * V + vc[None, :], mask=m_av, other=0.)
             b_hn = b_h.to(tl.float32) * tl.exp2(b_gl)[:, None] + tl.dot(
-                tl.trans(b_kga.to(b_va.dtype)), b_va, input_precision=PREC)
+                tl.trans(_op(b_kga, b_va, F32OPS)), _op(b_va, b_va, F32OPS), input_precision=PREC)
             carry += tl.sum(b_hn * b_dh.to(tl.float32), 1)
             d_a += tl.dot(b_doa, tl.trans(b_va), input_precision=PREC)
             d_qh += tl.dot(b_doa.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
@@ -608,7 +609,7 @@ def _bwd_intra_kernel(q, k, v, gc, gc_lo, h, do, dh, dq, dk, dv, dg, cu, cidx, s
 # 2^30 before an fp32 or bf16 operand overflows, the masked (j > i) entries of the dots stay
 # finite for |q| |k| K < 2^32, and hi alone keeps each factor within 2.7e-6 (fp32 error
 # 5e-7..1.5e-6 against float64 at up to 1.4 bits per token: test_triton_gla's "regla"
-# gates). fp16 operands are fp32 here (F32OPS). Stronger decays take the exact sub-chunk path, which also reads the cumsum's lo
+# gates). fp16 operands are fp32 here (F32OPS; bf16 ones too in the backward). Stronger decays take the exact sub-chunk path, which also reads the cumsum's lo
 # for the channels past 2^-SPAN. Tests set SPAN = -1 to force the exact path.
 SPAN = 96.0
 
@@ -697,6 +698,10 @@ def _bwd_scans(kd, v, qg, do, gcs, h0, dht, scale, ch: Chunks):
 
 
 def _bwd_intra(q, k, v, g, gcs, h, do, dh, scale, ch: Chunks):
+    # bf16 too takes its fast-path dots' decayed operands (q, k scaled by their gate factors, dA)
+    # in fp32, as tf32 dots: rounded to bf16 they left dg 4-5x fla's error against the float64
+    # recurrence (8e-3 against fla's 1.7-2.1e-3, tests/test_fla_op_fixtures.py; dg is a small
+    # remainder of sums of q dq and k dk); tf32 operands (emulated in the interpreter) give 2.2e-3
     _, _, H, K = q.shape
     V = v.shape[-1]
     c = _cfg("intra", K, V)
@@ -707,7 +712,7 @@ def _bwd_intra(q, k, v, g, gcs, h, do, dh, scale, ch: Chunks):
     nv = triton.cdiv(V, c["BV_DV"])
     _bwd_intra_kernel[(nv + triton.cdiv(K, c["BK_QK"]), ch.NT, H)](
         q, k, v, *gcs, h, do, dh, dq, dk, dv, dg, ch.cu, ch.cidx, scale, H=H, K=K, V=V, BT=BT, BC=BC, NV_DV=nv,
-        PREC=dot_precision(q.dtype), SPAN=SPAN, F32OPS=q.dtype == torch.float16, **c)
+        PREC=dot_precision(q.dtype), SPAN=SPAN, F32OPS=q.dtype != torch.float32, **c)
     return dq, dk, dv, dg
 
 
