@@ -698,10 +698,11 @@ def _bwd_scans(kd, v, qg, do, gcs, h0, dht, scale, ch: Chunks):
 
 
 def _bwd_intra(q, k, v, g, gcs, h, do, dh, scale, ch: Chunks):
-    # bf16 too takes its fast-path dots' decayed operands (q, k scaled by their gate factors, dA)
-    # in fp32, as tf32 dots: rounded to bf16 they left dg 4-5x fla's error against the float64
-    # recurrence (8e-3 against fla's 1.7-2.1e-3, tests/test_fla_op_fixtures.py; dg is a small
-    # remainder of sums of q dq and k dk); tf32 operands (emulated in the interpreter) give 2.2e-3
+    # bf16 too takes its fast-path dots' decayed operands (q, k scaled by their gate factors, dA,
+    # and the keys that rebuild the state carried out of a chunk) in fp32, as tf32 dots: rounded
+    # to bf16 they left dg 4-5x fla's error against the float64 recurrence (8e-3 against fla's
+    # 1.7-2.1e-3, tests/test_fla_op_fixtures.py; dg is a small remainder of sums of q dq and k
+    # dk); tf32 operands (emulated in the interpreter) give 2.2e-3
     _, _, H, K = q.shape
     V = v.shape[-1]
     c = _cfg("intra", K, V)
