@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers_fla_ops import run_mlx, run_torch  # noqa: E402
 from regla_torch.ops.naive import recurrent_gla_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -144,34 +145,6 @@ def fla_close(name, ref, got, ratio):
         return
     ratio_got = err.pow(2).mean().sqrt().item() / (ref.pow(2).mean().sqrt().item() + 1e-8)
     assert ratio_got < ratio, f"{name}: rel. RMS {ratio_got:.3e} >= {ratio}"
-
-
-def run_torch(op, q, k, v, g, h0, do, dht, cu):
-    """op: "chunk" / "recurrent" through the dispatching ops (Triton on CUDA, plain torch on
-    CPU), or "chunk-interpreter" / "recurrent-interpreter": the Triton ops on CPU tensors."""
-    if op.endswith("-interpreter"):
-        from regla_torch.ops.triton import chunk_gla, fused_recurrent_gla
-    else:
-        from regla_torch.ops import chunk_gla, fused_recurrent_gla
-    f = fused_recurrent_gla if op.startswith("recurrent") else chunk_gla
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
-    o, ht = f(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu_t)
-    ((o * do).sum() + (ht * dht).sum()).backward()
-    return (o, ht) + tuple(x.grad for x in leaves)
-
-
-def run_mlx(q, k, v, g, h0, do, dht, cu):
-    mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install '.[mlx]')")
-    from regla_mlx.ops import chunk_gla
-    m = lambda x: mx.array(x.cpu().numpy())
-    ins = [m(x) for x in (q, k, v, g, h0)]
-
-    def f(q_, k_, v_, g_, h0_):
-        return chunk_gla(q_, k_, v_, g_, initial_state=h0_, output_final_state=True, cu_seqlens=cu)
-
-    (o, ht), grads = mx.vjp(f, ins, [m(do), m(dht)])
-    return tuple(torch.from_numpy(np.array(x)) for x in (o, ht, *grads))
 
 
 @functools.lru_cache(maxsize=4)

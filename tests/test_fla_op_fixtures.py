@@ -15,6 +15,7 @@ Triton kernels in the interpreter (bf16 dots and rounding mended by conftest: it
 figures to two digits, BENCHMARKS section 1; its tf32 dots are exact fp32, so a bf16 error from
 tf32 rounding shows on the GPU only).
 """
+import functools
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from conftest import rel_rms
-from helpers_fla_ops import fixture_names, inputs
+from helpers_fla_ops import fixture_names, inputs, run_mlx, run_torch
 from regla_torch.ops.naive import recurrent_gla_reference
 
 FIXTURES = Path(__file__).parent / "fixtures" / "fla_ops"
@@ -60,27 +61,6 @@ def _tensors(name):
                                                    cast(dht, torch.float32)], cu
 
 
-def run_ours(op, q, k, v, g, h0, do, dht, cu):
-    if op == "chunk-mlx":
-        mx = pytest.importorskip("mlx.core", reason="MLX is not installed (pip install '.[mlx]')")
-        from regla_mlx.ops import chunk_gla
-
-        (o, ht), grads = mx.vjp(
-            lambda *x: chunk_gla(*x[:4], initial_state=x[4], output_final_state=True, cu_seqlens=cu),
-            [mx.array(x.numpy()) for x in (q, k, v, g, h0)], [mx.array(do.numpy()), mx.array(dht.numpy())])
-        return [np.array(x) for x in (o, ht, *grads)]
-    if op == "chunk-interpreter":
-        from regla_torch.ops.triton import chunk_gla
-    else:
-        from regla_torch.ops import chunk_gla
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=q.device)
-    o, ht = chunk_gla(*leaves[:4], scale=q.shape[-1] ** -0.5, initial_state=leaves[4], output_final_state=True,
-                      cu_seqlens=cu_t)
-    torch.autograd.backward((o, ht), (do, dht))
-    return [x.detach().float().cpu().numpy() for x in (o, ht, *(t.grad for t in leaves))]
-
-
 @pytest.mark.parametrize("name,op", list(_cases()))
 def test_chunk_gla_against_fla(name, op):
     from safetensors.torch import load_file
@@ -89,7 +69,8 @@ def test_chunk_gla_against_fla(name, op):
     fla = load_file(str(FIXTURES / f"{name}.safetensors"))
     ref = recurrent_gla_reference(*(x.cpu() for x in (q, k, v, g, h0, do, dht)), scale=q.shape[-1] ** -0.5,
                                   cu_seqlens=cu)
-    ours = run_ours(op, q, k, v, g, h0, do, dht, cu)
+    run = run_mlx if op == "chunk-mlx" else functools.partial(run_torch, op)
+    ours = [x.detach().float().cpu().numpy() for x in run(q, k, v, g, h0, do, dht, cu)]
     dtype = name.rsplit("_", 1)[1]
     floor = FLOOR[dtype]
     report, bad = [], []
