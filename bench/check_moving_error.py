@@ -27,8 +27,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 if not torch.cuda.is_available():
     import conftest  # noqa: E402,F401  (the interpreter's bf16 mends)
 
-from regla_torch.ops.triton import chunk_gla, fused_recurrent_gla  # noqa: E402
-from test_triton_gla import DEV, grads_ref, make, rel  # noqa: E402
+from test_triton_gla import backward_case, grads_ref, rel  # noqa: E402
 
 CASES = {"chunk-mixed": ("chunk", "mixed"), "recurrent-gla": ("recurrent", "gla"),
          "chunk-weak": ("chunk", "weak"), "chunk-gla": ("chunk", "gla")}
@@ -45,19 +44,14 @@ def worst_row(x, r):
     return "-"
 
 
-def run(op, gates, T=300, K=128, V=128, refs={}):
-    q, k, v, g, h0 = make(2, T, K, V, torch.bfloat16, gates, seed=7 + T)
-    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    f = chunk_gla if op == "chunk" else fused_recurrent_gla
-    o, ht = f(*ins[:4], initial_state=ins[4], output_final_state=True)
-    gen = torch.Generator().manual_seed(1)
-    do = torch.randn(o.shape, generator=gen).to(DEV, torch.bfloat16)
-    dht = torch.randn(ht.shape, generator=gen).to(DEV)
-    ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
-    key = (op, gates)
-    if key not in refs:  # the float64 reference is the slow part: once per case
-        refs[key] = grads_ref(q, k, v, g, h0, do, dht)
-    ro, _, rg = refs[key]
+REFS = {}  # (op, gates, T, K, V) -> the float64 reference: the slow part, made once per case
+
+
+def run(op, gates, T=300, K=128, V=128):
+    ins, o, ref_args = backward_case(op, torch.bfloat16, T, gates, K, V)
+    if (op, gates, T, K, V) not in REFS:
+        REFS[op, gates, T, K, V] = grads_ref(*ref_args)
+    ro, _, rg = REFS[op, gates, T, K, V]
     out = [f"o {rel(o, ro):.2e}"]
     for name, x, r in zip("q k v g h0".split(), ins, rg):
         out.append(f"d{name} {rel(x.grad, r):.2e} [{worst_row(x.grad, r)}]")

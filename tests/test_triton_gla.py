@@ -97,6 +97,21 @@ def test_forward_vs_spec(op, gates, dtype, T, K, V):
     assert rel(ht, rs) <= TOL[dtype]
 
 
+def backward_case(op, dtype, T, gates, K, V):
+    """test_backward_vs_autograd's run of one op: its inputs (with their gradients), its output,
+    and the arguments of grads_ref for the float64 reference (bench/check_moving_error.py reruns
+    these cases)."""
+    q, k, v, g, h0 = make(2, T, K, V, dtype, gates, seed=7 + T)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    f = chunk_gla if op == "chunk" else fused_recurrent_gla
+    o, ht = f(*ins[:4], initial_state=ins[4], output_final_state=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen).to(DEV, dtype)
+    dht = torch.randn(ht.shape, generator=gen).to(DEV)
+    ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+    return ins, o, (q, k, v, g, h0, do, dht)
+
+
 # On the device 32, 64 and 128 wide keys: at K = V = 64 (one value block) Triton 3.6 once
 # miscompiled the bf16 dq/dk/dg kernel (see chunk._cfg); only 128 was tested then, and K = 32
 # (one key block of 32, one value block: small models) has not run there since
@@ -106,16 +121,8 @@ def test_forward_vs_spec(op, gates, dtype, T, K, V):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["chunk", "recurrent"])
 def test_backward_vs_autograd(op, dtype, T, gates, dims):
-    K, V = dims
-    q, k, v, g, h0 = make(2, T, K, V, dtype, gates, seed=7 + T)
-    ins = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    f = chunk_gla if op == "chunk" else fused_recurrent_gla
-    o, ht = f(*ins[:4], initial_state=ins[4], output_final_state=True)
-    gen = torch.Generator().manual_seed(1)
-    do = torch.randn(o.shape, generator=gen).to(DEV, dtype)
-    dht = torch.randn(ht.shape, generator=gen).to(DEV)
-    ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
-    ro, rs, rg = grads_ref(q, k, v, g, h0, do, dht)
+    ins, o, ref_args = backward_case(op, dtype, T, gates, *dims)
+    ro, rs, rg = grads_ref(*ref_args)
     assert rel(o, ro) <= TOL[dtype]
     # bf16/fp16 gradients pass through more rounded products than the output
     tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
@@ -129,24 +136,17 @@ def test_backward_vs_autograd(op, dtype, T, gates, dims):
         assert rel(x.grad, r) <= bound, name
 
 
-def test_one_value_block_takes_key_blocks_of_64():
-    """The launch shape that avoids Triton 3.6's bf16 miscompile on the H200 at K = V = 64 (dk
-    and dg ~1e3 off with key blocks of 32; bench/check_bf16_chunk.py) and at K = 32, V = 64
-    (0.97): the interpreter computes both shapes right, so only the choice itself can be
-    checked off the device."""
+def test_intra_launch_shape_avoids_the_h200_faults():
+    """The backward intra kernel's launch shapes that avoid two Triton 3.6 faults on the H200,
+    both in bf16, both right in the interpreter, so only the choice can be checked off the
+    device: key blocks of 32 with one value block gave dk and dg ~1e3 off at K = V = 64 and 0.97
+    at K = 32, V = 64 (bench/check_bf16_chunk.py); two pipeline stages raced under a loaded GPU
+    at V > 64, dq/dk/dg up to 0.22 off, a different row every run (bench/check_moving_error.py)."""
     from regla_torch.ops.triton.chunk import _cfg
     assert _cfg("intra", 64, 64)["BK_QK"] == 64
     assert _cfg("intra", 32, 64)["BK_QK"] == 64  # half the block masked
     assert _cfg("intra", 128, 64)["BK_QK"] == 64
     assert _cfg("intra", 128, 128)["BK_QK"] == 32  # two value blocks: the shape that ran right
-
-
-def test_backward_intra_kernel_is_not_pipelined():
-    """With two pipeline stages the intra kernel's loop over value blocks (V > 64) raced on the
-    H200 under a loaded GPU: bf16 dq/dk/dg up to 0.22 off, a different row every run, while the
-    same inputs were right alone, under compute-sanitizer and in the interpreter
-    (bench/check_moving_error.py); so, as above, only the launch shape can be checked here."""
-    from regla_torch.ops.triton.chunk import _cfg
     for K, V in ((64, 64), (128, 128), (64, 256)):
         assert _cfg("intra", K, V)["num_stages"] == 1
 
@@ -158,7 +158,7 @@ def test_no_read_of_unwritten_memory(packed, monkeypatch):
     allocator would not) turns non-finite or off the recurrence. Both kernel paths ("mixed"
     gates), plain and packed rows, a short last chunk, an initial state; fp32. (On the H200 a
     bf16 error at K = V = 128 came and went with the load on the GPU: not an unwritten read
-    but a race in the pipelined intra kernel: test_backward_intra_kernel_is_not_pipelined.)"""
+    but a race in the pipelined intra kernel: test_intra_launch_shape_avoids_the_h200_faults.)"""
     from regla_torch.ops.triton import chunk as C
     from regla_torch.ops.naive import recurrent_gla_reference
 

@@ -615,14 +615,10 @@ SPAN = 96.0
 
 # Launch shapes per kernel: caps on the key/value blocks (clipped to the head dims),
 # warps, pipeline stages. bench/bench_ops.py --tune times alternatives. The backward's intra
-# kernel takes one stage: with two, Triton 3.6's pipelined loop over value blocks (V > 64, two
-# or more iterations) gave the H200 a race: under a loaded GPU, bf16 dq/dk/dg of the fast path
-# came out up to 0.22 (rel.) off, in a different (row, head) every run, at K = V = 128, while
-# alone, under compute-sanitizer (racecheck, memcheck: 0 hazards, 0 errors) and in the
-# interpreter they were right (bench/check_moving_error.py --intra-stages 2, BENCHMARKS
-# section 1); with one stage the probe's 24 loaded runs were exact and the file's 147 backward
-# tests passed on 14 workers, and the 350M step lost 3-4% (fla's own figure moved 9% between
-# the same two runs).
+# kernel takes one stage: with two, Triton 3.6 pipelines its loop over value blocks, and on the
+# H200 that raced whenever the loop ran twice or more (V > 64) on a loaded GPU: bf16 dq/dk/dg
+# up to 0.22 off, a different row every run, right alone and under compute-sanitizer
+# (bench/check_moving_error.py --intra-stages 2 brings it back; BENCHMARKS section 1).
 CFG = {
     "scan": dict(BK=64, BV=64, num_warps=4, num_stages=3),
     "o": dict(BK=64, BV=128, num_warps=4, num_stages=2),
