@@ -9,8 +9,8 @@ the block's RMSNorm, the MLP's gate and up (2 x 5632) after its RMSNorm, o (2048
 attention output's per-head RMSNorm times silu(output gate) plus the residual, down (2048 x 5632) of silu(gate) * up plus the residual, and the 32000-row head
 after the final norm; the torch side runs the norm, gating and add as their own kernels. Each shape
 has 24 copies of its weights (one per layer, as in a step: none comes from L2) called back to
-back in one CUDA graph; then a whole step's projections in their order. GB/s counts the weight
-bytes. ``--tune``
+back in one CUDA graph; then a whole step's projections in their order, and the same bytes read
+by one call (no kernel boundaries) and copied once. GB/s counts the weight bytes. ``--tune``
 times launch shapes and prints the best per shape and the best overall.
 """
 import argparse
@@ -103,6 +103,17 @@ def main():
     t_ref, t_our = graph_us(seq(1)) * n, graph_us(seq(0)) * n
     print(f"a step's {n} projections, {nbytes / 1e9:.2f} GB: torch {t_ref:.0f} us ({nbytes / t_ref / 1e3:.0f} GB/s), "
           f"ours {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s)", flush=True)
+    # what the step's reads cost without kernel boundaries: the same bytes as one GEMV of
+    # hidden-wide rows (this kernel's steady rate), and as one device-to-device copy
+    big = torch.randn(nbytes // (2 * 2048), 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(a.rows, 2048, device="cuda", dtype=torch.bfloat16)
+    t_one = graph_us([lambda: gemv.grouped_gemv(x, [big])])
+    dst = torch.empty_like(big)
+    t_copy = graph_us([lambda: dst.copy_(big)])
+    print(f"the same {big.numel() * 2 / 1e9:.2f} GB in one call: ours {t_one:.0f} us "
+          f"({big.numel() * 2 / t_one / 1e3:.0f} GB/s); a copy (read + write) {t_copy:.0f} us "
+          f"({2 * big.numel() * 2 / t_copy / 1e3:.0f} GB/s moved)", flush=True)
+    del big, dst
     if not a.tune:
         return
     space = dict(BN=[4, 8, 16, 32, 64], BK=[256, 512, 1024, 2048], num_warps=[4, 8], num_stages=[1])

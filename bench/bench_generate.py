@@ -9,7 +9,8 @@ Random bf16 weights of a model of fla's gla-1.3B shape (hidden 2048, 24 layers, 
 expand_k 0.5) with each attention type. Tokens/s = batch * new tokens / time of the decode steps (prefill excluded:
 fla's figure is generate(n) minus generate(1)). The graph columns feed each step's argmax
 straight back on the GPU; "stream_tokens" is the library's generation loop (what ``regla
-generate`` and chat run: the token goes to the host every step), timed from its 8th token
+generate`` and chat run: every token goes to the host, the next step queued before it
+arrives), timed from its 8th token
 to its last (the prefill and the graph's capture, paid once a turn, left out). The bandwidth
 bound reads every weight once per step: bytes of the parameters / 4.3 TB/s.
 """

@@ -119,9 +119,16 @@ class GraphStep:
 def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
     """Token ids from the PyTorch model, one cached step each (O(1) per token for linear layers).
 
-    Sampling is transformers' own logits processors; the last yielded token is *not* fed to the
-    cache yet (the caller prepends it to the next input), so a stop costs no extra step. On
-    CUDA the one-token step of an all-linear model runs as a CUDA graph (``GraphStep``).
+    Sampling is transformers' own logits processors, run where the logits are. On CUDA the
+    one-token step of an all-linear model runs as a CUDA graph (``GraphStep``) one token ahead:
+    the sampled token goes into the next step's input on the GPU and that step is queued before
+    the token reaches the host, so the host's work per token (the copy, the stop checks, the
+    caller's streaming) overlaps the GPU's next step instead of leaving it idle between steps.
+
+    What the cache has read when the loop ends: never the token that reaches ``max_tokens``
+    (nothing runs ahead of it); on the graph path, the last yielded token in every other case
+    (an ``eos``, or the caller stopping); on the others, never the last yielded token.
+    ``cache.seen_tokens`` counts what it has read, so a caller feeds the rest next time.
     """
     import torch
     from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
@@ -139,27 +146,44 @@ def stream_tokens(model, ids, cache, max_tokens, sampling, eos=(), context=()):
             procs.append(MinPLogitsWarper(sampling["min_p"]))
     device = next(model.parameters()).device
     recent = list(context) + list(ids)
-    x = torch.tensor([list(ids)], device=device)
-    step = None
-    for i in range(max_tokens):
-        if step is not None:
-            logits = step(x).float()
-        else:
-            with torch.no_grad():
-                logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    if max_tokens < 1:
+        return
+
+    def sample(logits):  # [1, 1] on the device; no host sync (multinomial checks asynchronously)
+        logits = logits.float()
         # the same 20-token window mlx-lm's repetition penalty looks at
         scores = procs(torch.tensor([recent[-20:]], device=device), logits) if procs else logits
         if temp > 0:
-            tok = int(torch.multinomial(torch.softmax(scores, -1), 1))
+            return torch.multinomial(torch.softmax(scores, -1), 1)
+        return scores.argmax(-1, keepdim=True)
+
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids)], device=device), cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    step = None
+    host = torch.empty(1, 1, dtype=torch.long, pin_memory=device.type == "cuda")
+    for i in range(max_tokens):
+        x = sample(logits)
+        last = i + 1 == max_tokens
+        if step is None and not last and GraphStep.supported(model, cache):
+            step = GraphStep(model, cache, 1)
+        if step is not None:
+            host.copy_(x, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            if not last:
+                logits = step(x)  # queued behind the copy: the GPU goes on while the host waits
+            copied.synchronize()
+            tok = int(host)
         else:
-            tok = int(scores.argmax(-1))
+            tok = int(x)
         yield tok
-        if tok in eos:
+        if tok in eos or last:
             return
         recent.append(tok)
-        x = torch.tensor([[tok]], device=device)
-        if step is None and i + 1 < max_tokens and GraphStep.supported(model, cache):
-            step = GraphStep(model, cache, 1)
+        if step is None:
+            with torch.no_grad():
+                logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 class ChatSession:
@@ -262,9 +286,9 @@ class ChatSession:
         text = self.tokenizer.decode([t for t in gen if t not in self.eos], skip_special_tokens=True)
         n = len(gen) - (1 if stop else 0)
         if message is not None:
-            # the cache now holds everything but the last sampled token (or, after Ctrl-C, none of
-            # this turn): what it lacks is fed first next turn
-            self.pending = feed + gen if interrupted else gen[-1:]
+            # what the cache has not read of this turn (after Ctrl-C: all of it; otherwise none
+            # or the last token, see stream_tokens) is fed first next turn
+            self.pending = (feed + gen)[self.cache.seen_tokens - snap[1]:]
             self.seen += ids + gen
             self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
             self.consumed = consumed + text + ((self.tokenizer.eos_token or "") if stop else "")

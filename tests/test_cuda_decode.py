@@ -61,6 +61,35 @@ def test_compiled_graph_decode_equals_eager_fp32(attn_type):
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+def test_graph_loop_runs_one_step_ahead():
+    """On the graph path the loop queues the step that reads a token before the host sees it:
+    stopped by an eos, the cache has read the eos (and equals the eager cache that read it);
+    stopped by the caller it has too; stopped by max_tokens it has not; sampling (temp > 0) runs the same loop."""
+    model = tiny("regla", torch.float32)
+    prompt = [3, 17, 99, 5, 200, 42, 7]
+    ref, _ = eager(model, prompt, 40)
+    stop = ref[10]
+    n = ref.index(stop) + 1
+    _, read_stop = eager(model, prompt, n + 1)  # has read the first n tokens
+    cache = model.make_cache()
+    got = list(stream_tokens(model, prompt, cache, 40, {"temp": 0.0}, eos={stop}))
+    assert got == ref[:n] and cache.seen_tokens == len(prompt) + n
+    for a, b in zip(cache.states, read_stop.states):
+        for x, y in zip(a, b):
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    cache = model.make_cache()
+    loop = stream_tokens(model, prompt, cache, 40, {"temp": 0.0})
+    first = [next(loop) for _ in range(5)]
+    loop.close()  # the caller stops reading: the fifth token's step is already queued
+    assert first == ref[:5] and cache.seen_tokens == len(prompt) + 5
+    cache = model.make_cache()
+    torch.manual_seed(5)
+    got = list(stream_tokens(model, prompt, cache, 30, {"temp": 1.0, "top_p": 0.9, "repetition_penalty": 1.2}))
+    assert len(got) == 30 and all(0 <= t < 256 for t in got) and len(set(got)) > 3
+    assert cache.seen_tokens == len(prompt) + 29
+
+
 def teacher_forced(model, prompt, tokens, compile):
     """Per-step logits [steps, vocab] and the final states, feeding ``tokens`` one by one
     through eager steps (compile None) or a GraphStep."""
