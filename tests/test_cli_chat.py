@@ -102,8 +102,8 @@ def test_torch_session_keeps_the_same_conversation_state_as_mlx(model_dirs):
     for msg in ["hello there", "what is the capital of france?", "the cat sat"]:
         a, b = ts.ask(msg), ms.ask(msg)
         assert a.text == b.text and a.tokens == b.tokens
-    # the cache read the whole conversation exactly once: as long as the tokens seen minus the
-    # last sampled token, which waits to be fed with the next turn
+    # the cache read the whole conversation exactly once: as long as the tokens seen minus those
+    # waiting to be fed with the next turn (here, off CUDA, the last sampled token)
     assert ts.cache.seen_tokens == len(ts.seen) - len(ts.pending)
 
 

@@ -1,0 +1,191 @@
+"""Experiment for #20's decode bar: do the GEMVs' kernel boundaries go away in one persistent
+kernel with a grid-wide barrier between dependent products?
+
+    python bench/bench_gemv_chain.py              # H200: times, one CUDA graph of 24 layers
+    python bench/bench_gemv_chain.py --cpu-check  # here: the kernel in Triton's interpreter
+
+`bench_gemv.py` measured a decode step's 2.60 GB of projection weights at 1,078 us in its 97
+launches and 600 us in one launch of the same kernel (4.33 TB/s): about 4.9 us lost at every
+kernel boundary (ramp-up, tail, launch). This times the smallest case of the fix, a layer's MLP
+at batch 1 (gate+up of the RMSNorm'd row, then down of silu(gate) * up plus the residual; 1.3B
+shape: hidden 2048, intermediate 5632, 69 MB of weights), three ways, each over 24 layers' own
+weights in one CUDA graph:
+
+- ``two launches``: the library's decode path (`grouped_gemv` twice, as `MLP` calls it);
+- ``chain``: one persistent kernel, all programs resident (SMs x the occupancy the compiled
+  kernel allows), each taking row blocks of gate+up, then a grid barrier (a CTA barrier, one
+  release add and acquire spin per program on a counter in global memory), then row blocks of
+  down, reading gate+up's output past L1 (``.cg``);
+- ``chain + L2 prefetch``: the same, each program first asking L2 for its first down block's
+  weights before it waits at the barrier.
+
+In the interpreter programs run one after another, so a barrier with more than one program never
+opens: ``--cpu-check`` runs one program (the barrier and the counters' reset still execute).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if "--cpu-check" in sys.argv:  # read when the kernel is decorated
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+HIDDEN, INTER, LAYERS = 2048, 5632, 24
+
+
+@triton.jit
+def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
+                      BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
+                      KP: tl.constexpr, PREFETCH: tl.constexpr):
+    """One row x [K]: gu = rmsnorm(x) @ w1.T (w1 = [gate; up], [2I, K]); grid barrier;
+    y = x + (silu(gate) * up) @ wd.T (wd [K, I]). Program pid takes row blocks pid, pid + NPROG,
+    ... of each stage; all NPROG programs must be resident at once."""
+    pid = tl.program_id(0)
+    rk = tl.arange(0, KP)
+    b_x = tl.load(x + rk, mask=rk < K, other=0.).to(tl.float32)
+    r = tl.rsqrt(tl.sum(b_x * b_x) / K + eps)
+    N1 = 2 * I
+    for blk in range(pid, tl.cdiv(N1, BN1), NPROG):
+        rn = blk * BN1 + tl.arange(0, BN1)
+        mn = rn < N1
+        acc = tl.zeros([BN1, BK1], dtype=tl.float32)
+        for k0 in range(0, K, BK1):
+            ck = k0 + tl.arange(0, BK1)
+            mk = ck < K
+            b_w = tl.load(w1 + rn[:, None].to(tl.int64) * K + ck[None, :], mask=mn[:, None] & mk[None, :], other=0.)
+            b_h = tl.load(x + ck, mask=mk, other=0.).to(tl.float32) * tl.load(nw + ck, mask=mk, other=0.).to(tl.float32)
+            acc += b_w.to(tl.float32) * b_h[None, :]
+        tl.store(gu + rn, (tl.sum(acc, 1) * r).to(gu.dtype.element_ty), mask=mn)
+    if PREFETCH:  # 128-byte lines of this program's first down block, into L2
+        rn = pid * BN2 + tl.arange(0, BN2)
+        lines = tl.arange(0, KP // 64) * 64
+        p = wd + rn[:, None].to(tl.int64) * I + lines[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    # grid barrier (Triton puts a CTA barrier before the release and after the acquire)
+    tl.atomic_add(cnt, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    while seen < NPROG:
+        seen = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
+    for blk in range(pid, tl.cdiv(K, BN2), NPROG):
+        rn = blk * BN2 + tl.arange(0, BN2)
+        mn = rn < K
+        acc = tl.zeros([BN2, BK2], dtype=tl.float32)
+        for k0 in range(0, I, BK2):
+            ck = k0 + tl.arange(0, BK2)
+            mk = ck < I
+            b_w = tl.load(wd + rn[:, None].to(tl.int64) * I + ck[None, :], mask=mn[:, None] & mk[None, :], other=0.)
+            b_g = tl.load(gu + ck, mask=mk, other=0., cache_modifier=".cg").to(tl.float32)
+            b_u = tl.load(gu + I + ck, mask=mk, other=0., cache_modifier=".cg").to(tl.float32)
+            acc += b_w.to(tl.float32) * (b_g * tl.sigmoid(b_g) * b_u)[None, :]
+        b_y = tl.sum(acc, 1) + tl.load(x + rn, mask=mn, other=0.).to(tl.float32)
+        tl.store(y + rn, b_y.to(y.dtype.element_ty), mask=mn)
+    # the last program out resets the counters for the next launch: every program has passed
+    # the barrier by the time it counts itself out
+    if tl.atomic_add(cnt + 1, 1, sem="acq_rel", scope="gpu") == NPROG - 1:
+        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt + 1, 0, sem="relaxed", scope="gpu")
+
+
+def reference(x, nw, w1, wd):
+    import torch.nn.functional as F
+
+    h = F.rms_norm(x.float(), (x.shape[-1],), nw.float(), 1e-6)
+    g, u = (h @ w1.float().T).chunk(2, -1)
+    return x.float() + (F.silu(g) * u) @ wd.float().T
+
+
+def chain(x, nw, w1, wd, gu, y, cnt, nprog, cfg, prefetch):
+    _mlp_chain_kernel[(nprog,)](x, nw, w1, wd, gu, y, cnt, x.shape[-1], wd.shape[1], 1e-6, nprog,
+                                KP=triton.next_power_of_2(x.shape[-1]), PREFETCH=prefetch, **cfg)
+    return y
+
+
+def resident_programs(cfg, args, num_warps):
+    """Programs of this launch shape one SM holds at once, from the compiled kernel's registers
+    and shared memory (the barrier deadlocks if any program waits for a slot)."""
+    k = _mlp_chain_kernel.warmup(*args, grid=(1,), KP=triton.next_power_of_2(HIDDEN), PREFETCH=False,
+                                 num_warps=num_warps, **{n: v for n, v in cfg.items() if n != "num_warps"})
+    k._init_handles()
+    props = torch.cuda.get_device_properties(0)
+    threads = 32 * num_warps
+    by_regs = 65536 // ((k.n_regs + 7) // 8 * 8 * threads)  # registers are given out in 8s a thread
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    by_smem = smem // max(k.metadata.shared, 1)
+    return max(1, min(by_regs, by_smem, 2048 // threads)), k.n_regs, k.metadata.shared
+
+
+def cpu_check():
+    torch.manual_seed(0)
+    K, I = 256, 704
+    x, nw = torch.randn(1, K), torch.rand(K) + 0.5
+    w1, wd = torch.randn(2 * I, K) / K ** 0.5, torch.randn(K, I) / I ** 0.5
+    gu, y, cnt = torch.empty(2 * I), torch.empty(1, K), torch.zeros(2, dtype=torch.int32)
+    for _ in range(2):  # twice: the first launch must leave the counters at zero
+        chain(x, nw, w1, wd, gu, y, cnt, 1, dict(BN1=32, BK1=128, BN2=4, BK2=256), False)
+        err = float((y - reference(x, nw, w1, wd)).abs().max())
+        print(f"interpreter, one program: max abs error {err:.1e}, counters {cnt.tolist()}")
+        assert err < 1e-4 and cnt.tolist() == [0, 0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-check", action="store_true")
+    a = ap.parse_args()
+    if a.cpu_check:
+        return cpu_check()
+    from bench_gemv import graph_us
+
+    from regla_torch.ops.triton.gemv import grouped_gemv
+
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(1, HIDDEN, device=dev, dtype=bf)
+    nw = torch.rand(HIDDEN, device=dev, dtype=bf) + 0.5
+    layers = [(torch.randn(2 * INTER, HIDDEN, device=dev, dtype=bf) / HIDDEN ** 0.5,
+               torch.randn(HIDDEN, INTER, device=dev, dtype=bf) / INTER ** 0.5) for _ in range(LAYERS)]
+    nbytes = sum(w1.numel() + wd.numel() for w1, wd in layers) * 2 / LAYERS
+    ref = reference(x, nw, *layers[0])
+    rel = lambda o: float((o.float() - ref).norm() / ref.norm())  # noqa: E731
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs; a layer's MLP at batch 1, {nbytes / 1e6:.1f} MB; "
+          f"us per layer, {LAYERS} layers' weights back to back in one CUDA graph", flush=True)
+
+    def two(w1, wd):
+        gu = grouped_gemv(x, [w1[:INTER], w1[INTER:]], nw, 1e-6)
+        return grouped_gemv(gu, [wd], None, 1e-6, True, x)
+    # the library's path stores gate and up as two weights; here as slices of one (contiguous)
+    t = graph_us([lambda w=w: two(*w) for w in layers])
+    print(f"two launches (grouped_gemv x 2): {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err "
+          f"{rel(two(*layers[0])):.1e}", flush=True)
+    gu = torch.empty(2 * INTER, device=dev, dtype=bf)
+    y = torch.empty(1, HIDDEN, device=dev, dtype=bf)
+    cnt = torch.zeros(2, device=dev, dtype=torch.int32)
+    shapes = [dict(BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, num_warps=nw_)
+              for BN1, BK1 in ((16, 512), (32, 256), (8, 1024)) for BN2, BK2 in ((4, 2048), (8, 1024), (2, 4096))
+              for nw_ in (4, 8)]
+    best = None
+    for cfg in shapes:
+        # NPROG as launched (a 1 would be specialized into another kernel)
+        args = (x, nw, layers[0][0], layers[0][1], gu, y, cnt, HIDDEN, INTER, 1e-6, sms)
+        occ, regs, smem = resident_programs(cfg, args, cfg["num_warps"])
+        for per_sm in sorted({1, 2, occ} & set(range(1, occ + 1))):
+            nprog = sms * per_sm
+            for prefetch in (False, True):
+                out = chain(x, nw, *layers[0], gu, y, cnt, nprog, cfg, prefetch)
+                torch.cuda.synchronize()
+                err = rel(out)
+                t = graph_us([lambda w=w: chain(x, nw, *w, gu, y, cnt, nprog, cfg, prefetch) for w in layers])
+                tag = f"{cfg} x{per_sm}/SM (of {occ}; {regs} regs, {smem} B smem){' + L2 prefetch' if prefetch else ''}"
+                print(f"chain {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}", flush=True)
+                if err < 1e-2 and (best is None or t < best[0]):
+                    best = (t, tag)
+    print(f"BEST chain: {best[1]}: {best[0]:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
