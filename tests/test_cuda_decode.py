@@ -64,7 +64,8 @@ def test_compiled_graph_decode_equals_eager_fp32(attn_type):
 def test_graph_loop_runs_one_step_ahead():
     """On the graph path the loop queues the step that reads a token before the host sees it:
     stopped by an eos, the cache has read the eos (and equals the eager cache that read it);
-    stopped by the caller it has too; stopped by max_tokens it has not; sampling (temp > 0) runs the same loop."""
+    stopped by the caller it has too; stopped by max_tokens it has not; sampling (temp > 0)
+    runs the same loop."""
     model = tiny("regla", torch.float32)
     prompt = [3, 17, 99, 5, 200, 42, 7]
     ref, _ = eager(model, prompt, 40)
