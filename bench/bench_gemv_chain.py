@@ -40,7 +40,7 @@ HIDDEN, INTER, LAYERS = 2048, 5632, 24
 @triton.jit
 def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
                       BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
-                      KP: tl.constexpr, PREFETCH: tl.constexpr):
+                      KP: tl.constexpr, IP: tl.constexpr, PREFETCH: tl.constexpr):
     """One row x [K]: gu = rmsnorm(x) @ w1.T (w1 = [gate; up], [2I, K]); grid barrier;
     y = x + (silu(gate) * up) @ wd.T (wd [K, I]). Program pid takes row blocks pid, pid + NPROG,
     ... of each stage; all NPROG programs must be resident at once."""
@@ -60,9 +60,9 @@ def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
             b_h = tl.load(x + ck, mask=mk, other=0.).to(tl.float32) * tl.load(nw + ck, mask=mk, other=0.).to(tl.float32)
             acc += b_w.to(tl.float32) * b_h[None, :]
         tl.store(gu + rn, (tl.sum(acc, 1) * r).to(gu.dtype.element_ty), mask=mn)
-    if PREFETCH:  # 128-byte lines of this program's first down block, into L2
-        rn = pid * BN2 + tl.arange(0, BN2)
-        lines = tl.arange(0, KP // 64) * 64
+    if PREFETCH:  # 128-byte lines of this program's first down block, into L2 (clamped in range)
+        rn = tl.minimum(pid * BN2 + tl.arange(0, BN2), K - 1)
+        lines = tl.minimum(tl.arange(0, IP // 64) * 64, I - 1)
         p = wd + rn[:, None].to(tl.int64) * I + lines[None, :]
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
                                   is_pure=False, pack=1)
@@ -101,22 +101,26 @@ def reference(x, nw, w1, wd):
 
 def chain(x, nw, w1, wd, gu, y, cnt, nprog, cfg, prefetch):
     _mlp_chain_kernel[(nprog,)](x, nw, w1, wd, gu, y, cnt, x.shape[-1], wd.shape[1], 1e-6, nprog,
-                                KP=triton.next_power_of_2(x.shape[-1]), PREFETCH=prefetch, **cfg)
+                                KP=triton.next_power_of_2(x.shape[-1]), IP=triton.next_power_of_2(wd.shape[1]),
+                                PREFETCH=prefetch, **cfg)
     return y
 
 
-def resident_programs(cfg, args, num_warps):
-    """Programs of this launch shape one SM holds at once, from the compiled kernel's registers
-    and shared memory (the barrier deadlocks if any program waits for a slot)."""
-    k = _mlp_chain_kernel.warmup(*args, grid=(1,), KP=triton.next_power_of_2(HIDDEN), PREFETCH=False,
-                                 num_warps=num_warps, **{n: v for n, v in cfg.items() if n != "num_warps"})
-    k._init_handles()
+def resident_programs(cfg, args):
+    """Programs of this launch shape one SM holds at once, from the compiled kernels' registers
+    and shared memory, the fewer of the two variants (the barrier deadlocks if any program
+    waits for a slot)."""
     props = torch.cuda.get_device_properties(0)
-    threads = 32 * num_warps
-    by_regs = 65536 // ((k.n_regs + 7) // 8 * 8 * threads)  # registers are given out in 8s a thread
     smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    by_smem = smem // max(k.metadata.shared, 1)
-    return max(1, min(by_regs, by_smem, 2048 // threads)), k.n_regs, k.metadata.shared
+    threads = 32 * cfg["num_warps"]
+    fits, regs, shared = 2048 // threads, 0, 0
+    for prefetch in (False, True):
+        k = _mlp_chain_kernel.warmup(*args, grid=(1,), KP=triton.next_power_of_2(HIDDEN),
+                                     IP=triton.next_power_of_2(INTER), PREFETCH=prefetch, **cfg)
+        k._init_handles()
+        regs, shared = max(regs, k.n_regs), max(shared, k.metadata.shared)
+    by_regs = 65536 // ((regs + 7) // 8 * 8 * threads)  # registers are given out in 8s a thread
+    return max(1, min(fits, by_regs, smem // max(shared, 1))), regs, shared
 
 
 def cpu_check():
@@ -172,7 +176,7 @@ def main():
     for cfg in shapes:
         # NPROG as launched (a 1 would be specialized into another kernel)
         args = (x, nw, layers[0][0], layers[0][1], gu, y, cnt, HIDDEN, INTER, 1e-6, sms)
-        occ, regs, smem = resident_programs(cfg, args, cfg["num_warps"])
+        occ, regs, smem = resident_programs(cfg, args)
         for per_sm in sorted({1, 2, occ} & set(range(1, occ + 1))):
             nprog = sms * per_sm
             for prefetch in (False, True):
