@@ -79,8 +79,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--stages", type=int, nargs="+", default=[1], help="pipeline stages --tune tries")
+    ap.add_argument("--sweeps", type=int, default=2, choices=[1, 2], help="--tune's passes (2: opposite orders)")
     a = ap.parse_args()
-    from regla_torch.ops.triton import gemv
+    from regla_torch.ops.triton import _common, gemv
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, rows {a.rows}; us per call, each call "
           f"on its own copy of the weights ({LAYERS} copies, replayed as one CUDA graph)")
     cases = {}
@@ -100,9 +102,25 @@ def main():
     seq = lambda side: [cases[n][side][i] for i in range(LAYERS) for n in order] + [cases["head"][side][0]]
     nbytes = LAYERS * sum(cases[n][2] for n in order) + cases["head"][2]
     n = len(seq(0))
-    t_ref, t_our = graph_us(seq(1)) * n, graph_us(seq(0)) * n
-    print(f"a step's {n} projections, {nbytes / 1e9:.2f} GB: torch {t_ref:.0f} us ({nbytes / t_ref / 1e3:.0f} GB/s), "
-          f"ours {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s)", flush=True)
+    t_ref = graph_us(seq(1)) * n
+    print(f"a step's {n} projections, {nbytes / 1e9:.2f} GB: torch {t_ref:.0f} us ({nbytes / t_ref / 1e3:.0f} GB/s)",
+          flush=True)
+    # ours with each launch plain, and with programmatic dependent launch (each GEMV starts
+    # while the one before finishes; the default where the GPU has it)
+    for pdl, tag in ((False, "plain launches"), (True, "PDL")):
+        if pdl and not _common.pdl_supported(torch.device("cuda")):
+            print(f"  ours, {tag}: not supported here", flush=True)
+            continue
+        _common.PDL = pdl
+        t_our = graph_us(seq(0)) * n
+        errs = []
+        for name in order + ["head"]:
+            ours, ref, _ = cases[name]
+            r, o = ref[0]().float(), ours[0]().float()
+            errs.append(((o - r).norm() / r.norm()).item())
+        print(f"  ours, {tag}: {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s), max rel err {max(errs):.1e}",
+              flush=True)
+    _common.PDL = None
     # what the step's reads cost without kernel boundaries: the same bytes as one GEMV of
     # hidden-wide rows (this kernel's steady rate), and as one device-to-device copy
     big = torch.randn(nbytes // (2 * 2048), 2048, device="cuda", dtype=torch.bfloat16)
@@ -116,11 +134,11 @@ def main():
     del big, dst
     if not a.tune:
         return
-    space = dict(BN=[4, 8, 16, 32, 64], BK=[256, 512, 1024, 2048], num_warps=[4, 8], num_stages=[1])
+    space = dict(BN=[4, 8, 16, 32, 64], BK=[256, 512, 1024, 2048], num_warps=[4, 8], num_stages=a.stages)
     total = {}
     default = list(gemv.CFGS)
     configs = list(itertools.product(*space.values()))
-    for sweep in (configs, configs[::-1]):  # twice, in opposite orders: keep each one's best
+    for sweep in (configs, configs[::-1])[:a.sweeps]:  # twice, in opposite orders: keep each one's best
         for vals in sweep:
             cfg = dict(zip(space.keys(), vals))
             gemv.CFGS[:] = [(lambda N, K: True, cfg)]

@@ -19,6 +19,10 @@ weights in one CUDA graph:
 - ``chain + L2 prefetch``: the same, each program first asking L2 for its first down block's
   weights before it waits at the barrier.
 
+Result on the H200 (2026-12-03, BENCHMARKS section 1, "ninth session"): best chain 25.1 us a
+layer against 26.4 us for the two launches, over 45 launch shapes; the prefetch made no real
+difference. Too few programs are resident to keep the reads in flight that the one-call rate needs.
+
 In the interpreter programs run one after another, so a barrier with more than one program never
 opens: ``--cpu-check`` runs one program (the barrier and the counters' reset still execute).
 """

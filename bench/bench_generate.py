@@ -122,12 +122,16 @@ def main():
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--profile", action="store_true", help="print the kernels of one compiled step")
     p.add_argument("--fla-configs", type=int, default=3, help="autotune configs kept per fla kernel")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch the decode kernels plainly (default: programmatic dependent launch where the GPU has it)")
     a = p.parse_args()
+    from regla_torch.ops.triton import _common
+    _common.PDL = False if a.no_pdl else None
     from regla_torch.train import PRESETS
     cfg_kw = {k: v for k, v in PRESETS[a.preset].items() if k != "tie_word_embeddings"}
     cfg_kw.update(vocab_size=32000, expand_k=0.5)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GLA {a.preset}, prompt {a.prompt}, "
-          f"{a.new} new tokens, bf16, greedy", flush=True)
+          f"{a.new} new tokens, bf16, greedy, PDL {'off' if a.no_pdl else 'where supported'}", flush=True)
     print("| attn_type | batch | eager tok/s | CUDA graph tok/s | compiled + graph tok/s "
           "| stream_tokens tok/s | bound tok/s |")
     print("|---|---|---|---|---|---|---|")

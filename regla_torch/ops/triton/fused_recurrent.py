@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Chunks, chunks, next_pow2
+from ._common import Chunks, chunks, gdc_launch_dependents, gdc_wait, next_pow2, use_pdl
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _fused_recurrent_fwd_kernel(q, k, v, gk, gv, o, h0, ht, cu, scale,
 @triton.jit
 def _step_kernel(q, k, v, g, state, o, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr):
+                 BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kc = tl.arange(0, BK)
     vc = i_v * BV + tl.arange(0, BV)
@@ -61,7 +61,12 @@ def _step_kernel(q, k, v, g, state, o, scale,
     mv = vc < V
     m_kv = mk[:, None] & mv[None, :]
     p_s = state + i_bh * K * V + kc[:, None] * V + vc[None, :]
+    # the state was last written by this kernel a step ago: complete before this launch even
+    # under PDL (_common.PDL), so it loads before the wait for q, k, v, g
     b_h = tl.load(p_s, mask=m_kv, other=0.).to(tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
     b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
     b_g = tl.load(g + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
@@ -320,6 +325,7 @@ def fused_recurrent_gla_step_(q, k, v, g, state, scale=None, out=None):
         out = torch.empty(*v.shape, device=v.device, dtype=v.dtype)
     BK, BV = _bv(K, V)
     BV = min(BV, 32)  # decode is state-bandwidth bound: more, smaller programs
+    pdl = use_pdl(q.device)
     _step_kernel[(triton.cdiv(V, BV), B * H)](q, k, v, g, state, out, scale, H=H, K=K, V=V,
-                                             BK=BK, BV=BV, num_warps=4)
+                                             BK=BK, BV=BV, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import gdc_launch_dependents, gdc_wait, use_pdl
+
 MAX_GROUPS = 6
 MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
 
@@ -36,7 +38,8 @@ MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
 def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, gt, GS, M, K, XS, NY, eps,
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                 HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr):
+                 HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr,
+                 PDL: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
     pid = tl.program_id(0)
@@ -68,6 +71,9 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
     rm = tl.arange(0, BM)
     mn = rn < n_g
     mm = rm < M
+    if PDL:  # launched while the previous kernel finishes (_common.PDL): x comes from it
+        gdc_wait()
+        gdc_launch_dependents()
     # products accumulate elementwise and are reduced once at the end: the loop is only
     # loads and multiply-adds, so the next block's loads can issue while this one computes
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
@@ -166,8 +172,9 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     nw = x if norm_weight is None else norm_weight.contiguous()
     res = x if residual is None else residual.contiguous()
     gt = x if gate is None else gate
+    pdl = use_pdl(x.device)
     _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
                        NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
                        HEAD=head_dim, HEAD_W=bool(head_dim) and norm_weight is not None,
-                       GATE=gate is not None, **c)
+                       GATE=gate is not None, PDL=pdl, launch_pdl=pdl, **c)
     return y
