@@ -19,9 +19,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from regla import layer_math as lm
 from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
-from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla
+from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla, gated_decode_step_
 from .ops.linear import HeadNormGate, RMSNorm, fused, linear, norm_linear, project, project_add
-from .ops.utils import segment_ids
+from .ops.utils import segment_ids, use_triton
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
 # name this version's generate() reads back.
@@ -277,9 +277,17 @@ class LinearAttention(_Mixer):
         S0, m0, *conv0 = (None, None) if state is None else state
         q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache, mask)
         q, k, v = q.view(B, T, -1, Kd), k.view(B, T, -1, Kd), v.view(B, T, -1, Vd)
+        out_gate = rest[-1] if a.use_output_gate else None
+        decode = T == 1 and S0 is not None and use_cache and not torch.is_grad_enabled()
+        if decode and self._gated_step_ok(q, m0, mask):
+            # the gate's second factor, refinement, clamp and key map inside the step kernel
+            o, m_last = gated_decode_step_(
+                q, k, v, rest[0], gates[0][1].weight, gates[0][1].bias, S0, a.scale, a.gate_logit_normalizer,
+                a.clamp_min, *((rest[1], gates[1][1].weight, gates[1][1].bias) if a.use_refining_gate else ()),
+                m=m0)
+            return self._output(o, out_gate, h), (S0, m_last, *conv) if use_cache else None
         z = [(linear(r, m[1].weight, m[1].bias) if low else r + m.bias).float().view(B, T, -1, Kd)
              for m, r in zip(gates, rest)]
-        out_gate = rest[-1] if a.use_output_gate else None
         z_r = z[1] if a.use_refining_gate else None
         if a.feature_map == "safe_exp" and cu_seqlens is not None and m0 is not None:
             # packed sequences carrying states in (rare): the running max segment by segment
@@ -298,17 +306,28 @@ class LinearAttention(_Mixer):
         # the kernels take one dtype for q, k and v: the projections' (compute) dtype, so
         # training stays on bf16 tensor cores. phi values lie in (0, 1]: bf16 holds them well.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        if T == 1 and S0 is not None and use_cache and not torch.is_grad_enabled():
-            # decode: the state is updated in place, so a step allocates no state (CUDA graphs)
+        if decode:
+            # the state is updated in place, so a step allocates no state (CUDA graphs)
             o, S = decode_step_(q, k, v, g, S0, a.scale), S0
         else:
             op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
             o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
+        return self._output(o, out_gate, h), (S, m_last, *conv) if use_cache else None
+
+    def _gated_step_ok(self, q, m0, mask):
+        """Whether a decode step can run as one ``gated_decode_step_``: the Triton kernel (CUDA),
+        low-rank gates, one query head per key head, the identity or safe-exp map (with its
+        running max carried in), no padding."""
+        a = self.args
+        return (use_triton(q) and a.gate_low_rank_dim > 0 and a.num_kv_groups == 1 and mask is None
+                and (a.feature_map == "identity" or (a.feature_map == "safe_exp" and m0 is not None)))
+
+    def _output(self, o, out_gate, h):
         # the per-head norm and the output gate: recomputed in the backward, folded into the
         # o projection's GEMV at decode (see project_add)
+        a = self.args
         norm = getattr(self, a.norm_name) if a.attn_norm != "none" else None
-        return (project_add(o, self.o_proj.weight, h, pre=HeadNormGate(norm, out_gate)),
-                (S, m_last, *conv) if use_cache else None)
+        return project_add(o, self.o_proj.weight, h, pre=HeadNormGate(norm, out_gate))
 
 
 class GatedSlotAttention(_Mixer):

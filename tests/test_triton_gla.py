@@ -19,8 +19,9 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from regla import spec  # noqa: E402
+from regla import layer_math as lm  # noqa: E402
 from regla_torch.ops.triton import (  # noqa: E402
-    chunk_gla, fused_recurrent_gla, fused_recurrent_gla_step_)
+    chunk_gla, fused_recurrent_gated_step_, fused_recurrent_gla, fused_recurrent_gla_step_)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -362,6 +363,90 @@ def test_decode_step_in_place(dtype):
                                 initial_state=h0.cpu().numpy())
     assert rel(torch.cat(outs, 1), ro) <= TOL[dtype]
     assert rel(state, rs) <= 1e-5
+
+
+# every gate kind and range in fp32; half precision with ReGLA's gate on both branches
+GATED_CASES = [(kind, gates, torch.float32) for kind in ("regla", "regla-clamped", "gla")
+               for gates in ("weak", "mid", "strong")] + [("regla", "mid", dt) for dt in DTYPES[1:]]
+
+
+@pytest.mark.parametrize("kind,gates,dtype", GATED_CASES)
+def test_gated_decode_step(kind, gates, dtype):
+    """The decode step that computes the gate and key map itself, token by token from a
+    state and a running max, against layer_math's gate and maps and the recurrence in float64."""
+    K, V = DIMS[0] if not REAL else DIMS[1]
+    B, T, R = 2, 5, 16
+    gen = torch.Generator().manual_seed(11)
+    r = lambda *sh: torch.randn(*sh, generator=gen)
+    q, k, v = (3 * r(B, T, H, K)).to(dtype), (3 * r(B, T, H, K)).to(dtype), r(B, T, H, V).to(dtype)
+    r_f, r_r = r(B, T, R).to(dtype), r(B, T, R).to(dtype)
+    w_f, w_r = (r(H * K, R) / 4).to(dtype), (r(H * K, R) / 4).to(dtype)
+    u = torch.rand(H * K, generator=gen)
+    # strong: log gates from about -10 down to -1e4 (z far below 0); weak: near 0 (z far above);
+    # mid: both sides of the refined gate's branch point at -1
+    norm = 16.0 if kind == "gla" else 1.0
+    b_f = {"strong": -(10 ** (1 + 3 * u)), "mid": (1 - 5 * u) * norm, "weak": 6 + 4 * u}[gates]
+    b_r = r(H * K)
+    args = types.SimpleNamespace(gate_logit_normalizer=norm,
+                                 use_refining_gate=kind != "gla",
+                                 clamp_min=-20.0 if kind == "regla-clamped" else None)
+    safe = kind != "gla"
+    h0 = r(B, H, K, V)
+    m0 = r(B, H) if safe else None
+    dev = lambda x: None if x is None else x.to(DEV).contiguous()
+    state, m = dev(h0.clone()), dev(m0)
+    outs = []
+    for t in range(T):
+        o, m_new = fused_recurrent_gated_step_(
+            dev(q[:, t]), dev(k[:, t]), dev(v[:, t]), dev(r_f[:, t]), dev(w_f), dev(b_f), state,
+            gate_logit_normalizer=args.gate_logit_normalizer, clamp_min=args.clamp_min,
+            **(dict(r_r=dev(r_r[:, t]), w_r=dev(w_r), b_r=dev(b_r)) if args.use_refining_gate else {}), m=m)
+        assert (m_new is None) == (not safe)
+        m = m_new
+        outs.append(o)
+    f64 = lambda x: x.double().numpy()
+    z = lambda rr, w, b: f64(rr) @ f64(w).T + f64(b)
+    z_f = z(r_f, w_f, b_f).reshape(B, T, H, K)
+    z_r = z(r_r, w_r, b_r).reshape(B, T, H, K) if args.use_refining_gate else None
+    log_f = -np.logaddexp(0, -z_f) / norm  # before refining and clamping
+    assert {"strong": (log_f < -9).mean() > 0.5, "mid": (log_f < -1).mean() > 0.2 and (log_f > -1).mean() > 0.2,
+            "weak": (log_f > -0.1).all()}[gates]
+    g = lm.log_forget_gate(lm.NUMPY, z_f, z_r, args)
+    qm, km = f64(q), f64(k)
+    if safe:
+        qm = lm.feature_map(lm.NUMPY, qm, "safe_exp")
+        km, term, m_ref = lm.safe_exp_keys(lm.NUMPY, km, f64(m0))
+        g = g + term[..., None]
+        assert rel(m, m_ref) <= 1e-6
+    ro, rs = spec.recurrent_gla(qm, km, f64(v), g, K ** -0.5, initial_state=f64(h0))
+    assert rel(torch.cat(outs, 1), ro) <= TOL[dtype]
+    assert rel(state, rs) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+def test_model_decode_through_gated_step(attn_type, monkeypatch):
+    """A model's decode steps through ``gated_decode_step_`` (what CUDA runs; here the kernel in
+    the interpreter) against one full forward over the sequence (plain torch), batch 2."""
+    import regla_torch.model as model_module
+    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+
+    torch.manual_seed(0)
+    args = spec.ModelArgs(attn_type=attn_type, vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=2)
+    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = model_module.gated_decode_step_
+    monkeypatch.setattr(model_module, "use_triton", lambda x: True)
+    monkeypatch.setattr(model_module, "gated_decode_step_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.make_cache()
+        steps = [model(ids[:, :6], cache=cache, use_cache=True).logits[:, -1]]
+        steps += [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1] for t in range(6, 12)]
+    assert len(calls) == 6 * 2  # every decode step of both layers
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-4)
 
 
 def naive_gsa(q, k, v, s, g, scale):

@@ -1,8 +1,9 @@
-"""Token-by-token GLA for decode and short prefill, and an in-place decode step.
+"""Token-by-token GLA for decode and short prefill, and in-place decode steps.
 
 One program holds a [K, BV] slice of the fp32 state in registers for the whole
 sequence, so the state is read and written once. Optional value-side gate ``gv``
-(per value channel) serves GSA's first pass (MATH.md section 4).
+(per value channel) serves GSA's first pass (MATH.md section 4). The gated decode step
+also computes a regla/gla layer's gate and key map itself (``fused_recurrent_gated_step_``).
 """
 from __future__ import annotations
 
@@ -51,30 +52,114 @@ def _fused_recurrent_fwd_kernel(q, k, v, gk, gv, o, h0, ht, cu, scale,
 
 
 @triton.jit
-def _step_kernel(q, k, v, g, state, o, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def _load_state(state, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PDL: tl.constexpr):
+    """A decode step's [K, BV] fp32 state tile, then (under PDL) the wait for the kernel before."""
     kc = tl.arange(0, BK)
     vc = i_v * BV + tl.arange(0, BV)
     mk = kc < K
     mv = vc < V
     m_kv = mk[:, None] & mv[None, :]
     p_s = state + i_bh * K * V + kc[:, None] * V + vc[None, :]
-    # the state was last written by this kernel a step ago: complete before this launch even
-    # under PDL (_common.PDL), so it loads before the wait for q, k, v, g
+    # the state was last written by a decode step a step ago: complete before this launch even
+    # under PDL (_common.PDL), so it loads before the wait for the step's inputs
     b_h = tl.load(p_s, mask=m_kv, other=0.).to(tl.float32)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
-    b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
-    b_g = tl.load(g + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    return kc, mk, vc, mv, m_kv, p_s, b_h
+
+
+@triton.jit
+def _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V: tl.constexpr):
+    """``S <- diag(exp(g)) S + k^T v`` on the tile, stored in place; ``scale * q S`` to o."""
     b_v = tl.load(v + i_bh * V + vc, mask=mv, other=0.).to(tl.float32)
     b_h = b_h * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
     tl.store(p_s, b_h.to(state.dtype.element_ty), mask=m_kv)
     tl.store(o + i_bh * V + vc, (tl.sum(b_h * b_q[:, None], 0) * scale).to(o.dtype.element_ty),
              mask=mv)
+
+
+@triton.jit
+def _step_kernel(q, k, v, g, state, o, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    kc, mk, vc, mv, m_kv, p_s, b_h = _load_state(state, i_v, i_bh, K, V, BK, BV, PDL)
+    b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    b_g = tl.load(g + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
+
+
+@triton.jit
+def _log1p(x):
+    # exact to a few ulp for x > -1 from exp/log alone (Goldberg): log(u) * x / (u - 1), u = 1 + x
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan's: (u - 1) * x / log(u), u = exp(x); x itself where u rounds to 1
+    u = tl.exp(x)
+    d = tl.where(u == 1.0, 1.0, tl.log(u))
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / d)))
+
+
+@triton.jit
+def _log_sigmoid(z):
+    return tl.minimum(z, 0.) - _log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _low_rank(r, w, b, i_b, i_h, kc, mk, rc, mr, K: tl.constexpr, R: tl.constexpr):
+    """This head's K channels of ``r[i_b] @ w.T + b`` (w [H*K, R]), in fp32."""
+    b_r = tl.load(r + i_b * R + rc, mask=mr, other=0.).to(tl.float32)
+    rows = i_h * K + kc
+    b_w = tl.load(w + rows[:, None] * R + rc[None, :], mask=mk[:, None] & mr[None, :], other=0.).to(tl.float32)
+    return tl.sum(b_w * b_r[None, :], 1) + tl.load(b + rows, mask=mk, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m_in, m_out, state, o, scale, inv_norm, clamp_min,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, REFINE: tl.constexpr,
+                       SAFE_EXP: tl.constexpr, CLAMP: tl.constexpr, PDL: tl.constexpr):
+    """_step_kernel with the layer's elementwise half in front (layer_math: ``log_forget_gate``,
+    ``feature_map``, ``safe_exp_keys`` at one token): the gate from the low-rank projections'
+    first factors r (the second factor and its bias here), refined and clamped; safe-exp maps
+    of q and k with the running max folded into the gate. Every V block of a head recomputes
+    the gate (K x R multiply-adds); the block with i_v = 0 writes the new running max."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    kc, mk, vc, mv, m_kv, p_s, b_h = _load_state(state, i_v, i_bh, K, V, BK, BV, PDL)
+    rc = tl.arange(0, BR)
+    mr = rc < R
+    b_g = _log_sigmoid(_low_rank(rf, wf, bf, i_b, i_h, kc, mk, rc, mr, K, R)) * inv_norm
+    if REFINE:  # layer_math.refined_log_gate, each branch on its own side of -1
+        z_r = _low_rank(rr, wr, br, i_b, i_h, kc, mk, rc, mr, K, R)
+        big = tl.maximum(b_g, -1.)
+        one_minus_f = -_expm1(big)
+        near_one = _log1p(-one_minus_f * (one_minus_f + 2. * tl.exp(big) * tl.sigmoid(-z_r)))
+        small = tl.minimum(b_g, -1.)
+        other = 0.6931471805599453 + _log_sigmoid(z_r) + _log1p(-tl.exp(small))
+        hi = tl.maximum(small, other)
+        far = small + hi + _log1p(tl.exp(-tl.abs(small - other)))
+        b_g = tl.where(b_g > -1., near_one, far)
+    if CLAMP:
+        b_g = tl.maximum(b_g, clamp_min)
+    b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    if SAFE_EXP:
+        b_q = tl.exp(b_q - tl.max(tl.where(mk, b_q, float("-inf")), 0))
+        m_prev = tl.load(m_in + i_bh).to(tl.float32)
+        m_new = tl.maximum(m_prev, tl.max(tl.where(mk, b_k, float("-inf")), 0))
+        b_k = tl.where(mk, tl.exp(b_k - m_new), 0.)
+        b_g = b_g - (m_new - m_prev)
+        if i_v == 0:
+            tl.store(m_out + i_bh, m_new)
+    _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
 
 
 @triton.jit
@@ -329,3 +414,46 @@ def fused_recurrent_gla_step_(q, k, v, g, state, scale=None, out=None):
     _step_kernel[(triton.cdiv(V, BV), B * H)](q, k, v, g, state, out, scale, H=H, K=K, V=V,
                                              BK=BK, BV=BV, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
+
+
+def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_logit_normalizer=1.0,
+                                clamp_min=None, r_r=None, w_r=None, b_r=None, m=None):
+    """One decode step of a regla/gla layer from its projections, in place: the forget gate
+    ``log_forget_gate(r_f @ w_f.T + b_f, r_r @ w_r.T + b_r)`` (refined when r_r is given,
+    clamped at clamp_min when given), the safe-exp key map with running max ``m`` when m is
+    given (the query's safe-exp map too; else both maps are the identity), then
+    ``fused_recurrent_gla_step_``. Returns ``(o [B, 1, H, V] in v's dtype, new running max
+    [B, H] float32 or None)``; the running max is written to a new tensor (every V block of a
+    head reads the old one).
+
+    q, k: [B, H, K] or [B, 1, H, K]; v: [B, H, V] (or with the length-1 axis), contiguous;
+    r_f, r_r: [B, R] the low-rank gate projections' first products; w_f, w_r: [H*K, R];
+    b_f, b_r: [H*K]; m: [B, H]; state: [B, H, K, V] contiguous, updated in place."""
+    B, H, K, V = state.shape
+    R = w_f.shape[-1]
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous (it is updated in place)")
+    for name, x, d in (("q", q, K), ("k", k, K), ("v", v, V)):
+        if x.numel() != B * H * d or x.shape[-1] != d or not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous [B, H, {d}] or [B, 1, H, {d}]")
+    refine = r_r is not None
+    for name, r, w, b in (("f", r_f, w_f, b_f),) + ((("r", r_r, w_r, b_r),) if refine else ()):
+        if r.shape != (B, R) or w.shape != (H * K, R) or b.shape != (H * K,) or not (
+                r.is_contiguous() and w.is_contiguous() and b.is_contiguous()):
+            raise ValueError(f"gate {name}: r [{B}, {R}], w [{H * K}, {R}], b [{H * K}] contiguous; got "
+                             f"{tuple(r.shape)}, {tuple(w.shape)}, {tuple(b.shape)}")
+    if m is not None and (m.shape != (B, H) or m.dtype != torch.float32 or not m.is_contiguous()):
+        raise ValueError(f"m must be a contiguous float32 [{B}, {H}], got {tuple(m.shape)} {m.dtype}")
+    scale = K ** -0.5 if scale is None else float(scale)
+    out = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
+    m_new = None if m is None else torch.empty_like(m)
+    BK, BV = _bv(K, V)
+    BV = min(BV, 32)
+    pdl = use_pdl(q.device)
+    _gated_step_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, v, r_f, w_f, b_f, r_r if refine else r_f, w_r if refine else w_f, b_r if refine else b_f,
+        state if m is None else m, state if m is None else m_new, state, out, scale,
+        1.0 / gate_logit_normalizer, 0.0 if clamp_min is None else float(clamp_min), H=H, K=K, V=V, R=R,
+        BK=BK, BV=BV, BR=next_pow2(R), REFINE=refine, SAFE_EXP=m is not None, CLAMP=clamp_min is not None,
+        PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out, m_new
