@@ -10,7 +10,9 @@ attention output's per-head RMSNorm times silu(output gate) plus the residual, d
 after the final norm; the torch side runs the norm, gating and add as their own kernels. Each shape
 has 24 copies of its weights (one per layer, as in a step: none comes from L2) called back to
 back in one CUDA graph; then a whole step's projections in their order, and the same bytes read
-by one call (no kernel boundaries) and copied once. GB/s counts the weight bytes. ``--tune``
+by one call (no kernel boundaries) and copied once; the step with plain launches and with
+programmatic dependent launch (the default on Hopper, which the per-shape lines use). GB/s
+counts the weight bytes. ``--tune``
 times launch shapes and prints the best per shape and the best overall.
 """
 import argparse

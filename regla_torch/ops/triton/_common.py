@@ -115,7 +115,13 @@ PDL: bool | None = None
 
 
 def pdl_supported(device: torch.device) -> bool:
-    return gdc_wait is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return gdc_wait is not None and device.type == "cuda" and _major(device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int | None) -> int:
+    # asked at every decode launch outside a CUDA graph: once per device
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def use_pdl(device: torch.device) -> bool:
