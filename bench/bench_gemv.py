@@ -11,7 +11,8 @@ after the final norm; the torch side runs the norm, gating and add as their own 
 has 24 copies of its weights (one per layer, as in a step: none comes from L2) called back to
 back in one CUDA graph; then a whole step's projections in their order, and the same bytes read
 by one call (no kernel boundaries) and copied once; the step with plain launches and with
-programmatic dependent launch (the default on Hopper, which the per-shape lines use). GB/s
+programmatic dependent launch (the default on Hopper, which the per-shape lines use), with
+and without each program's first weight tile loaded before the wait. GB/s
 counts the weight bytes. ``--tune``
 times launch shapes and prints the best per shape and the best overall.
 """
@@ -109,11 +110,12 @@ def main():
           flush=True)
     # ours with each launch plain, and with programmatic dependent launch (each GEMV starts
     # while the one before finishes; the default where the GPU has it)
-    for pdl, tag in ((False, "plain launches"), (True, "PDL")):
+    for pdl, early, tag in ((False, False, "plain launches"), (True, False, "PDL"),
+                            (True, True, "PDL, first weight tile before the wait")):
         if pdl and not _common.pdl_supported(torch.device("cuda")):
             print(f"  ours, {tag}: not supported here", flush=True)
             continue
-        _common.PDL = pdl
+        _common.PDL, gemv.EARLY = pdl, early
         t_our = graph_us(seq(0)) * n
         errs = []
         for name in order + ["head"]:
@@ -122,7 +124,7 @@ def main():
             errs.append(((o - r).norm() / r.norm()).item())
         print(f"  ours, {tag}: {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s), max rel err {max(errs):.1e}",
               flush=True)
-    _common.PDL = None
+    _common.PDL, gemv.EARLY = None, True
     # what the step's reads cost without kernel boundaries: the same bytes as one GEMV of
     # hidden-wide rows (this kernel's steady rate), and as one device-to-device copy
     big = torch.randn(nbytes // (2 * 2048), 2048, device="cuda", dtype=torch.bfloat16)

@@ -281,11 +281,12 @@ class LinearAttention(_Mixer):
         decode = T == 1 and S0 is not None and use_cache and not torch.is_grad_enabled()
         if decode and self._gated_step_ok(q, m0, mask):
             # the gate's second factor, refinement, clamp and key map inside the step kernel
-            o, m_last = gated_decode_step_(
+            # (the state and running max in place)
+            o = gated_decode_step_(
                 q, k, v, rest[0], gates[0][1].weight, gates[0][1].bias, S0, a.scale, a.gate_logit_normalizer,
                 a.clamp_min, *((rest[1], gates[1][1].weight, gates[1][1].bias) if a.use_refining_gate else ()),
                 m=m0)
-            return self._output(o, out_gate, h), (S0, m_last, *conv) if use_cache else None
+            return self._output(o, out_gate, h), (S0, m0, *conv) if use_cache else None
         z = [(linear(r, m[1].weight, m[1].bias) if low else r + m.bias).float().view(B, T, -1, Kd)
              for m, r in zip(gates, rest)]
         z_r = z[1] if a.use_refining_gate else None
@@ -312,6 +313,8 @@ class LinearAttention(_Mixer):
         else:
             op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
             o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
+        if m_last is not None:  # a view of the last position: the gated decode step updates it in place
+            m_last = m_last.contiguous()
         return self._output(o, out_gate, h), (S, m_last, *conv) if use_cache else None
 
     def _gated_step_ok(self, q, m0, mask):

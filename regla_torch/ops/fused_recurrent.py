@@ -65,30 +65,28 @@ def gated_decode_step_(q, k, v, r_f, w_f, b_f, state, scale, gate_logit_normaliz
     from its projections (the Triton kernel ``fused_recurrent_gated_step_``: CUDA only, see
     its contract). One launch where the step took the gate's kernels and this one: the gate
     work cost a 1.3B ReGLA model five kernels a layer (BENCHMARKS section 1, decode).
-    Returns ``(o [B, 1, H, V], new running max [B, H] or None)``."""
+    Returns o [B, 1, H, V]; ``state`` and the running max ``m`` [B, H] (contiguous float32,
+    or None) are updated in place."""
     B, _, H, K = q.shape
-    o, m_new = _gated_step_op(q.reshape(B, H, K).contiguous(), k.reshape(B, H, K).contiguous(),
-                              v.reshape(B, H, -1).contiguous(), r_f.reshape(B, -1).contiguous(), w_f, b_f,
-                              None if r_r is None else r_r.reshape(B, -1).contiguous(), w_r, b_r,
-                              None if m is None else m.contiguous(), state,
-                              float(scale), float(gate_logit_normalizer), clamp_min)
-    return o, (m_new if m is not None else None)
+    if m is not None and not m.is_contiguous():
+        raise ValueError("m must be contiguous (it is updated in place)")
+    return _gated_step_op(q.reshape(B, H, K).contiguous(), k.reshape(B, H, K).contiguous(),
+                          v.reshape(B, H, -1).contiguous(), r_f.reshape(B, -1).contiguous(), w_f, b_f,
+                          None if r_r is None else r_r.reshape(B, -1).contiguous(), w_r, b_r, m, state,
+                          float(scale), float(gate_logit_normalizer), clamp_min)
 
 
-@torch.library.custom_op("regla::gated_decode_step_", mutates_args=("state",))
+@torch.library.custom_op("regla::gated_decode_step_", mutates_args=("state", "m"))
 def _gated_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r_f: torch.Tensor, w_f: torch.Tensor,
                    b_f: torch.Tensor, r_r: torch.Tensor | None, w_r: torch.Tensor | None, b_r: torch.Tensor | None,
                    m: torch.Tensor | None, state: torch.Tensor, scale: float, gate_logit_normalizer: float,
-                   clamp_min: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   clamp_min: float | None) -> torch.Tensor:
     from .triton import fused_recurrent_gated_step_
-    o, m_new = fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale, gate_logit_normalizer,
-                                           clamp_min, r_r, w_r, b_r, m)
-    # a custom op returns tensors only: no running max is an empty one
-    return o, (q.new_empty(0, dtype=torch.float32) if m_new is None else m_new)
+    return fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale, gate_logit_normalizer,
+                                       clamp_min, r_r, w_r, b_r, m)
 
 
 @_gated_step_op.register_fake
 def _(q, k, v, r_f, w_f, b_f, r_r, w_r, b_r, m, state, scale, gate_logit_normalizer, clamp_min):
     B, H, _ = q.shape
-    o = v.new_empty(B, 1, H, v.shape[-1])
-    return o, (q.new_empty(0, dtype=torch.float32) if m is None else torch.empty_like(m))
+    return v.new_empty(B, 1, H, v.shape[-1])

@@ -122,7 +122,7 @@ def _low_rank(r, w, b, i_b, i_h, kc, mk, rc, mr, K: tl.constexpr, R: tl.constexp
 
 
 @triton.jit
-def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m_in, m_out, state, o, scale, inv_norm, clamp_min,
+def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale, inv_norm, clamp_min,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, REFINE: tl.constexpr,
                        SAFE_EXP: tl.constexpr, CLAMP: tl.constexpr, PDL: tl.constexpr):
@@ -130,7 +130,8 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m_in, m_out, state, o, s
     ``feature_map``, ``safe_exp_keys`` at one token): the gate from the low-rank projections'
     first factors r (the second factor and its bias here), refined and clamped; safe-exp maps
     of q and k with the running max folded into the gate. Every V block of a head recomputes
-    the gate (K x R multiply-adds); the block with i_v = 0 writes the new running max."""
+    the gate (K x R multiply-adds) and reads the old running max; the head's last block to
+    count itself in ``done`` writes the new one over it, in place."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     kc, mk, vc, mv, m_kv, p_s, b_h = _load_state(state, i_v, i_bh, K, V, BK, BV, PDL)
@@ -153,12 +154,16 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m_in, m_out, state, o, s
     b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
     if SAFE_EXP:
         b_q = tl.exp(b_q - tl.max(tl.where(mk, b_q, float("-inf")), 0))
-        m_prev = tl.load(m_in + i_bh).to(tl.float32)
+        m_prev = tl.load(m + i_bh).to(tl.float32)
         m_new = tl.maximum(m_prev, tl.max(tl.where(mk, b_k, float("-inf")), 0))
         b_k = tl.where(mk, tl.exp(b_k - m_new), 0.)
         b_g = b_g - (m_new - m_prev)
-        if i_v == 0:
-            tl.store(m_out + i_bh, m_new)
+        # in place without a second buffer (and, in a CUDA graph, the copy back a step): the
+        # atomic orders this block's read of m before it, so the block that counts last knows
+        # every block of the head has read the old value; it resets the count for the next step
+        if tl.atomic_add(done + i_bh, 1) == tl.num_programs(0) - 1:
+            tl.store(m + i_bh, m_new)
+            tl.store(done + i_bh, 0)
     _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
 
 
@@ -422,13 +427,12 @@ def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_
     ``log_forget_gate(r_f @ w_f.T + b_f, r_r @ w_r.T + b_r)`` (refined when r_r is given,
     clamped at clamp_min when given), the safe-exp key map with running max ``m`` when m is
     given (the query's safe-exp map too; else both maps are the identity), then
-    ``fused_recurrent_gla_step_``. Returns ``(o [B, 1, H, V] in v's dtype, new running max
-    [B, H] float32 or None)``; the running max is written to a new tensor (every V block of a
-    head reads the old one).
+    ``fused_recurrent_gla_step_``. Returns o [B, 1, H, V] in v's dtype; the state and the
+    running max are updated in place.
 
     q, k: [B, H, K] or [B, 1, H, K]; v: [B, H, V] (or with the length-1 axis), contiguous;
     r_f, r_r: [B, R] the low-rank gate projections' first products; w_f, w_r: [H*K, R];
-    b_f, b_r: [H*K]; m: [B, H]; state: [B, H, K, V] contiguous, updated in place."""
+    b_f, b_r: [H*K]; m: [B, H] float32 contiguous; state: [B, H, K, V] contiguous."""
     B, H, K, V = state.shape
     R = w_f.shape[-1]
     if not state.is_contiguous():
@@ -446,14 +450,27 @@ def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_
         raise ValueError(f"m must be a contiguous float32 [{B}, {H}], got {tuple(m.shape)} {m.dtype}")
     scale = K ** -0.5 if scale is None else float(scale)
     out = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
-    m_new = None if m is None else torch.empty_like(m)
     BK, BV = _bv(K, V)
     BV = min(BV, 32)
     pdl = use_pdl(q.device)
     _gated_step_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, r_f, w_f, b_f, r_r if refine else r_f, w_r if refine else w_f, b_r if refine else b_f,
-        state if m is None else m, state if m is None else m_new, state, out, scale,
+        state if m is None else m, state if m is None else _counters(m.device, B * H), state, out, scale,
         1.0 / gate_logit_normalizer, 0.0 if clamp_min is None else float(clamp_min), H=H, K=K, V=V, R=R,
         BK=BK, BV=BV, BR=next_pow2(R), REFINE=refine, SAFE_EXP=m is not None, CLAMP=clamp_min is not None,
         PDL=pdl, num_warps=4, launch_pdl=pdl)
-    return out, m_new
+    return out
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 [n] the gated step's blocks count themselves in; every launch leaves it
+    zeroed, so launches in one stream share it (two streams running this kernel at once would
+    not). Made at the first step (GraphStep's warm-up runs before its capture) and never freed:
+    a captured step keeps a valid address."""
+    buf = _COUNTERS.get((device, n))
+    if buf is None:
+        buf = _COUNTERS[(device, n)] = torch.zeros(n, device=device, dtype=torch.int32)
+    return buf

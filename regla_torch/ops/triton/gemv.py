@@ -29,6 +29,36 @@ from ._common import gdc_launch_dependents, gdc_wait, use_pdl
 
 MAX_GROUPS = 6
 MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
+# Under PDL, load each program's first weight tile before waiting for the kernel before
+# (the benchmarks' switch; bench/bench_gemv.py times both).
+EARLY = True
+
+
+@triton.jit
+def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+          GLU: tl.constexpr, HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr):
+    """One K block: x's block transformed (gating, norm, head norm and gate), times the weights'."""
+    rk = k0 + tl.arange(0, BK)
+    mk = rk < K
+    mx = mm[:, None] & mk[None, :]
+    b_x = tl.load(x + rm[:, None] * XS + rk[None, :], mask=mx, other=0.).to(tl.float32)
+    if GLU:
+        b_u = tl.load(x + rm[:, None] * XS + K + rk[None, :], mask=mx, other=0.).to(tl.float32)
+        b_x = b_x * tl.sigmoid(b_x) * b_u
+    if NORM:
+        ss += b_x * b_x
+        b_x *= tl.load(nw + rk, mask=mk, other=0.).to(tl.float32)[None, :]
+    if HEAD > 0:
+        b_h = tl.reshape(b_x, (BM, BK // HEAD, HEAD))
+        b_r = tl.rsqrt(tl.sum(b_h * b_h, 2) / HEAD + eps)
+        b_x = tl.reshape(b_h * b_r[:, :, None], (BM, BK))
+        if HEAD_W:
+            b_x *= tl.load(nw + rk % HEAD).to(tl.float32)[None, :]
+        if GATE:
+            b_g = tl.load(gt + rm[:, None] * GS + rk[None, :], mask=mx, other=0.).to(tl.float32)
+            b_x *= b_g * tl.sigmoid(b_g)
+    acc += b_x[:, None, :] * b_w.to(tl.float32)[None, :, :]
+    return acc, ss
 
 
 # Row counts stay runtime values: a count of 1 specialized to a constant would give one
@@ -39,7 +69,7 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                  HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, EARLY: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
     pid = tl.program_id(0)
@@ -71,35 +101,26 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
     rm = tl.arange(0, BM)
     mn = rn < n_g
     mm = rm < M
-    if PDL:  # launched while the previous kernel finishes (_common.PDL): x comes from it
+    p_w = w + rn[:, None].to(tl.int64) * K
+    rk = tl.arange(0, BK)
+    # the weights do not depend on the kernel before: under PDL (_common.PDL) the first tile's
+    # loads issue before the wait, while that kernel's last programs finish (EARLY)
+    if EARLY:
+        b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
+    if PDL:  # launched while the previous kernel finishes: x comes from it
         gdc_wait()
         gdc_launch_dependents()
+    if not EARLY:
+        b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
     # products accumulate elementwise and are reduced once at the end: the loop is only
     # loads and multiply-adds, so the next block's loads can issue while this one computes
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
     ss = tl.zeros([BM, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    acc, ss = _tile(acc, ss, b_w, 0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE)
+    for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
-        mk = rk < K
-        b_w = tl.load(w + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.)
-        mx = mm[:, None] & mk[None, :]
-        b_x = tl.load(x + rm[:, None] * XS + rk[None, :], mask=mx, other=0.).to(tl.float32)
-        if GLU:
-            b_u = tl.load(x + rm[:, None] * XS + K + rk[None, :], mask=mx, other=0.).to(tl.float32)
-            b_x = b_x * tl.sigmoid(b_x) * b_u
-        if NORM:
-            ss += b_x * b_x
-            b_x *= tl.load(nw + rk, mask=mk, other=0.).to(tl.float32)[None, :]
-        if HEAD > 0:
-            b_h = tl.reshape(b_x, (BM, BK // HEAD, HEAD))
-            b_r = tl.rsqrt(tl.sum(b_h * b_h, 2) / HEAD + eps)
-            b_x = tl.reshape(b_h * b_r[:, :, None], (BM, BK))
-            if HEAD_W:
-                b_x *= tl.load(nw + rk % HEAD).to(tl.float32)[None, :]
-            if GATE:
-                b_g = tl.load(gt + rm[:, None] * GS + rk[None, :], mask=mx, other=0.).to(tl.float32)
-                b_x *= b_g * tl.sigmoid(b_g)
-        acc += b_x[:, None, :] * b_w.to(tl.float32)[None, :, :]
+        b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
+        acc, ss = _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE)
     b_y = tl.sum(acc, 2)
     if NORM:
         b_y *= tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
@@ -176,5 +197,5 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
                        NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
                        HEAD=head_dim, HEAD_W=bool(head_dim) and norm_weight is not None,
-                       GATE=gate is not None, PDL=pdl, launch_pdl=pdl, **c)
+                       GATE=gate is not None, PDL=pdl, EARLY=pdl and EARLY, launch_pdl=pdl, **c)
     return y
