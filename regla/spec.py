@@ -508,6 +508,27 @@ def linear_attention(x, w, cfg: ModelArgs, state=None, key_map="causal", norm_ep
     return linear(o, w["o_proj.weight"]), (S, m_last, *conv)
 
 
+def recurrent_gsa(q, k, v, s, g, scale, Kt0=None, Vt0=None):
+    """GSA's slot recurrence (MATH.md section 4), token by token: q, k [B,T,H,K], v [B,T,H,V],
+    slot weights s and log slot gates g [B,T,H,m]; slot keys ``Kt [B,H,K,m]`` and values
+    ``Vt [B,H,m,V]`` (zeros when not given). Returns ``(o [B,T,H,V], Kt, Vt)``."""
+    q, k, v, s, g = (_f64(t) for t in (q, k, v, s, g))
+    B, T, H, Kd = q.shape
+    M, Vd = s.shape[-1], v.shape[-1]
+    Kt = np.zeros((B, H, Kd, M)) if Kt0 is None else _f64(Kt0).copy()
+    Vt = np.zeros((B, H, M, Vd)) if Vt0 is None else _f64(Vt0).copy()
+    o = np.zeros((B, T, H, Vd))
+    for t in range(T):
+        a = np.exp(g[:, t])  # [B,H,M]
+        Kt = Kt * a[:, :, None, :] + k[:, t, :, :, None] * s[:, t, :, None, :]
+        Vt = Vt * a[..., None] + s[:, t, :, :, None] * v[:, t, :, None, :]
+        scores = scale * np.einsum("bhk,bhkm->bhm", q[:, t], Kt)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o[:, t] = np.einsum("bhm,bhmv->bhv", p, Vt)
+    return o, Kt, Vt
+
+
 def gsa_attention(x, w, cfg: ModelArgs, state=None):
     """A gsa layer (MATH.md section 4, fla's GatedSlotAttention) from its weights.
 
@@ -526,20 +547,7 @@ def gsa_attention(x, w, cfg: ModelArgs, state=None):
     g = logsigmoid(_heads(linear(x, w["f_proj.weight"]), M)) / cfg.gate_logit_normalizer
     s = 1.0 - np.exp(g)
     k, v, g, s = (_repeat_kv(t, G) for t in (k, v, g, s))
-    H = cfg.num_heads
-    if Kt0 is None:
-        Kt, Vt = np.zeros((B, H, Kd, M)), np.zeros((B, H, M, Vd))
-    else:
-        Kt, Vt = _f64(Kt0).copy(), _f64(Vt0).copy()
-    o = np.zeros((B, T, H, Vd))
-    for t in range(T):
-        a = np.exp(g[:, t])  # [B,H,M]
-        Kt = Kt * a[:, :, None, :] + k[:, t, :, :, None] * s[:, t, :, None, :]
-        Vt = Vt * a[..., None] + s[:, t, :, :, None] * v[:, t, :, None, :]
-        scores = cfg.scale * np.einsum("bhk,bhkm->bhm", q[:, t], Kt)
-        p = np.exp(scores - scores.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        o[:, t] = np.einsum("bhm,bhmv->bhv", p, Vt)
+    o, Kt, Vt = recurrent_gsa(q, k, v, s, g, cfg.scale, Kt0, Vt0)
     o = silu(o.reshape(B, T, -1))
     o = rms_norm(o, w.get("g_norm.weight"), GSA_OUTPUT_NORM_EPS)
     return linear(o, w["o_proj.weight"]), (Kt, Vt, *conv)

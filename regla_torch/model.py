@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from regla import layer_math as lm
 from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
-from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla, gated_decode_step_
+from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla, gated_decode_step_, gsa_decode_step_
 from .ops.linear import HeadNormGate, RMSNorm, fused, linear, norm_linear, project, project_add
 from .ops.utils import segment_ids, use_triton
 
@@ -366,6 +366,11 @@ class GatedSlotAttention(_Mixer):
             k, v, g, s = (t.repeat_interleave(G, dim=2) for t in (k, v, g, s))
         chunked = T > RECURRENT_MAX_T or self.training
         s = s.to(q.dtype)
+        if (T == 1 and use_cache and hk0 is not None and cu_seqlens is None and not torch.is_grad_enabled()
+                and hk0.dtype == hv0.dtype == torch.float32 and hk0.is_contiguous() and hv0.is_contiguous()):
+            # a decode step: the slot states in place (one Triton kernel on CUDA)
+            o = gsa_decode_step_(q, k, v, s, g, a.scale, hk0, hv0)
+            return project_add(o.reshape(B, T, -1), self.o_proj.weight, h, pre=self._output), (hk0, hv0, *conv)
         new_state = None
         if cu_seqlens is not None and chunked and hk0 is None and not use_cache:
             # packed training rows: every sequence in one pass (a loop over a row's documents

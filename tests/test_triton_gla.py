@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from regla import spec  # noqa: E402
 from regla import layer_math as lm  # noqa: E402
 from regla_torch.ops.triton import (  # noqa: E402
-    chunk_gla, fused_recurrent_gated_step_, fused_recurrent_gla, fused_recurrent_gla_step_)
+    chunk_gla, fused_recurrent_gated_step_, fused_recurrent_gla, fused_recurrent_gla_step_, fused_recurrent_gsa_step_)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -422,11 +422,13 @@ def test_gated_decode_step(kind, gates, dtype):
     assert rel(state, rs) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+@pytest.mark.parametrize("attn_type", ["regla", "gla", "gsa"])
 def test_model_decode_through_gated_step(attn_type, monkeypatch):
-    """A model's decode steps through ``gated_decode_step_`` (what CUDA runs; here the kernel in
-    the interpreter off the GPU) against one full forward over the sequence, batch 2."""
+    """A model's decode steps through ``gated_decode_step_`` (regla, gla) or ``gsa_decode_step_``
+    (what CUDA runs; here the kernels in the interpreter off the GPU) against one full forward
+    over the sequence, batch 2."""
     import regla_torch.model as model_module
+    import regla_torch.ops.gsa as gsa_module
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
 
     torch.manual_seed(0)
@@ -437,9 +439,11 @@ def test_model_decode_through_gated_step(attn_type, monkeypatch):
     model = model.to(DEV)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEV)
     calls = []
-    real = model_module.gated_decode_step_
+    name = "gsa_decode_step_" if attn_type == "gsa" else "gated_decode_step_"
+    real = getattr(model_module, name)
     monkeypatch.setattr(model_module, "use_triton", lambda x: True)
-    monkeypatch.setattr(model_module, "gated_decode_step_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(gsa_module, "use_triton", lambda x: True)
+    monkeypatch.setattr(model_module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         full = model(ids).logits
         cache = model.make_cache()
@@ -447,6 +451,51 @@ def test_model_decode_through_gated_step(attn_type, monkeypatch):
         steps += [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1] for t in range(6, 12)]
     assert len(calls) == 6 * 2  # every decode step of both layers
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-4)
+
+
+# V = 160: 3 V blocks a head at 64 slots (the last partial), 2 at 24
+GSA_STEP_CASES = [(32, 160, 64, gates, torch.float32) for gates in ("strong", "mid", "weak")] + [
+    (32, 160, 24, "mid", torch.float32),     # slots not a power of two
+    (512, 160, 64, "mid", torch.float32),    # slot keys wider than one tile: the last block's second pass
+] + [(32, 160, 64, "mid", dt) for dt in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("K,V,M,gates,dtype", GSA_STEP_CASES)
+@pytest.mark.parametrize("path", ["kernel", "op"])
+def test_gsa_decode_step(path, K, V, M, gates, dtype):
+    """GSA's decode step, token by token from random slot states, against spec.recurrent_gsa in
+    float64: the Triton kernel itself, and ``gsa_decode_step_`` (the kernel on CUDA, in-place
+    plain torch on a CPU). Several V blocks a head: the last to finish writes the slot keys.
+    Strong slot gates: log gates from -10 down to -1e4; weak: near 0."""
+    from regla_torch.ops import gsa_decode_step_
+
+    B, T, Hh = 2, 4, 2
+    gen = torch.Generator().manual_seed(5)
+    r = lambda *sh: torch.randn(*sh, generator=gen)
+    u = torch.rand(B, T, Hh, M, generator=gen)
+    g = {"strong": -(10 ** (1 + 3 * u)), "mid": -4 * u, "weak": -1e-3 * u}[gates]
+    s = -torch.expm1(g)
+    q, k = r(B, T, Hh, K).sigmoid(), r(B, T, Hh, K).sigmoid()
+    v = r(B, T, Hh, V)
+    hk0, hv0 = r(B, Hh, K, M), r(B, Hh, M, V)
+    hk, hv = hk0.clone().to(DEV), hv0.clone().to(DEV)
+    dev = lambda x: x.to(dtype).to(DEV).contiguous()
+    scale = K ** -0.5
+    outs = []
+    for t in range(T):
+        sl = lambda x: dev(x[:, t:t + 1])
+        if path == "kernel":
+            o = fused_recurrent_gsa_step_(sl(q), sl(k), sl(v), sl(s), g[:, t:t + 1].to(DEV).contiguous(),
+                                          hk, hv, scale)
+        else:
+            o = gsa_decode_step_(sl(q), sl(k), sl(v), sl(s), g[:, t:t + 1].to(DEV).contiguous(), scale, hk, hv)
+        outs.append(o)
+    # the reference sees the inputs as rounded to dtype, as the kernel does
+    rd = lambda x: x.to(dtype).double()
+    ro, rk, rv = spec.recurrent_gsa(rd(q), rd(k), rd(v), rd(s), g.double(), scale, hk0, hv0)
+    assert rel(torch.cat(outs, 1), ro) <= TOL[dtype]
+    assert rel(hk, rk) <= TOL[dtype]
+    assert rel(hv, rv) <= TOL[dtype]
 
 
 def naive_gsa(q, k, v, s, g, scale):

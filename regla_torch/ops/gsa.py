@@ -21,9 +21,8 @@ def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=F
     (decode, short prefill). On CUDA pass two is the GLA Triton kernel (chunked or recurrent),
     and so is pass one token by token; chunked, pass one stays plain torch: a value-side gate
     has no chunked Triton kernel (fla writes one; see BENCHMARKS for what this costs). A single
-    token (a decode step) takes the plain-torch recurrence in both passes: a few elementwise
-    ops that torch.compile fuses into the compiled, CUDA-graph-captured decode step, where the
-    Triton ops' autograd Functions would be traced through.
+    token without a cache to update in place (a model's decode step runs ``gsa_decode_step_``)
+    takes the plain-torch recurrence in both passes.
     ``cu_seqlens`` (B == 1, chunked, no states in or out: packed training rows) runs the packed
     sequences in one pass each, none seeing another.
     Returns ``(o, (hk, hv))``.
@@ -51,3 +50,44 @@ def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=F
     else:  # the kernels take one dtype for their q, k and v
         o, hv = (chunk_gla if chunked else fused_recurrent_gla)(p.to(s.dtype), s, v, g, 1.0, hv0, True)
     return o.to(q.dtype), ((hk, hv) if output_final_state else None)
+
+
+def gsa_decode_step_(q, k, v, s, g, scale, hk, hv):
+    """One GSA decode step that updates the slot states in place (``chunk_gsa``'s two passes at
+    one token): ``hk <- hk diag(a) + k s^T``, ``hv <- diag(a) hv + s v^T`` with ``a = exp(g)``,
+    returns ``softmax(scale q hk) hv`` as [B, 1, H, V] in v's dtype.
+
+    q, k: [B, 1, H, K]; v: [B, 1, H, V]; s, g: [B, 1, H, M]; hk [B, H, K, M] and hv [B, H, M, V]
+    float32, contiguous. On CUDA one Triton kernel (``fused_recurrent_gsa_step_``); in place, so
+    the compiled, CUDA-graph-captured decode step copies no state back. Inference only."""
+    B, H, K, M = hk.shape
+    V = hv.shape[-1]
+    if (q.shape != (B, 1, H, K) or k.shape != q.shape or v.shape != (B, 1, H, V) or s.shape != (B, 1, H, M)
+            or g.shape != s.shape or hv.shape != (B, H, M, V)):
+        raise ValueError(f"gsa_decode_step_ needs q, k [{B}, 1, {H}, {K}], v [{B}, 1, {H}, {V}], s, g "
+                         f"[{B}, 1, {H}, {M}] for states {tuple(hk.shape)}, {tuple(hv.shape)}; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, s {tuple(s.shape)}, "
+                         f"g {tuple(g.shape)}")
+    if hk.dtype != torch.float32 or hv.dtype != torch.float32 or not (hk.is_contiguous() and hv.is_contiguous()):
+        raise ValueError("gsa_decode_step_ updates float32 contiguous states in place; got "
+                         f"{hk.dtype}, {hv.dtype}")
+    return _gsa_step_op(q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), hk, hv,
+                        float(scale))
+
+
+@torch.library.custom_op("regla::gsa_decode_step_", mutates_args=("hk", "hv"))
+def _gsa_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor,
+                 hk: torch.Tensor, hv: torch.Tensor, scale: float) -> torch.Tensor:
+    if use_triton(q):
+        from .triton import fused_recurrent_gsa_step_
+        return fused_recurrent_gsa_step_(q, k, v, s, g, hk, hv, scale)
+    a, s1 = g[:, 0].float().exp(), s[:, 0].float()  # [B, H, M]
+    hk.mul_(a[:, :, None, :]).add_(k[:, 0].float()[..., None] * s1[:, :, None, :])
+    hv.mul_(a[..., None]).add_(s1[..., None] * v[:, 0].float()[:, :, None, :])
+    p = torch.softmax(scale * torch.einsum("bhk,bhkm->bhm", q[:, 0].float(), hk), -1)
+    return torch.einsum("bhm,bhmv->bhv", p, hv)[:, None].to(v.dtype)
+
+
+@_gsa_step_op.register_fake
+def _(q, k, v, s, g, hk, hv, scale):
+    return v.new_empty(v.shape)

@@ -3,7 +3,8 @@
 One program holds a [K, BV] slice of the fp32 state in registers for the whole
 sequence, so the state is read and written once. Optional value-side gate ``gv``
 (per value channel) serves GSA's first pass (MATH.md section 4). The gated decode step
-also computes a regla/gla layer's gate and key map itself (``fused_recurrent_gated_step_``).
+also computes a regla/gla layer's gate and key map itself (``fused_recurrent_gated_step_``);
+GSA's decode step runs both of its passes in one kernel (``fused_recurrent_gsa_step_``).
 """
 from __future__ import annotations
 
@@ -165,6 +166,63 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale
             tl.store(m + i_bh, m_new)
             tl.store(done + i_bh, 0)
     _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
+
+
+@triton.jit
+def _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, k0, mc, mm, K: tl.constexpr, M: tl.constexpr, BK: tl.constexpr):
+    """Slot keys ``Kt <- Kt diag(a) + k s^T`` on rows k0..k0+BK, and those rows' share of q Kt."""
+    kc = k0 + tl.arange(0, BK)
+    mk = kc < K
+    m_km = mk[:, None] & mm[None, :]
+    p_hk = hk + i_bh * K * M + kc[:, None] * M + mc[None, :]
+    b_hk = tl.load(p_hk, mask=m_km, other=0.).to(tl.float32)
+    b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    b_hk = b_hk * b_a[None, :] + b_k[:, None] * b_s[None, :]
+    return b_hk, p_hk, m_km, tl.sum(b_q[:, None] * b_hk, 0)
+
+
+@triton.jit
+def _gsa_step_kernel(q, k, v, s, g, hk, hv, o, done, scale,
+                     K: tl.constexpr, M: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
+    """A GSA decode step (MATH.md section 4) in place: slot keys Kt [K, M] and a [M, BV] tile of
+    the slot values Vt, ``Kt <- Kt diag(a) + k s^T``, ``Vt <- diag(a) Vt + s v^T``,
+    ``o = softmax(scale q Kt) Vt`` with ``a = exp(g)``. Every V block of a head computes the
+    whole softmax (Kt is K x M multiply-adds); the head's last block to count itself in
+    ``done`` writes the new Kt over the old one."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    mc = tl.arange(0, BM)
+    mm = mc < M
+    vc = i_v * BV + tl.arange(0, BV)
+    mv = vc < V
+    m_mv = mm[:, None] & mv[None, :]
+    # the states were last written a step ago: they load before the wait (_common.PDL)
+    p_hv = hv + i_bh * M * V + mc[:, None] * V + vc[None, :]
+    b_hv = tl.load(p_hv, mask=m_mv, other=0.).to(tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    b_g = tl.load(g + i_bh * M + mc, mask=mm, other=0.).to(tl.float32)
+    b_s = tl.load(s + i_bh * M + mc, mask=mm, other=0.).to(tl.float32)
+    b_a = tl.exp(b_g)
+    b_hk, p_hk, m_km, b_sc = _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, 0, mc, mm, K, M, BK)
+    for k0 in range(BK, K, BK):
+        b_sc += _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, k0, mc, mm, K, M, BK)[3]
+    b_sc = tl.where(mm, b_sc * scale, float("-inf"))
+    b_p = tl.exp(b_sc - tl.max(b_sc, 0))
+    b_p = b_p / tl.sum(b_p, 0)
+    b_v = tl.load(v + i_bh * V + vc, mask=mv, other=0.).to(tl.float32)
+    b_hv = b_hv * b_a[:, None] + b_s[:, None] * b_v[None, :]
+    tl.store(p_hv, b_hv.to(hv.dtype.element_ty), mask=m_mv)
+    tl.store(o + i_bh * V + vc, tl.sum(b_p[:, None] * b_hv, 0).to(o.dtype.element_ty), mask=mv)
+    # as the gated step's running max: the atomic orders this block's reads of Kt before it
+    if tl.atomic_add(done + i_bh, 1) == tl.num_programs(0) - 1:
+        tl.store(p_hk, b_hk.to(hk.dtype.element_ty), mask=m_km)
+        for k0 in range(BK, K, BK):  # (K wider than one tile: recomputed from the old rows)
+            b_hk, p_hk, m_km, _ = _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, k0, mc, mm, K, M, BK)
+            tl.store(p_hk, b_hk.to(hk.dtype.element_ty), mask=m_km)
+        tl.store(done + i_bh, 0)
 
 
 @triton.jit
@@ -462,11 +520,37 @@ def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_
     return out
 
 
+def fused_recurrent_gsa_step_(q, k, v, s, g, hk, hv, scale):
+    """One GSA decode step with the slot states updated in place (``_gsa_step_kernel``): q, k
+    [B, H, K] (or [B, 1, H, K]), v [B, H, V], slot weights s and log slot gates g [B, H, M], all
+    contiguous; hk [B, H, K, M] and hv [B, H, M, V] contiguous float32. Returns o [B, 1, H, V]
+    in v's dtype. Allocates only o: safe to capture in a CUDA graph."""
+    B, H, K, M = hk.shape
+    V = hv.shape[-1]
+    if hv.shape != (B, H, M, V) or not (hk.is_contiguous() and hv.is_contiguous()):
+        raise ValueError(f"hk [B, H, K, M] and hv [B, H, M, V] must be contiguous; got {tuple(hk.shape)}, "
+                         f"{tuple(hv.shape)}")
+    for name, x, d in (("q", q, K), ("k", k, K), ("v", v, V), ("s", s, M), ("g", g, M)):
+        if x.numel() != B * H * d or x.shape[-1] != d or not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous [B, H, {d}] or [B, 1, H, {d}]")
+    out = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
+    BM = next_pow2(M)
+    # Kt's rows in tiles of at most 16K fp32 (64 a thread at 8 warps): one tile at fla's
+    # shapes, so the last block writes Kt straight from registers
+    BK = min(next_pow2(K), max(16, 16384 // BM))
+    BV = min(next_pow2(V), max(16, 4096 // BM))
+    pdl = use_pdl(q.device)
+    _gsa_step_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, v, s, g, hk, hv, out, _counters(hk.device, B * H), float(scale), K=K, M=M, V=V,
+        BK=BK, BM=BM, BV=BV, PDL=pdl, num_warps=8, launch_pdl=pdl)
+    return out
+
+
 _COUNTERS: dict = {}
 
 
 def _counters(device, n: int) -> torch.Tensor:
-    """Zeroed int32 [n] the gated step's blocks count themselves in; every launch leaves it
+    """Zeroed int32 [n] the step kernels' blocks count themselves in; every launch leaves it
     zeroed, so launches in one stream share it (two streams running this kernel at once would
     not). Made at the first step (GraphStep's warm-up runs before its capture) and never freed:
     a captured step keeps a valid address."""
