@@ -1,7 +1,7 @@
 """The linear layers' elementwise math, written once for NumPy, PyTorch and MLX.
 
 Every function takes ``xp``, a small namespace of array functions (``NUMPY`` below, used by
-the float64 spec; ``regla_torch.model.TORCH`` and ``regla_mlx.model.MLX``), so the spec and
+the float64 spec; ``regla_torch.ops.utils.TORCH`` and ``regla_mlx.model.MLX``), so the spec and
 both backends run the same lines for the feature maps, the forget gate (log-sigmoid over a
 normalizer, ReGLA's refining gate, the clamp), the causal safe-exp key map with its running
 max (MATH.md section 2) and fla's short convolution. A namespace needs: exp, expm1, log1p,

@@ -20,8 +20,8 @@ from regla import layer_math as lm
 from regla.spec import GSA_OUTPUT_NORM_EPS, ModelArgs
 
 from .ops import chunk_gla, chunk_gsa, decode_step_, fused_recurrent_gla, gated_decode_step_, gsa_decode_step_
-from .ops.linear import HeadNormGate, RMSNorm, fused, linear, norm_linear, project, project_add
-from .ops.utils import segment_ids, use_triton
+from .ops.linear import HeadNormGate, RMSNorm, SiluNorm, fused, linear, norm_linear, project, project_add
+from .ops.utils import TORCH, segment_ids, use_triton
 
 # transformers renamed the output's cache field (past_key_values -> cache) in 5.x; use the
 # name this version's generate() reads back.
@@ -81,71 +81,6 @@ def low_rank(d_in, d_out, rank):
     if rank == 0:
         return nn.Linear(d_in, d_out, bias=True)
     return nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=True))
-
-
-class _TorchOps:
-    """``xp`` of ``regla.layer_math`` for torch tensors."""
-
-    exp, expm1, log1p, logaddexp = torch.exp, torch.expm1, torch.log1p, torch.logaddexp
-    sigmoid, where, log_sigmoid = torch.sigmoid, torch.where, F.logsigmoid
-    silu, relu = staticmethod(F.silu), staticmethod(F.relu)  # Python functions: keep them unbound
-
-    @staticmethod
-    def maximum(x, c):
-        return x.clamp(min=c)
-
-    @staticmethod
-    def minimum(x, c):
-        return x.clamp(max=c)
-
-    @staticmethod
-    def amax(x, axis, keepdims):
-        return x.amax(axis, keepdim=keepdims)
-
-    @staticmethod
-    def sum(x, axis, keepdims):
-        return x.sum(axis, keepdim=keepdims)
-
-    @staticmethod
-    def cummax(x, axis):
-        # along the last, contiguous axis: CUDA's scan over a middle axis runs one thread per
-        # column ([B, T, H]: B*H threads, each T steps: 5.5 ms of a 350m ReGLA training step)
-        return torch.cummax(x.movedim(axis, -1).contiguous(), -1).values.movedim(-1, axis)
-
-    @staticmethod
-    def concat(xs, axis):
-        return torch.cat(xs, axis)
-
-    @staticmethod
-    def zeros(shape, like):
-        return like.new_zeros(shape)
-
-    @staticmethod
-    def stop_gradient(x):
-        return x.detach()
-
-    @staticmethod
-    def take(x, index, axis):
-        return x.index_select(axis, index)
-
-    @staticmethod
-    def take_along_axis(x, index, axis):
-        return x.gather(axis, index.expand(*index.shape[:-1], x.shape[-1]))
-
-    @staticmethod
-    def arange(n, like):
-        return torch.arange(n, device=like.device)
-
-    @staticmethod
-    def to_f64(x):
-        return x.double()
-
-    @staticmethod
-    def cast_like(x, like):
-        return x.to(like.dtype)
-
-
-TORCH = _TorchOps()
 
 
 class ShortConvolution(nn.Module):
@@ -355,6 +290,16 @@ class GatedSlotAttention(_Mixer):
         q, k, v, f = project(h, ws, norm).split([w.shape[0] for w in ws], -1)
         hk0, hv0, *conv0 = (None, None) if state is None else state
         q, k, v, conv = self._convolve(q, k, v, conv0, cu_seqlens, use_cache, mask)
+        if (T == 1 and use_cache and hk0 is not None and cu_seqlens is None and not torch.is_grad_enabled()
+                and hk0.dtype == hv0.dtype == torch.float32 and hk0.is_contiguous() and hv0.is_contiguous()):
+            # a decode step from the projections, the slot states in place (one Triton kernel on
+            # CUDA); a padded position's gate logit +inf gives g = 0 and s = 0, as the mask below
+            if mask is not None:
+                f = torch.where(mask[..., None], f, float("inf"))
+            o = gsa_decode_step_(*(x.view(B, T, -1, d) for x, d in ((q, a.head_k_dim), (k, a.head_k_dim),
+                                                                   (v, a.head_v_dim), (f, a.num_slots))),
+                                 a.scale, hk0, hv0, a.feature_map, a.gate_logit_normalizer)
+            return self._output(o, h), (hk0, hv0, *conv)
         q = lm.feature_map(TORCH, q.view(B, T, -1, a.head_k_dim), a.feature_map)
         k = lm.feature_map(TORCH, k.view(B, T, -1, a.head_k_dim), a.feature_map)
         v = F.silu(v.view(B, T, -1, a.head_v_dim))
@@ -366,11 +311,6 @@ class GatedSlotAttention(_Mixer):
             k, v, g, s = (t.repeat_interleave(G, dim=2) for t in (k, v, g, s))
         chunked = T > RECURRENT_MAX_T or self.training
         s = s.to(q.dtype)
-        if (T == 1 and use_cache and hk0 is not None and cu_seqlens is None and not torch.is_grad_enabled()
-                and hk0.dtype == hv0.dtype == torch.float32 and hk0.is_contiguous() and hv0.is_contiguous()):
-            # a decode step: the slot states in place (one Triton kernel on CUDA)
-            o = gsa_decode_step_(q, k, v, s, g, a.scale, hk0, hv0)
-            return project_add(o.reshape(B, T, -1), self.o_proj.weight, h, pre=self._output), (hk0, hv0, *conv)
         new_state = None
         if cu_seqlens is not None and chunked and hk0 is None and not use_cache:
             # packed training rows: every sequence in one pass (a loop over a row's documents
@@ -389,10 +329,11 @@ class GatedSlotAttention(_Mixer):
             o = torch.cat(outs, 1)
             if use_cache:
                 new_state = (*(torch.cat([st[i] for st in states], 0) for i in range(2)), *conv)
-        return project_add(o.reshape(B, T, -1), self.o_proj.weight, h, pre=self._output), new_state
+        return self._output(o, h), new_state
 
-    def _output(self, o):
-        return self.g_norm(F.silu(o))
+    def _output(self, o, h):
+        # silu, the output norm and the o projection: one GEMV at decode
+        return project_add(o.flatten(2), self.o_proj.weight, h, pre=SiluNorm(self.g_norm))
 
 
 def lm_loss_by_blocks(h, norm, head, labels, rows=4096):

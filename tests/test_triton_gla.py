@@ -425,8 +425,8 @@ def test_gated_decode_step(kind, gates, dtype):
 @pytest.mark.parametrize("attn_type", ["regla", "gla", "gsa"])
 def test_model_decode_through_gated_step(attn_type, monkeypatch):
     """A model's decode steps through ``gated_decode_step_`` (regla, gla) or ``gsa_decode_step_``
-    (what CUDA runs; here the kernels in the interpreter off the GPU) against one full forward
-    over the sequence, batch 2."""
+    (what CUDA runs; here the kernels in the interpreter off the GPU, the projections in plain
+    torch) against one full forward over the sequence, batch 2: every step takes the kernel."""
     import regla_torch.model as model_module
     import regla_torch.ops.gsa as gsa_module
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
@@ -453,31 +453,36 @@ def test_model_decode_through_gated_step(attn_type, monkeypatch):
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-4)
 
 
-# V = 160: 3 V blocks a head at 64 slots (the last partial), 2 at 24
-GSA_STEP_CASES = [(32, 160, 64, gates, torch.float32) for gates in ("strong", "mid", "weak")] + [
-    (32, 160, 24, "mid", torch.float32),     # slots not a power of two
-    (512, 160, 64, "mid", torch.float32),    # slot keys wider than one tile: the last block's second pass
-] + [(32, 160, 64, "mid", dt) for dt in (torch.float16, torch.bfloat16)]
+# V = 160: 3 V blocks a head at 64 slots (the last partial), 2 at 24; (K, V, M, query heads a
+# key head, feature map, gates, dtype)
+GSA_STEP_CASES = [(32, 160, 64, 1, "swish", gates, torch.float32) for gates in ("strong", "mid", "weak")] + [
+    (32, 160, 24, 1, "swish", "mid", torch.float32),     # slots not a power of two
+    (512, 160, 64, 1, "swish", "mid", torch.float32),    # slot keys wider than one tile: a second pass
+    (32, 160, 64, 2, "sqrelu", "mid", torch.float32),    # two query heads a key head; another map
+    (32, 160, 64, 1, "softmax", "mid", torch.float32),   # a map over the head: computed before the kernel
+] + [(32, 160, 64, 1, "swish", "mid", dt) for dt in (torch.float16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("K,V,M,gates,dtype", GSA_STEP_CASES)
+@pytest.mark.parametrize("K,V,M,G,fmap,gates,dtype", GSA_STEP_CASES)
 @pytest.mark.parametrize("path", ["kernel", "op"])
-def test_gsa_decode_step(path, K, V, M, gates, dtype):
-    """GSA's decode step, token by token from random slot states, against spec.recurrent_gsa in
-    float64: the Triton kernel itself, and ``gsa_decode_step_`` (the kernel on CUDA, in-place
-    plain torch on a CPU). Several V blocks a head: the last to finish writes the slot keys.
-    Strong slot gates: log gates from -10 down to -1e4; weak: near 0."""
+def test_gsa_decode_step(path, K, V, M, G, fmap, gates, dtype):
+    """GSA's decode step from a layer's projections (feature maps, silu, slot gate), token by
+    token from random slot states, against layer_math's maps and spec.recurrent_gsa in float64:
+    the Triton kernel itself, and ``gsa_decode_step_`` (the kernel on CUDA, plain torch in place
+    on a CPU). Several V blocks a head: the last to finish writes the slot keys. Strong slot
+    gates: log gates from -10 down to -1e4; weak: near 0."""
     from regla_torch.ops import gsa_decode_step_
 
-    B, T, Hh = 2, 4, 2
+    if path == "kernel" and fmap == "softmax":
+        pytest.skip("the kernel takes elementwise maps only; the op computes softmax before it (the op case)")
+    B, T, HK, norm = 2, 4, 2, 8.0
+    Hq = HK * G
     gen = torch.Generator().manual_seed(5)
     r = lambda *sh: torch.randn(*sh, generator=gen)
-    u = torch.rand(B, T, Hh, M, generator=gen)
-    g = {"strong": -(10 ** (1 + 3 * u)), "mid": -4 * u, "weak": -1e-3 * u}[gates]
-    s = -torch.expm1(g)
-    q, k = r(B, T, Hh, K).sigmoid(), r(B, T, Hh, K).sigmoid()
-    v = r(B, T, Hh, V)
-    hk0, hv0 = r(B, Hh, K, M), r(B, Hh, M, V)
+    u = torch.rand(B, T, HK, M, generator=gen)
+    f = {"strong": -(10 ** (1 + 3 * u)) * norm, "mid": 6 - 26 * u, "weak": 8 + 4 * u}[gates]
+    q, k, v = r(B, T, Hq, K), r(B, T, HK, K), r(B, T, HK, V)
+    hk0, hv0 = r(B, Hq, K, M), r(B, Hq, M, V)
     hk, hv = hk0.clone().to(DEV), hv0.clone().to(DEV)
     dev = lambda x: x.to(dtype).to(DEV).contiguous()
     scale = K ** -0.5
@@ -485,14 +490,20 @@ def test_gsa_decode_step(path, K, V, M, gates, dtype):
     for t in range(T):
         sl = lambda x: dev(x[:, t:t + 1])
         if path == "kernel":
-            o = fused_recurrent_gsa_step_(sl(q), sl(k), sl(v), sl(s), g[:, t:t + 1].to(DEV).contiguous(),
-                                          hk, hv, scale)
+            o = fused_recurrent_gsa_step_(sl(q), sl(k), sl(v), f[:, t:t + 1].to(DEV).contiguous(), hk, hv, scale,
+                                          fmap, norm)
         else:
-            o = gsa_decode_step_(sl(q), sl(k), sl(v), sl(s), g[:, t:t + 1].to(DEV).contiguous(), scale, hk, hv)
+            o = gsa_decode_step_(sl(q), sl(k), sl(v), f[:, t:t + 1].to(DEV).contiguous(), scale, hk, hv, fmap, norm)
         outs.append(o)
     # the reference sees the inputs as rounded to dtype, as the kernel does
-    rd = lambda x: x.to(dtype).double()
-    ro, rk, rv = spec.recurrent_gsa(rd(q), rd(k), rd(v), rd(s), g.double(), scale, hk0, hv0)
+    rd = lambda x: x.to(dtype).double().numpy()
+    g = spec.logsigmoid(f.double().numpy()) / norm
+    assert {"strong": (g < -9).mean() > 0.5, "mid": (g < -1).mean() > 0.1 and (g > -0.1).mean() > 0.1,
+            "weak": (g > -1e-3).all()}[gates]
+    rep = lambda x: np.repeat(x, G, axis=2)
+    qm = lm.feature_map(lm.NUMPY, rd(q), fmap)
+    km, vm = rep(lm.feature_map(lm.NUMPY, rd(k), fmap)), rep(spec.silu(rd(v)))
+    ro, rk, rv = spec.recurrent_gsa(qm, km, vm, rep(-np.expm1(g)), rep(g), scale, hk0, hv0)
     assert rel(torch.cat(outs, 1), ro) <= TOL[dtype]
     assert rel(hk, rk) <= TOL[dtype]
     assert rel(hv, rv) <= TOL[dtype]
@@ -727,6 +738,11 @@ def test_grouped_gemv(M, K, dtype):
     a, b = gu.double().chunk(2, -1)
     ref = res.double() + (a * torch.sigmoid(a) * b) @ ws[2].double().T
     assert rel(grouped_gemv(gu, [ws[2]], glu=True, residual=res), ref) <= tol
+    # GSA's output: the RMSNorm of silu(x), plus a residual
+    sd = xs.double() * torch.sigmoid(xs.double())
+    sn = sd * torch.rsqrt(sd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    ref = res.double() + sn @ ws[2].double().T
+    assert rel(grouped_gemv(xs, [ws[2]], nw, 1e-5, residual=res, silu=True), ref) <= tol
     # an attention output: RMSNorm per head, times silu(gate) (a strided view, as at decode), plus
     # the residual; heads scaled apart, so a norm over the wrong span shows
     for D, affine in ((64, True), (128, False), (8, True)):
@@ -753,17 +769,19 @@ def test_grouped_gemv(M, K, dtype):
         grouped_gemv(x, ws[:2], residual=res)
 
 
-@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+@pytest.mark.parametrize("attn_type", ["regla", "gla", "gsa"])
 def test_model_decode_through_the_gemvs_equals_full_forward(attn_type, monkeypatch):
     """A model's decode steps through the Triton path (the GEMVs with the pre-norms, the output
-    norm and gate and the residual adds folded in; the in-place step kernel) against its full
-    forward, fp32. Off CUDA the dispatch is forced, so the interpreter runs the same kernels."""
+    norm and gate and the residual adds folded in, GSA's silu and output norm; the in-place step
+    kernels) against its full forward, fp32. Off CUDA the dispatch is forced, so the interpreter runs the same kernels."""
     import regla_torch.ops.chunk
     import regla_torch.ops.fused_recurrent
+    import regla_torch.ops.gsa
     import regla_torch.ops.linear
     from regla_torch import ReGLAConfig, ReGLAForCausalLM
     if not CUDA:
-        for mod in (regla_torch.ops.linear, regla_torch.ops.chunk, regla_torch.ops.fused_recurrent):
+        for mod in (regla_torch.ops.linear, regla_torch.ops.chunk, regla_torch.ops.fused_recurrent,
+                    regla_torch.ops.gsa):
             monkeypatch.setattr(mod, "use_triton", lambda x: True)
     args = spec.ModelArgs(attn_type=attn_type, vocab_size=96, hidden_size=64, num_hidden_layers=2, num_heads=2)
     torch.manual_seed(0)

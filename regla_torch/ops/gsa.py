@@ -7,7 +7,9 @@ import torch
 from .chunk import chunk_gated, chunk_gla
 from .fused_recurrent import fused_recurrent_gla
 from .naive import naive_recurrent_gla
-from .utils import segment_ids, use_triton
+from regla import layer_math as lm
+
+from .utils import TORCH, segment_ids, use_triton
 
 
 def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=False, chunked=True,
@@ -52,42 +54,53 @@ def chunk_gsa(q, k, v, s, g, scale=1.0, initial_state=None, output_final_state=F
     return o.to(q.dtype), ((hk, hv) if output_final_state else None)
 
 
-def gsa_decode_step_(q, k, v, s, g, scale, hk, hv):
-    """One GSA decode step that updates the slot states in place (``chunk_gsa``'s two passes at
-    one token): ``hk <- hk diag(a) + k s^T``, ``hv <- diag(a) hv + s v^T`` with ``a = exp(g)``,
-    returns ``softmax(scale q hk) hv`` as [B, 1, H, V] in v's dtype.
+def gsa_decode_step_(q, k, v, f, scale, hk, hv, feature_map, gate_logit_normalizer):
+    """One GSA decode step from the layer's projections, the slot states updated in place:
+    the feature map of q and k, ``silu(v)``, the slot gate ``g = log_sigmoid(f) / normalizer``
+    and weights ``s = 1 - exp(g)``, then ``chunk_gsa``'s two passes at one token:
+    ``hk <- hk diag(a) + k s^T``, ``hv <- diag(a) hv + s v^T`` with ``a = exp(g)``; returns
+    ``softmax(scale q hk) hv`` as [B, 1, H, V] in v's dtype.
 
-    q, k: [B, 1, H, K]; v: [B, 1, H, V]; s, g: [B, 1, H, M]; hk [B, H, K, M] and hv [B, H, M, V]
-    float32, contiguous. On CUDA one Triton kernel (``fused_recurrent_gsa_step_``); in place, so
-    the compiled, CUDA-graph-captured decode step copies no state back. Inference only."""
+    q: [B, 1, H, K]; k: [B, 1, HK, K], v: [B, 1, HK, V] and f: [B, 1, HK, M] for HK dividing H
+    (each read by H / HK query heads); hk [B, H, K, M] and hv [B, H, M, V] float32, contiguous.
+    On CUDA one Triton kernel (``fused_recurrent_gsa_step_``, which computes the elementwise
+    feature maps itself); in place, so the compiled, CUDA-graph-captured decode step copies no
+    state back. Inference only."""
     B, H, K, M = hk.shape
     V = hv.shape[-1]
-    if (q.shape != (B, 1, H, K) or k.shape != q.shape or v.shape != (B, 1, H, V) or s.shape != (B, 1, H, M)
-            or g.shape != s.shape or hv.shape != (B, H, M, V)):
-        raise ValueError(f"gsa_decode_step_ needs q, k [{B}, 1, {H}, {K}], v [{B}, 1, {H}, {V}], s, g "
-                         f"[{B}, 1, {H}, {M}] for states {tuple(hk.shape)}, {tuple(hv.shape)}; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, s {tuple(s.shape)}, "
-                         f"g {tuple(g.shape)}")
+    HK = k.shape[2] if k.dim() == 4 else 0
+    if (q.shape != (B, 1, H, K) or HK < 1 or H % HK or k.shape != (B, 1, HK, K) or v.shape != (B, 1, HK, V)
+            or f.shape != (B, 1, HK, M) or hv.shape != (B, H, M, V)):
+        raise ValueError(f"gsa_decode_step_ needs q [{B}, 1, {H}, {K}], k, v, f [{B}, 1, HK, {K} / {V} / {M}] "
+                         f"(HK dividing {H}) for states {tuple(hk.shape)}, {tuple(hv.shape)}; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, f {tuple(f.shape)}")
     if hk.dtype != torch.float32 or hv.dtype != torch.float32 or not (hk.is_contiguous() and hv.is_contiguous()):
         raise ValueError("gsa_decode_step_ updates float32 contiguous states in place; got "
                          f"{hk.dtype}, {hv.dtype}")
-    return _gsa_step_op(q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(), hk, hv,
-                        float(scale))
+    return _gsa_step_op(q.contiguous(), k.contiguous(), v.contiguous(), f.contiguous(), hk, hv, float(scale),
+                        feature_map, float(gate_logit_normalizer))
 
 
 @torch.library.custom_op("regla::gsa_decode_step_", mutates_args=("hk", "hv"))
-def _gsa_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor,
-                 hk: torch.Tensor, hv: torch.Tensor, scale: float) -> torch.Tensor:
+def _gsa_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Tensor, hk: torch.Tensor,
+                 hv: torch.Tensor, scale: float, feature_map: str, gate_logit_normalizer: float) -> torch.Tensor:
     if use_triton(q):
-        from .triton import fused_recurrent_gsa_step_
-        return fused_recurrent_gsa_step_(q, k, v, s, g, hk, hv, scale)
-    a, s1 = g[:, 0].float().exp(), s[:, 0].float()  # [B, H, M]
-    hk.mul_(a[:, :, None, :]).add_(k[:, 0].float()[..., None] * s1[:, :, None, :])
-    hv.mul_(a[..., None]).add_(s1[..., None] * v[:, 0].float()[:, :, None, :])
-    p = torch.softmax(scale * torch.einsum("bhk,bhkm->bhm", q[:, 0].float(), hk), -1)
+        from .triton.fused_recurrent import GSA_STEP_MAPS, fused_recurrent_gsa_step_
+        if feature_map not in GSA_STEP_MAPS:  # a map over the whole head (softmax): here, then none
+            q, k = (lm.feature_map(TORCH, x, feature_map).to(x.dtype) for x in (q, k))
+            feature_map = "identity"
+        return fused_recurrent_gsa_step_(q, k, v, f, hk, hv, scale, feature_map, gate_logit_normalizer)
+    G = q.shape[2] // k.shape[2]
+    q, k = (lm.feature_map(TORCH, x[:, 0].float(), feature_map) for x in (q, k))
+    g = torch.nn.functional.logsigmoid(f[:, 0].float()) / gate_logit_normalizer  # [B, HK, M]
+    k, v, g = (x.repeat_interleave(G, 1) for x in (k, torch.nn.functional.silu(v[:, 0].float()), g))
+    a, s = g.exp(), -torch.expm1(g)
+    hk.mul_(a[:, :, None, :]).add_(k[..., None] * s[:, :, None, :])
+    hv.mul_(a[..., None]).add_(s[..., None] * v[:, :, None, :])
+    p = torch.softmax(scale * torch.einsum("bhk,bhkm->bhm", q, hk), -1)
     return torch.einsum("bhm,bhmv->bhv", p, hv)[:, None].to(v.dtype)
 
 
 @_gsa_step_op.register_fake
-def _(q, k, v, s, g, hk, hv, scale):
-    return v.new_empty(v.shape)
+def _(q, k, v, f, hk, hv, scale, feature_map, gate_logit_normalizer):
+    return v.new_empty(q.shape[0], 1, q.shape[2], v.shape[-1])

@@ -108,6 +108,21 @@ class HeadNormGate:
                 and (self.gate is None or (self.gate.dtype == o.dtype and self.gate.stride(-1) == 1)))
 
 
+class SiluNorm:
+    """``pre`` of GSA's o projection: ``norm(silu(o))``, an RMSNorm over the whole row (None: no
+    norm). At decode an RMSNorm with a weight runs inside the projection's GEMV."""
+
+    def __init__(self, norm):
+        self.norm = norm
+
+    def __call__(self, o):
+        o = F.silu(o)
+        return o if self.norm is None else self.norm(o)
+
+    def folds_into_gemv(self) -> bool:
+        return isinstance(self.norm, RMSNorm) and self.norm.weight is not None
+
+
 def _gemv_ok(x, weights):
     if torch.is_grad_enabled() or not use_triton(x):
         return False
@@ -168,7 +183,7 @@ def project_add(x, weight, residual, glu=False, pre=None):
     """``residual + F.linear(pre(x), weight)``; with ``glu``, x is ``[gate | up]`` and the
     product is with ``silu(gate) * up``. ``pre`` (elementwise work before the projection: an
     attention layer's output norm and gate) defaults to the identity; at decode a
-    ``HeadNormGate`` with an RMSNorm runs inside the GEMV."""
+    ``HeadNormGate`` or ``SiluNorm`` with an RMSNorm runs inside the GEMV."""
     if torch.is_grad_enabled() and (glu or pre is not None):
         # training: keep x, not the normed, gated or silu(gate) * up tensors as well; they are
         # recomputed in the backward (as fla's fused norm-linear and SwiGLU-linear do)
@@ -181,6 +196,12 @@ def project_add(x, weight, residual, glu=False, pre=None):
         gate = None if pre.gate is None else pre.gate.reshape(-1, K)
         y = _grouped_gemv(x.reshape(-1, K), [weight], pre.norm.weight, pre.norm.eps, False, rows, x.shape[-1],
                           gate)
+        return y.view(residual.shape)
+    if (isinstance(pre, SiluNorm) and pre.folds_into_gemv() and _gemv_ok(x, [weight])
+            and residual.dtype == x.dtype):
+        rows = residual.reshape(-1, residual.shape[-1])
+        y = _grouped_gemv(x.reshape(-1, x.shape[-1]), [weight], pre.norm.weight, pre.norm.eps, False, rows,
+                          silu=True)
         return y.view(residual.shape)
     if pre is not None:
         x = pre(x)
@@ -211,12 +232,12 @@ def linear(x, weight, bias=None):
 @torch.library.custom_op("regla::grouped_gemv", mutates_args=())
 def _grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None, eps: float,
                   glu: bool, residual: torch.Tensor | None, head_dim: int = 0,
-                  gate: torch.Tensor | None = None) -> torch.Tensor:
+                  gate: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
     from .triton import grouped_gemv
 
-    return grouped_gemv(x, weights, norm_weight, eps, glu, residual, head_dim, gate)
+    return grouped_gemv(x, weights, norm_weight, eps, glu, residual, head_dim, gate, silu)
 
 
 @_grouped_gemv.register_fake
-def _(x, weights, norm_weight, eps, glu, residual, head_dim=0, gate=None):
+def _(x, weights, norm_weight, eps, glu, residual, head_dim=0, gate=None, silu=False):
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))

@@ -168,30 +168,53 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale
     _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
 
 
+# feature maps the GSA step computes itself (layer_math.feature_map's elementwise ones)
+GSA_STEP_MAPS = {"identity": 0, "swish": 1, "relu": 2, "sigmoid": 3, "sqrelu": 4, "elu": 5}
+
+
 @triton.jit
-def _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, k0, mc, mm, K: tl.constexpr, M: tl.constexpr, BK: tl.constexpr):
+def _feature_map(x, MAP: tl.constexpr):
+    if MAP == 1:
+        x = x * tl.sigmoid(x)
+    elif MAP == 2:
+        x = tl.maximum(x, 0.)
+    elif MAP == 3:
+        x = tl.sigmoid(x)
+    elif MAP == 4:
+        x = tl.maximum(x, 0.) * tl.maximum(x, 0.)
+    elif MAP == 5:
+        x = tl.where(x > 0, x + 1., tl.exp(tl.minimum(x, 0.)))
+    return x
+
+
+@triton.jit
+def _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, i_kv, k0, mc, mm, K: tl.constexpr, M: tl.constexpr, BK: tl.constexpr,
+                 MAP: tl.constexpr):
     """Slot keys ``Kt <- Kt diag(a) + k s^T`` on rows k0..k0+BK, and those rows' share of q Kt."""
     kc = k0 + tl.arange(0, BK)
     mk = kc < K
     m_km = mk[:, None] & mm[None, :]
     p_hk = hk + i_bh * K * M + kc[:, None] * M + mc[None, :]
     b_hk = tl.load(p_hk, mask=m_km, other=0.).to(tl.float32)
-    b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
-    b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
+    b_k = _feature_map(tl.load(k + i_kv * K + kc, mask=mk, other=0.).to(tl.float32), MAP)
+    b_q = _feature_map(tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32), MAP)
     b_hk = b_hk * b_a[None, :] + b_k[:, None] * b_s[None, :]
     return b_hk, p_hk, m_km, tl.sum(b_q[:, None] * b_hk, 0)
 
 
 @triton.jit
-def _gsa_step_kernel(q, k, v, s, g, hk, hv, o, done, scale,
+def _gsa_step_kernel(q, k, v, f, hk, hv, o, done, scale, inv_norm, H: tl.constexpr, HK: tl.constexpr,
                      K: tl.constexpr, M: tl.constexpr, V: tl.constexpr,
-                     BK: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
-    """A GSA decode step (MATH.md section 4) in place: slot keys Kt [K, M] and a [M, BV] tile of
-    the slot values Vt, ``Kt <- Kt diag(a) + k s^T``, ``Vt <- diag(a) Vt + s v^T``,
-    ``o = softmax(scale q Kt) Vt`` with ``a = exp(g)``. Every V block of a head computes the
-    whole softmax (Kt is K x M multiply-adds); the head's last block to count itself in
-    ``done`` writes the new Kt over the old one."""
+                     BK: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, MAP: tl.constexpr, PDL: tl.constexpr):
+    """A GSA decode step (MATH.md section 4) from the layer's projections, in place: the feature
+    map of q and k, ``v <- silu(v)``, the slot gate ``g = log_sigmoid(f) / normalizer`` and
+    weights ``s = 1 - exp(g)``; then slot keys Kt [K, M] and a [M, BV] tile of the slot values
+    Vt, ``Kt <- Kt diag(a) + k s^T``, ``Vt <- diag(a) Vt + s v^T``, ``o = softmax(scale q Kt) Vt``
+    with ``a = exp(g)``. k, v and f have HK heads, each read by H / HK query heads. Every V block
+    of a head computes the whole softmax (Kt is K x M multiply-adds); the head's last block to
+    count itself in ``done`` writes the new Kt over the old one."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_kv = (i_bh // H) * HK + (i_bh % H) // (H // HK)
     mc = tl.arange(0, BM)
     mm = mc < M
     vc = i_v * BV + tl.arange(0, BV)
@@ -203,16 +226,17 @@ def _gsa_step_kernel(q, k, v, s, g, hk, hv, o, done, scale,
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    b_g = tl.load(g + i_bh * M + mc, mask=mm, other=0.).to(tl.float32)
-    b_s = tl.load(s + i_bh * M + mc, mask=mm, other=0.).to(tl.float32)
+    b_g = _log_sigmoid(tl.load(f + i_kv * M + mc, mask=mm, other=0.).to(tl.float32)) * inv_norm
+    b_s = -_expm1(b_g)
     b_a = tl.exp(b_g)
-    b_hk, p_hk, m_km, b_sc = _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, 0, mc, mm, K, M, BK)
+    b_hk, p_hk, m_km, b_sc = _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, i_kv, 0, mc, mm, K, M, BK, MAP)
     for k0 in range(BK, K, BK):
-        b_sc += _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, k0, mc, mm, K, M, BK)[3]
+        b_sc += _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, i_kv, k0, mc, mm, K, M, BK, MAP)[3]
     b_sc = tl.where(mm, b_sc * scale, float("-inf"))
     b_p = tl.exp(b_sc - tl.max(b_sc, 0))
     b_p = b_p / tl.sum(b_p, 0)
-    b_v = tl.load(v + i_bh * V + vc, mask=mv, other=0.).to(tl.float32)
+    b_v = tl.load(v + i_kv * V + vc, mask=mv, other=0.).to(tl.float32)
+    b_v = b_v * tl.sigmoid(b_v)
     b_hv = b_hv * b_a[:, None] + b_s[:, None] * b_v[None, :]
     tl.store(p_hv, b_hv.to(hv.dtype.element_ty), mask=m_mv)
     tl.store(o + i_bh * V + vc, tl.sum(b_p[:, None] * b_hv, 0).to(o.dtype.element_ty), mask=mv)
@@ -220,7 +244,7 @@ def _gsa_step_kernel(q, k, v, s, g, hk, hv, o, done, scale,
     if tl.atomic_add(done + i_bh, 1) == tl.num_programs(0) - 1:
         tl.store(p_hk, b_hk.to(hk.dtype.element_ty), mask=m_km)
         for k0 in range(BK, K, BK):  # (K wider than one tile: recomputed from the old rows)
-            b_hk, p_hk, m_km, _ = _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, k0, mc, mm, K, M, BK)
+            b_hk, p_hk, m_km, _ = _gsa_hk_tile(hk, q, k, b_a, b_s, i_bh, i_kv, k0, mc, mm, K, M, BK, MAP)
             tl.store(p_hk, b_hk.to(hk.dtype.element_ty), mask=m_km)
         tl.store(done + i_bh, 0)
 
@@ -520,19 +544,26 @@ def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_
     return out
 
 
-def fused_recurrent_gsa_step_(q, k, v, s, g, hk, hv, scale):
-    """One GSA decode step with the slot states updated in place (``_gsa_step_kernel``): q, k
-    [B, H, K] (or [B, 1, H, K]), v [B, H, V], slot weights s and log slot gates g [B, H, M], all
-    contiguous; hk [B, H, K, M] and hv [B, H, M, V] contiguous float32. Returns o [B, 1, H, V]
-    in v's dtype. Allocates only o: safe to capture in a CUDA graph."""
+def fused_recurrent_gsa_step_(q, k, v, f, hk, hv, scale, feature_map="swish", gate_logit_normalizer=1.0):
+    """One GSA decode step from the layer's projections, the slot states updated in place
+    (``_gsa_step_kernel``): q [B, H, K] (or [B, 1, H, K]); k [B, HK, K], v [B, HK, V] and the
+    slot gate logits f [B, HK, M] for HK dividing H, all contiguous, before the feature map (one
+    of ``GSA_STEP_MAPS``), silu and log-sigmoid; hk [B, H, K, M] and hv [B, H, M, V] contiguous
+    float32. Returns o [B, 1, H, V] in v's dtype. Allocates only o: safe to capture in a CUDA
+    graph."""
     B, H, K, M = hk.shape
     V = hv.shape[-1]
+    HK = k.numel() // (B * K)
     if hv.shape != (B, H, M, V) or not (hk.is_contiguous() and hv.is_contiguous()):
         raise ValueError(f"hk [B, H, K, M] and hv [B, H, M, V] must be contiguous; got {tuple(hk.shape)}, "
                          f"{tuple(hv.shape)}")
-    for name, x, d in (("q", q, K), ("k", k, K), ("v", v, V), ("s", s, M), ("g", g, M)):
-        if x.numel() != B * H * d or x.shape[-1] != d or not x.is_contiguous():
-            raise ValueError(f"{name} must be contiguous [B, H, {d}] or [B, 1, H, {d}]")
+    if HK < 1 or H % HK:
+        raise ValueError(f"k must have a number of heads dividing H = {H}, got {tuple(k.shape)}")
+    for name, x, n, d in (("q", q, H, K), ("k", k, HK, K), ("v", v, HK, V), ("f", f, HK, M)):
+        if x.numel() != B * n * d or x.shape[-1] != d or not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous [B, {n}, {d}] or [B, 1, {n}, {d}]")
+    if feature_map not in GSA_STEP_MAPS:
+        raise ValueError(f"the GSA step computes the feature maps {sorted(GSA_STEP_MAPS)}, not {feature_map!r}")
     out = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
     BM = next_pow2(M)
     # Kt's rows in tiles of at most 16K fp32 (64 a thread at 8 warps): one tile at fla's
@@ -541,8 +572,9 @@ def fused_recurrent_gsa_step_(q, k, v, s, g, hk, hv, scale):
     BV = min(next_pow2(V), max(16, 4096 // BM))
     pdl = use_pdl(q.device)
     _gsa_step_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, s, g, hk, hv, out, _counters(hk.device, B * H), float(scale), K=K, M=M, V=V,
-        BK=BK, BM=BM, BV=BV, PDL=pdl, num_warps=8, launch_pdl=pdl)
+        q, k, v, f, hk, hv, out, _counters(hk.device, B * H), float(scale), 1.0 / gate_logit_normalizer,
+        H=H, HK=HK, K=K, M=M, V=V, BK=BK, BM=BM, BV=BV, MAP=GSA_STEP_MAPS[feature_map], PDL=pdl,
+        num_warps=8, launch_pdl=pdl)
     return out
 
 

@@ -36,8 +36,8 @@ EARLY = True
 
 @triton.jit
 def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-          GLU: tl.constexpr, HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr):
-    """One K block: x's block transformed (gating, norm, head norm and gate), times the weights'."""
+          GLU: tl.constexpr, HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr, SILU: tl.constexpr):
+    """One K block: x's block transformed (gating, silu, norm, head norm and gate), times the weights'."""
     rk = k0 + tl.arange(0, BK)
     mk = rk < K
     mx = mm[:, None] & mk[None, :]
@@ -45,6 +45,8 @@ def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr,
     if GLU:
         b_u = tl.load(x + rm[:, None] * XS + K + rk[None, :], mask=mx, other=0.).to(tl.float32)
         b_x = b_x * tl.sigmoid(b_x) * b_u
+    if SILU:
+        b_x = b_x * tl.sigmoid(b_x)
     if NORM:
         ss += b_x * b_x
         b_x *= tl.load(nw + rk, mask=mk, other=0.).to(tl.float32)[None, :]
@@ -68,7 +70,7 @@ def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr,
 def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, gt, GS, M, K, XS, NY, eps,
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                 HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr,
+                 HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr, SILU: tl.constexpr,
                  PDL: tl.constexpr, EARLY: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
@@ -116,11 +118,11 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
     # loads and multiply-adds, so the next block's loads can issue while this one computes
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
     ss = tl.zeros([BM, BK], dtype=tl.float32)
-    acc, ss = _tile(acc, ss, b_w, 0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE)
+    acc, ss = _tile(acc, ss, b_w, 0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE, SILU)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
-        acc, ss = _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE)
+        acc, ss = _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE, SILU)
     b_y = tl.sum(acc, 2)
     if NORM:
         b_y *= tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
@@ -150,10 +152,11 @@ def config(N: int, K: int) -> dict:
 
 def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
                  eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None,
-                 head_dim: int = 0, gate: torch.Tensor | None = None) -> torch.Tensor:
+                 head_dim: int = 0, gate: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
     """``torch.cat([f(x) @ w.T for w in weights], -1) (+ residual)`` for x [M, K] with M <= 4
     rows and up to six contiguous weights [N_g, K] of x's dtype, where f is nothing, the
-    RMSNorm with ``norm_weight`` [K], or (``glu``, x [M, 2K]) ``silu(x[:, :K]) * x[:, K:]``, or
+    RMSNorm with ``norm_weight`` [K] (of ``silu(x)`` with ``silu``: GSA's output), or (``glu``,
+    x [M, 2K]) ``silu(x[:, :K]) * x[:, K:]``, or
     (``head_dim`` > 0, a power of two dividing K) the RMSNorm of each head of ``head_dim``
     channels with ``norm_weight`` [head_dim] (or none), times ``silu(gate)`` ([M, K], any row
     stride; or no gate). Returns [M, sum N_g] in x's dtype."""
@@ -163,8 +166,10 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     if not (1 <= G <= MAX_GROUPS and 1 <= M <= MAX_ROWS) or x.dim() != 2:
         raise ValueError(f"grouped_gemv takes x [M, K] with 1..{MAX_ROWS} rows and 1..{MAX_GROUPS} weights, "
                          f"got x {tuple(x.shape)}, {G} weights")
-    if glu and (norm_weight is not None or head_dim):
-        raise ValueError("grouped_gemv: glu does not combine with a norm")
+    if glu and (norm_weight is not None or head_dim or silu):
+        raise ValueError("grouped_gemv: glu does not combine with a norm or silu")
+    if silu and head_dim:
+        raise ValueError("grouped_gemv: silu combines with the whole-row norm only, not head_dim")
     if head_dim and (head_dim & (head_dim - 1) or K % head_dim):
         raise ValueError(f"head_dim must be a power of two dividing K = {K}, got {head_dim}")
     if gate is not None and (not head_dim or gate.shape != (M, K) or gate.stride(1) != 1):
@@ -197,5 +202,5 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
                        NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
                        HEAD=head_dim, HEAD_W=bool(head_dim) and norm_weight is not None,
-                       GATE=gate is not None, PDL=pdl, EARLY=pdl and EARLY, launch_pdl=pdl, **c)
+                       GATE=gate is not None, SILU=silu, PDL=pdl, EARLY=pdl and EARLY, launch_pdl=pdl, **c)
     return y
