@@ -23,8 +23,20 @@ Result on the H200 (2026-12-03, BENCHMARKS section 1, "ninth session"): best cha
 layer against 26.4 us for the two launches, over 45 launch shapes; the prefetch made no real
 difference. Too few programs are resident to keep the reads in flight that the one-call rate needs.
 
+A fourth way, written 2026-12-04 (tenth session) after the device time was spent, **not yet run
+on a GPU**: ``tickets``, the two GEMVs' usual grids as one launch, no program persistent. Each
+program first takes a ticket (an atomic count, so tickets follow the order programs start in);
+tickets below gate+up's block count do a gate+up row block and count it done; the others do a
+down row block: they load their first weight tile, then wait for all gate+up blocks to be counted
+done. A program waits only on programs that hold lower tickets and so are already running: it
+cannot deadlock, and a waiting down program holds only a slot that gate+up no longer needs. The
+question it answers: is a counter in global memory a cheaper boundary than a kernel boundary under
+programmatic dependent launch (3.7 us a boundary in bench_gemv's step, BENCHMARKS "tenth session")?
+
 In the interpreter programs run one after another, so a barrier with more than one program never
-opens: ``--cpu-check`` runs one program (the barrier and the counters' reset still execute).
+opens: ``--cpu-check`` runs the chain with one program (the barrier and the counters' reset still
+execute) and the tickets with their full grid (in the interpreter's order every gate+up block is
+done before the first down block waits).
 """
 import argparse
 import os
@@ -95,6 +107,68 @@ def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
         tl.atomic_xchg(cnt + 1, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def _mlp_ticket_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, N1B, N2B,
+                       BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
+                       KP: tl.constexpr, EARLY: tl.constexpr):
+    """The MLP of ``_mlp_chain_kernel`` over N1B + N2B programs in one launch: ticket t < N1B does
+    gate+up row block t, the others down row block t - N1B once all N1B blocks are counted done.
+    cnt: [tickets, gate+up blocks done, down blocks done], zero at launch and left zero."""
+    t = tl.atomic_add(cnt, 1, sem="relaxed", scope="gpu")
+    if t < N1B:
+        rk1 = tl.arange(0, KP)
+        b_x1 = tl.load(x + rk1, mask=rk1 < K, other=0.).to(tl.float32)
+        r = tl.rsqrt(tl.sum(b_x1 * b_x1) / K + eps)
+        N1 = 2 * I
+        rn1 = t * BN1 + tl.arange(0, BN1)
+        mn1 = rn1 < N1
+        acc1 = tl.zeros([BN1, BK1], dtype=tl.float32)
+        for k0 in range(0, K, BK1):
+            ck1 = k0 + tl.arange(0, BK1)
+            mk1 = ck1 < K
+            b_w1 = tl.load(w1 + rn1[:, None].to(tl.int64) * K + ck1[None, :], mask=mn1[:, None] & mk1[None, :], other=0.)
+            b_h1 = tl.load(x + ck1, mask=mk1, other=0.).to(tl.float32) * tl.load(nw + ck1, mask=mk1, other=0.).to(tl.float32)
+            acc1 += b_w1.to(tl.float32) * b_h1[None, :]
+        tl.store(gu + rn1, (tl.sum(acc1, 1) * r).to(gu.dtype.element_ty), mask=mn1)
+        tl.atomic_add(cnt + 1, 1, sem="release", scope="gpu")
+    else:
+        rn2 = (t - N1B) * BN2 + tl.arange(0, BN2)
+        mn2 = rn2 < K
+        p_w2 = wd + rn2[:, None].to(tl.int64) * I
+        ck2 = tl.arange(0, BK2)
+        if EARLY:  # the first weight tile does not depend on gate+up: before the wait
+            b_w2 = tl.load(p_w2 + ck2[None, :], mask=mn2[:, None] & (ck2 < I)[None, :], other=0.)
+        done = tl.atomic_add(cnt + 1, 0, sem="acquire", scope="gpu")
+        while done < N1B:
+            done = tl.atomic_add(cnt + 1, 0, sem="acquire", scope="gpu")
+        if not EARLY:
+            b_w2 = tl.load(p_w2 + ck2[None, :], mask=mn2[:, None] & (ck2 < I)[None, :], other=0.)
+        acc2 = tl.zeros([BN2, BK2], dtype=tl.float32)
+        for k0 in range(0, I, BK2):
+            ck2 = k0 + tl.arange(0, BK2)
+            mk2 = ck2 < I
+            if k0 > 0:
+                b_w2 = tl.load(p_w2 + ck2[None, :], mask=mn2[:, None] & mk2[None, :], other=0.)
+            b_g2 = tl.load(gu + ck2, mask=mk2, other=0., cache_modifier=".cg").to(tl.float32)
+            b_u2 = tl.load(gu + I + ck2, mask=mk2, other=0., cache_modifier=".cg").to(tl.float32)
+            acc2 += b_w2.to(tl.float32) * (b_g2 * tl.sigmoid(b_g2) * b_u2)[None, :]
+        b_y2 = tl.sum(acc2, 1) + tl.load(x + rn2, mask=mn2, other=0.).to(tl.float32)
+        tl.store(y + rn2, b_y2.to(y.dtype.element_ty), mask=mn2)
+        # the last down block out: every ticket is taken and every gate+up block counted
+        if tl.atomic_add(cnt + 2, 1, sem="acq_rel", scope="gpu") == N2B - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(cnt + 1, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(cnt + 2, 0, sem="relaxed", scope="gpu")
+
+
+def tickets(x, nw, w1, wd, gu, y, cnt, cfg, early):
+    K, I = x.shape[-1], wd.shape[1]
+    n1, n2 = triton.cdiv(2 * I, cfg["BN1"]), triton.cdiv(K, cfg["BN2"])
+    _mlp_ticket_kernel[(n1 + n2,)](x, nw, w1, wd, gu, y, cnt, K, I, 1e-6, n1, n2,
+                                   KP=triton.next_power_of_2(K), EARLY=early, **cfg)
+    return y
+
+
 def reference(x, nw, w1, wd):
     import torch.nn.functional as F
 
@@ -138,6 +212,13 @@ def cpu_check():
         err = float((y - reference(x, nw, w1, wd)).abs().max())
         print(f"interpreter, one program: max abs error {err:.1e}, counters {cnt.tolist()}")
         assert err < 1e-4 and cnt.tolist() == [0, 0]
+    cnt = torch.zeros(3, dtype=torch.int32)
+    for early in (False, True, True):  # the counters must be back at zero after each launch
+        y.zero_()
+        tickets(x, nw, w1, wd, gu, y, cnt, dict(BN1=32, BK1=128, BN2=16, BK2=256), early)
+        err = float((y - reference(x, nw, w1, wd)).abs().max())
+        print(f"interpreter, tickets (early tile {early}): max abs error {err:.1e}, counters {cnt.tolist()}")
+        assert err < 1e-4 and cnt.tolist() == [0, 0, 0]
 
 
 def main():
@@ -192,7 +273,25 @@ def main():
                 print(f"chain {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}", flush=True)
                 if err < 1e-2 and (best is None or t < best[0]):
                     best = (t, tag)
-    print(f"BEST chain: {best[1]}: {best[0]:.1f} us")
+    print(f"BEST chain: {best[1]}: {best[0]:.1f} us", flush=True)
+    # tickets: gate+up and down at the library's own launch shapes (gemv.CFGS) and a few more
+    cnt3 = torch.zeros(3, device=dev, dtype=torch.int32)
+    best = None
+    for BN1, BK1 in ((32, 256), (16, 512)):
+        for BN2, BK2 in ((4, 2048), (8, 1024)):
+            for nw_ in (4, 8):
+                cfg = dict(BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, num_warps=nw_)
+                for early in (False, True):
+                    out = tickets(x, nw, *layers[0], gu, y, cnt3, cfg, early)
+                    torch.cuda.synchronize()
+                    err = rel(out)
+                    t = graph_us([lambda w=w: tickets(x, nw, *w, gu, y, cnt3, cfg, early) for w in layers])
+                    tag = f"{cfg}{' + first down tile before the wait' if early else ''}"
+                    print(f"tickets {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}, "
+                          f"counters after {cnt3.tolist()}", flush=True)
+                    if err < 1e-2 and (best is None or t < best[0]):
+                        best = (t, tag)
+    print(f"BEST tickets: {best[1]}: {best[0]:.1f} us")
 
 
 if __name__ == "__main__":
