@@ -22,6 +22,8 @@ weights in one CUDA graph:
 Result on the H200 (2026-12-03, BENCHMARKS section 1, "ninth session"): best chain 25.1 us a
 layer against 26.4 us for the two launches, over 45 launch shapes; the prefetch made no real
 difference. Too few programs are resident to keep the reads in flight that the one-call rate needs.
+(The chain kernel's blocks moved into helpers shared with the ticket variant below on 2026-12-04,
+after that run: the same loads, the first down tile of each block now loaded before its loop.)
 
 A fourth way, written 2026-12-04 (tenth session) after the device time was spent, **not yet run
 on a GPU**: ``tickets``, the two GEMVs' usual grids as one launch, no program persistent. Each
@@ -54,6 +56,57 @@ HIDDEN, INTER, LAYERS = 2048, 5632, 24
 
 
 @triton.jit
+def _norm_scale(x, K, eps, KP: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of the row x [K]."""
+    rk = tl.arange(0, KP)
+    b_x = tl.load(x + rk, mask=rk < K, other=0.).to(tl.float32)
+    return tl.rsqrt(tl.sum(b_x * b_x) / K + eps)
+
+
+@triton.jit
+def _gate_up_block(x, nw, w1, gu, blk, r, K, I, BN1: tl.constexpr, BK1: tl.constexpr):
+    """Rows blk * BN1 ... of gu = rmsnorm(x) @ w1.T (r: x's norm scale)."""
+    rn = blk * BN1 + tl.arange(0, BN1)
+    mn = rn < 2 * I
+    acc = tl.zeros([BN1, BK1], dtype=tl.float32)
+    for k0 in range(0, K, BK1):
+        ck = k0 + tl.arange(0, BK1)
+        mk = ck < K
+        b_w = tl.load(w1 + rn[:, None].to(tl.int64) * K + ck[None, :], mask=mn[:, None] & mk[None, :], other=0.)
+        b_h = tl.load(x + ck, mask=mk, other=0.).to(tl.float32) * tl.load(nw + ck, mask=mk, other=0.).to(tl.float32)
+        acc += b_w.to(tl.float32) * b_h[None, :]
+    tl.store(gu + rn, (tl.sum(acc, 1) * r).to(gu.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _down_tile(wd, blk, k0, K, I, BN2: tl.constexpr, BK2: tl.constexpr):
+    """Columns k0 ... of down's weight rows blk * BN2 ...: wd [K, I]."""
+    rn = blk * BN2 + tl.arange(0, BN2)
+    ck = k0 + tl.arange(0, BK2)
+    return tl.load(wd + rn[:, None].to(tl.int64) * I + ck[None, :], mask=(rn < K)[:, None] & (ck < I)[None, :],
+                   other=0.)
+
+
+@triton.jit
+def _down_block(x, wd, gu, y, blk, b_w, K, I, BN2: tl.constexpr, BK2: tl.constexpr):
+    """Rows blk * BN2 ... of y = x + (silu(gate) * up) @ wd.T, given the rows' first weight tile
+    b_w; gu read past L1 (``.cg``: written by other programs of this launch)."""
+    rn = blk * BN2 + tl.arange(0, BN2)
+    mn = rn < K
+    acc = tl.zeros([BN2, BK2], dtype=tl.float32)
+    for k0 in range(0, I, BK2):
+        if k0 > 0:
+            b_w = _down_tile(wd, blk, k0, K, I, BN2, BK2)
+        ck = k0 + tl.arange(0, BK2)
+        mk = ck < I
+        b_g = tl.load(gu + ck, mask=mk, other=0., cache_modifier=".cg").to(tl.float32)
+        b_u = tl.load(gu + I + ck, mask=mk, other=0., cache_modifier=".cg").to(tl.float32)
+        acc += b_w.to(tl.float32) * (b_g * tl.sigmoid(b_g) * b_u)[None, :]
+    b_y = tl.sum(acc, 1) + tl.load(x + rn, mask=mn, other=0.).to(tl.float32)
+    tl.store(y + rn, b_y.to(y.dtype.element_ty), mask=mn)
+
+
+@triton.jit
 def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
                       BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
                       KP: tl.constexpr, IP: tl.constexpr, PREFETCH: tl.constexpr):
@@ -61,21 +114,9 @@ def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
     y = x + (silu(gate) * up) @ wd.T (wd [K, I]). Program pid takes row blocks pid, pid + NPROG,
     ... of each stage; all NPROG programs must be resident at once."""
     pid = tl.program_id(0)
-    rk = tl.arange(0, KP)
-    b_x = tl.load(x + rk, mask=rk < K, other=0.).to(tl.float32)
-    r = tl.rsqrt(tl.sum(b_x * b_x) / K + eps)
-    N1 = 2 * I
-    for blk in range(pid, tl.cdiv(N1, BN1), NPROG):
-        rn = blk * BN1 + tl.arange(0, BN1)
-        mn = rn < N1
-        acc = tl.zeros([BN1, BK1], dtype=tl.float32)
-        for k0 in range(0, K, BK1):
-            ck = k0 + tl.arange(0, BK1)
-            mk = ck < K
-            b_w = tl.load(w1 + rn[:, None].to(tl.int64) * K + ck[None, :], mask=mn[:, None] & mk[None, :], other=0.)
-            b_h = tl.load(x + ck, mask=mk, other=0.).to(tl.float32) * tl.load(nw + ck, mask=mk, other=0.).to(tl.float32)
-            acc += b_w.to(tl.float32) * b_h[None, :]
-        tl.store(gu + rn, (tl.sum(acc, 1) * r).to(gu.dtype.element_ty), mask=mn)
+    r = _norm_scale(x, K, eps, KP)
+    for blk in range(pid, tl.cdiv(2 * I, BN1), NPROG):
+        _gate_up_block(x, nw, w1, gu, blk, r, K, I, BN1, BK1)
     if PREFETCH:  # 128-byte lines of this program's first down block, into L2 (clamped in range)
         rn = tl.minimum(pid * BN2 + tl.arange(0, BN2), K - 1)
         lines = tl.minimum(tl.arange(0, IP // 64) * 64, I - 1)
@@ -88,18 +129,7 @@ def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
     while seen < NPROG:
         seen = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
     for blk in range(pid, tl.cdiv(K, BN2), NPROG):
-        rn = blk * BN2 + tl.arange(0, BN2)
-        mn = rn < K
-        acc = tl.zeros([BN2, BK2], dtype=tl.float32)
-        for k0 in range(0, I, BK2):
-            ck = k0 + tl.arange(0, BK2)
-            mk = ck < I
-            b_w = tl.load(wd + rn[:, None].to(tl.int64) * I + ck[None, :], mask=mn[:, None] & mk[None, :], other=0.)
-            b_g = tl.load(gu + ck, mask=mk, other=0., cache_modifier=".cg").to(tl.float32)
-            b_u = tl.load(gu + I + ck, mask=mk, other=0., cache_modifier=".cg").to(tl.float32)
-            acc += b_w.to(tl.float32) * (b_g * tl.sigmoid(b_g) * b_u)[None, :]
-        b_y = tl.sum(acc, 1) + tl.load(x + rn, mask=mn, other=0.).to(tl.float32)
-        tl.store(y + rn, b_y.to(y.dtype.element_ty), mask=mn)
+        _down_block(x, wd, gu, y, blk, _down_tile(wd, blk, 0, K, I, BN2, BK2), K, I, BN2, BK2)
     # the last program out resets the counters for the next launch: every program has passed
     # the barrier by the time it counts itself out
     if tl.atomic_add(cnt + 1, 1, sem="acq_rel", scope="gpu") == NPROG - 1:
@@ -116,44 +146,18 @@ def _mlp_ticket_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, N1B, N2B,
     cnt: [tickets, gate+up blocks done, down blocks done], zero at launch and left zero."""
     t = tl.atomic_add(cnt, 1, sem="relaxed", scope="gpu")
     if t < N1B:
-        rk1 = tl.arange(0, KP)
-        b_x1 = tl.load(x + rk1, mask=rk1 < K, other=0.).to(tl.float32)
-        r = tl.rsqrt(tl.sum(b_x1 * b_x1) / K + eps)
-        N1 = 2 * I
-        rn1 = t * BN1 + tl.arange(0, BN1)
-        mn1 = rn1 < N1
-        acc1 = tl.zeros([BN1, BK1], dtype=tl.float32)
-        for k0 in range(0, K, BK1):
-            ck1 = k0 + tl.arange(0, BK1)
-            mk1 = ck1 < K
-            b_w1 = tl.load(w1 + rn1[:, None].to(tl.int64) * K + ck1[None, :], mask=mn1[:, None] & mk1[None, :], other=0.)
-            b_h1 = tl.load(x + ck1, mask=mk1, other=0.).to(tl.float32) * tl.load(nw + ck1, mask=mk1, other=0.).to(tl.float32)
-            acc1 += b_w1.to(tl.float32) * b_h1[None, :]
-        tl.store(gu + rn1, (tl.sum(acc1, 1) * r).to(gu.dtype.element_ty), mask=mn1)
+        _gate_up_block(x, nw, w1, gu, t, _norm_scale(x, K, eps, KP), K, I, BN1, BK1)
         tl.atomic_add(cnt + 1, 1, sem="release", scope="gpu")
     else:
-        rn2 = (t - N1B) * BN2 + tl.arange(0, BN2)
-        mn2 = rn2 < K
-        p_w2 = wd + rn2[:, None].to(tl.int64) * I
-        ck2 = tl.arange(0, BK2)
+        blk = t - N1B
         if EARLY:  # the first weight tile does not depend on gate+up: before the wait
-            b_w2 = tl.load(p_w2 + ck2[None, :], mask=mn2[:, None] & (ck2 < I)[None, :], other=0.)
+            b_w = _down_tile(wd, blk, 0, K, I, BN2, BK2)
         done = tl.atomic_add(cnt + 1, 0, sem="acquire", scope="gpu")
         while done < N1B:
             done = tl.atomic_add(cnt + 1, 0, sem="acquire", scope="gpu")
         if not EARLY:
-            b_w2 = tl.load(p_w2 + ck2[None, :], mask=mn2[:, None] & (ck2 < I)[None, :], other=0.)
-        acc2 = tl.zeros([BN2, BK2], dtype=tl.float32)
-        for k0 in range(0, I, BK2):
-            ck2 = k0 + tl.arange(0, BK2)
-            mk2 = ck2 < I
-            if k0 > 0:
-                b_w2 = tl.load(p_w2 + ck2[None, :], mask=mn2[:, None] & mk2[None, :], other=0.)
-            b_g2 = tl.load(gu + ck2, mask=mk2, other=0., cache_modifier=".cg").to(tl.float32)
-            b_u2 = tl.load(gu + I + ck2, mask=mk2, other=0., cache_modifier=".cg").to(tl.float32)
-            acc2 += b_w2.to(tl.float32) * (b_g2 * tl.sigmoid(b_g2) * b_u2)[None, :]
-        b_y2 = tl.sum(acc2, 1) + tl.load(x + rn2, mask=mn2, other=0.).to(tl.float32)
-        tl.store(y + rn2, b_y2.to(y.dtype.element_ty), mask=mn2)
+            b_w = _down_tile(wd, blk, 0, K, I, BN2, BK2)
+        _down_block(x, wd, gu, y, blk, b_w, K, I, BN2, BK2)
         # the last down block out: every ticket is taken and every gate+up block counted
         if tl.atomic_add(cnt + 2, 1, sem="acq_rel", scope="gpu") == N2B - 1:
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")

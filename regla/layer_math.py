@@ -79,6 +79,16 @@ def log_forget_gate(xp, z_f, z_r, args):
     return g
 
 
+def slot_gate(xp, f, normalizer, keep=None):
+    """GSA's log slot gate ``g = logsigmoid(f) / normalizer`` and slot weights ``s = 1 - exp(g)``
+    (MATH.md section 4) from the slot gate logits (float32 or wider). ``keep`` (broadcasting
+    with g): False at padding, where g = 0 (no decay) and so s = 0 (no slot write)."""
+    g = xp.log_sigmoid(f) / normalizer
+    if keep is not None:
+        g = xp.where(keep, g, 0.0)
+    return g, -xp.expm1(g)
+
+
 def safe_exp_keys(xp, k, m_prev=None, seg=None, ends=None, mask=None):
     """Causal safe-exp key map (MATH.md section 2): ``(exp(k - m_t), log-gate term, m_T)``.
 

@@ -246,11 +246,8 @@ class GatedSlotAttention(_Mixer):
         q = lm.feature_map(MLX, q.reshape(B, T, -1, a.head_k_dim), a.feature_map)
         k = lm.feature_map(MLX, k.reshape(B, T, -1, a.head_k_dim), a.feature_map)
         v = nn.silu(v.reshape(B, T, -1, a.head_v_dim))
-        g = nn.log_sigmoid(self.f_proj(x).astype(mx.float32)).reshape(B, T, -1, a.num_slots)
-        g = g / a.gate_logit_normalizer
-        if mask is not None:  # padded positions: no slot write (s = 0), no decay (g = 0)
-            g = mx.where(mask[..., None, None], g, 0.0)
-        s = -mx.expm1(g)
+        g, s = lm.slot_gate(MLX, self.f_proj(x).astype(mx.float32).reshape(B, T, -1, a.num_slots),
+                            a.gate_logit_normalizer, None if mask is None else mask[..., None, None])
         k, v, g, s = (repeat_heads(t, a.num_kv_groups) for t in (k, v, g, s))
         state = None
         if cache is not None and cache[0] is not None:

@@ -248,9 +248,11 @@ class LinearAttention(_Mixer):
         else:
             op = fused_recurrent_gla if (T <= RECURRENT_MAX_T and not self.training) else chunk_gla
             o, S = op(q, k, v, g, a.scale, S0, use_cache, cu_seqlens)
+        if not use_cache:
+            return self._output(o, out_gate, h), None
         if m_last is not None:  # a view of the last position: the gated decode step updates it in place
             m_last = m_last.contiguous()
-        return self._output(o, out_gate, h), (S, m_last, *conv) if use_cache else None
+        return self._output(o, out_gate, h), (S, m_last, *conv)
 
     def _gated_step_ok(self, q, m0, mask):
         """Whether a decode step can run as one ``gated_decode_step_``: the Triton kernel (CUDA),
@@ -293,7 +295,7 @@ class GatedSlotAttention(_Mixer):
         if (T == 1 and use_cache and hk0 is not None and cu_seqlens is None and not torch.is_grad_enabled()
                 and hk0.dtype == hv0.dtype == torch.float32 and hk0.is_contiguous() and hv0.is_contiguous()):
             # a decode step from the projections, the slot states in place (one Triton kernel on
-            # CUDA); a padded position's gate logit +inf gives g = 0 and s = 0, as the mask below
+            # CUDA); a padded position's gate logit +inf gives g = 0 and s = 0, as slot_gate's keep
             if mask is not None:
                 f = torch.where(mask[..., None], f, float("inf"))
             o = gsa_decode_step_(*(x.view(B, T, -1, d) for x, d in ((q, a.head_k_dim), (k, a.head_k_dim),
@@ -303,10 +305,8 @@ class GatedSlotAttention(_Mixer):
         q = lm.feature_map(TORCH, q.view(B, T, -1, a.head_k_dim), a.feature_map)
         k = lm.feature_map(TORCH, k.view(B, T, -1, a.head_k_dim), a.feature_map)
         v = F.silu(v.view(B, T, -1, a.head_v_dim))
-        g = F.logsigmoid(f.float()).view(B, T, -1, a.num_slots) / a.gate_logit_normalizer
-        if mask is not None:  # padded positions: no decay (g = 0) and so no slot write (s = 0)
-            g = torch.where(mask[..., None, None], g, 0.0)
-        s = -torch.expm1(g)
+        g, s = lm.slot_gate(TORCH, f.float().view(B, T, -1, a.num_slots), a.gate_logit_normalizer,
+                            None if mask is None else mask[..., None, None])
         if G > 1:
             k, v, g, s = (t.repeat_interleave(G, dim=2) for t in (k, v, g, s))
         chunked = T > RECURRENT_MAX_T or self.training

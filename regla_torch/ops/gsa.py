@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from regla import layer_math as lm
+
 from .chunk import chunk_gated, chunk_gla
 from .fused_recurrent import fused_recurrent_gla
 from .naive import naive_recurrent_gla
-from regla import layer_math as lm
-
 from .utils import TORCH, segment_ids, use_triton
 
 
@@ -75,8 +75,9 @@ def gsa_decode_step_(q, k, v, f, scale, hk, hv, feature_map, gate_logit_normaliz
                          f"(HK dividing {H}) for states {tuple(hk.shape)}, {tuple(hv.shape)}; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, f {tuple(f.shape)}")
     if hk.dtype != torch.float32 or hv.dtype != torch.float32 or not (hk.is_contiguous() and hv.is_contiguous()):
-        raise ValueError("gsa_decode_step_ updates float32 contiguous states in place; got "
-                         f"{hk.dtype}, {hv.dtype}")
+        raise ValueError("gsa_decode_step_ updates float32 contiguous states in place; got hk "
+                         f"{hk.dtype} (contiguous: {hk.is_contiguous()}), hv {hv.dtype} "
+                         f"(contiguous: {hv.is_contiguous()})")
     return _gsa_step_op(q.contiguous(), k.contiguous(), v.contiguous(), f.contiguous(), hk, hv, float(scale),
                         feature_map, float(gate_logit_normalizer))
 
@@ -92,9 +93,9 @@ def _gsa_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: torch.Ten
         return fused_recurrent_gsa_step_(q, k, v, f, hk, hv, scale, feature_map, gate_logit_normalizer)
     G = q.shape[2] // k.shape[2]
     q, k = (lm.feature_map(TORCH, x[:, 0].float(), feature_map) for x in (q, k))
-    g = torch.nn.functional.logsigmoid(f[:, 0].float()) / gate_logit_normalizer  # [B, HK, M]
-    k, v, g = (x.repeat_interleave(G, 1) for x in (k, torch.nn.functional.silu(v[:, 0].float()), g))
-    a, s = g.exp(), -torch.expm1(g)
+    g, s = lm.slot_gate(TORCH, f[:, 0].float(), gate_logit_normalizer)  # [B, HK, M]
+    k, v, g, s = (x.repeat_interleave(G, 1) for x in (k, torch.nn.functional.silu(v[:, 0].float()), g, s))
+    a = g.exp()
     hk.mul_(a[:, :, None, :]).add_(k[..., None] * s[:, :, None, :])
     hv.mul_(a[..., None]).add_(s[..., None] * v[:, :, None, :])
     p = torch.softmax(scale * torch.einsum("bhk,bhkm->bhm", q, hk), -1)

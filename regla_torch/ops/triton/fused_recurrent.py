@@ -55,7 +55,8 @@ def _fused_recurrent_fwd_kernel(q, k, v, gk, gv, o, h0, ht, cu, scale,
 @triton.jit
 def _load_state(state, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 PDL: tl.constexpr):
-    """A decode step's [K, BV] fp32 state tile, then (under PDL) the wait for the kernel before."""
+    """A decode step's [K, BV] fp32 tile of a [K, V] state, then (under PDL) the wait for the
+    kernel before."""
     kc = tl.arange(0, BK)
     vc = i_v * BV + tl.arange(0, BV)
     mk = kc < K
@@ -215,17 +216,7 @@ def _gsa_step_kernel(q, k, v, f, hk, hv, o, done, scale, inv_norm, H: tl.constex
     count itself in ``done`` writes the new Kt over the old one."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_kv = (i_bh // H) * HK + (i_bh % H) // (H // HK)
-    mc = tl.arange(0, BM)
-    mm = mc < M
-    vc = i_v * BV + tl.arange(0, BV)
-    mv = vc < V
-    m_mv = mm[:, None] & mv[None, :]
-    # the states were last written a step ago: they load before the wait (_common.PDL)
-    p_hv = hv + i_bh * M * V + mc[:, None] * V + vc[None, :]
-    b_hv = tl.load(p_hv, mask=m_mv, other=0.).to(tl.float32)
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    mc, mm, vc, mv, m_mv, p_hv, b_hv = _load_state(hv, i_v, i_bh, M, V, BM, BV, PDL)
     b_g = _log_sigmoid(tl.load(f + i_kv * M + mc, mask=mm, other=0.).to(tl.float32)) * inv_norm
     b_s = -_expm1(b_g)
     b_a = tl.exp(b_g)
@@ -544,7 +535,7 @@ def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_
     return out
 
 
-def fused_recurrent_gsa_step_(q, k, v, f, hk, hv, scale, feature_map="swish", gate_logit_normalizer=1.0):
+def fused_recurrent_gsa_step_(q, k, v, f, hk, hv, scale, feature_map, gate_logit_normalizer):
     """One GSA decode step from the layer's projections, the slot states updated in place
     (``_gsa_step_kernel``): q [B, H, K] (or [B, 1, H, K]); k [B, HK, K], v [B, HK, V] and the
     slot gate logits f [B, HK, M] for HK dividing H, all contiguous, before the feature map (one
