@@ -139,11 +139,16 @@ def main():
                                                              prev or 0, cnt[i:i + 1])))
             prev = cases[name][3]
         return calls
-    for sync, prefetch, tag in ((0, True, "PDL, early tile, rows asked of L2 before the wait"),
-                                (1, False, "counters, next kernel launched after the wait"),
-                                (2, False, "counters, next kernel launched before the wait"),
-                                (1, True, "counters (after) + L2"), (2, True, "counters (before) + L2")):
-        _common.PDL, gemv.EARLY, gemv.SYNC, gemv.PREFETCH = None, True, sync, prefetch
+    for sync, prefetch, sleep, tag in (
+            (0, True, 0, "PDL, early tile, rows asked of L2 before the wait"),
+            (1, False, 0, "counters, next kernel launched after the wait"),
+            (2, False, 0, "counters, next kernel launched before the wait"),
+            (3, False, 0, "counters polled by ld.acquire, launched after"),
+            (4, False, 0, "counters polled by ld.acquire, launched before"),
+            (3, False, 64, "counters polled by ld.acquire, 64 ns sleeps, launched after"),
+            (4, False, 64, "counters polled by ld.acquire, 64 ns sleeps, launched before"),
+            (3, False, 500, "counters polled by ld.acquire, 500 ns sleeps, launched after")):
+        _common.PDL, gemv.EARLY, gemv.SYNC, gemv.PREFETCH, gemv.SLEEP = None, True, sync, prefetch, sleep
         calls = synced()
         t_our = graph_us(calls) * len(calls)
         outs = [c() for c in calls]
@@ -152,7 +157,7 @@ def main():
         torch.cuda.synchronize()
         print(f"  ours, {tag}: {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s), max rel err {max(errs):.1e}, "
               f"counters after {cnt[:3].tolist()}..{cnt[-1:].tolist()}", flush=True)
-    _common.PDL, gemv.EARLY, gemv.SYNC, gemv.PREFETCH = None, True, 0, False
+    _common.PDL, gemv.EARLY, gemv.SYNC, gemv.PREFETCH, gemv.SLEEP = None, True, 0, False, 0
     # what the step's reads cost without kernel boundaries: the same bytes as one GEMV of
     # hidden-wide rows (this kernel's steady rate), and as one device-to-device copy
     big = torch.randn(nbytes // (2 * 2048), 2048, device="cuda", dtype=torch.bfloat16)

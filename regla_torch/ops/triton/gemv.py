@@ -46,6 +46,21 @@ def _wait_count(cnt, n):
 
 
 @triton.jit
+def _wait_count_asm(cnt, n, SLEEP: tl.constexpr):
+    """_wait_count with each thread polling by ``ld.acquire.gpu`` (no read-modify-write, and
+    the acquire is each thread's own), sleeping SLEEP ns between polls."""
+    p = cnt + tl.zeros([1], dtype=tl.int32)
+    seen = tl.max(tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p], dtype=tl.int32,
+                                            is_pure=False, pack=1), 0)
+    while seen < n:
+        if SLEEP > 0:
+            tl.inline_asm_elementwise(f"nanosleep.u32 {SLEEP}; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        seen = tl.max(tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p],
+                                                dtype=tl.int32, is_pure=False, pack=1), 0)
+
+
+@triton.jit
 def _prefetch_l2(w, rn, mn, K, EPL: tl.constexpr, KL: tl.constexpr):
     """Ask L2 for the 128-byte lines (EPL elements each) of weight rows rn of w [*, K]; rows past
     the end (mn False) ask for row 0's lines instead."""
@@ -95,7 +110,7 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
                  NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                  HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr, SILU: tl.constexpr,
                  PDL: tl.constexpr, EARLY: tl.constexpr, SYNC: tl.constexpr, XC: tl.constexpr,
-                 PREFETCH: tl.constexpr, EPL: tl.constexpr, KL: tl.constexpr):
+                 PREFETCH: tl.constexpr, EPL: tl.constexpr, KL: tl.constexpr, SLEEP: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
     pid = tl.program_id(0)
@@ -140,11 +155,14 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
             gdc_wait()
             gdc_launch_dependents()
     else:
-        if PDL and SYNC == 2:
+        if PDL and SYNC % 2 == 0:
             gdc_launch_dependents()
         if wait_n > 0:
-            _wait_count(wait_on, wait_n)
-        if PDL and SYNC == 1:
+            if SYNC <= 2:
+                _wait_count(wait_on, wait_n)
+            else:
+                _wait_count_asm(wait_on, wait_n, SLEEP)
+        if PDL and SYNC % 2 == 1:
             gdc_launch_dependents()
     if not EARLY:
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
@@ -207,6 +225,7 @@ def launch_shape(ns: list[int], K: int, M: int, head_dim: int = 0) -> tuple[dict
 # weight rows before the wait.
 SYNC = 0
 PREFETCH = False
+SLEEP = 0
 
 
 def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
@@ -264,5 +283,5 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
                        HEAD=head_dim, HEAD_W=bool(head_dim) and norm_weight is not None,
                        GATE=gate is not None, SILU=silu, PDL=pdl, EARLY=pdl and EARLY, SYNC=mode,
                        XC=".cg" if mode else "", PREFETCH=prefetch, EPL=EPL,
-                       KL=triton.next_power_of_2(triton.cdiv(K, EPL)), launch_pdl=pdl, **c)
+                       KL=triton.next_power_of_2(triton.cdiv(K, EPL)), SLEEP=SLEEP, launch_pdl=pdl, **c)
     return y
