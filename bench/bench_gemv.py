@@ -12,7 +12,8 @@ has 24 copies of its weights (one per layer, as in a step: none comes from L2) c
 back in one CUDA graph; then a whole step's projections in their order, and the same bytes read
 by one call (no kernel boundaries) and copied once; the step with plain launches and with
 programmatic dependent launch (the default on Hopper, which the per-shape lines use), with
-and without each program's first weight tile loaded before the wait. GB/s
+and without each program's first weight tile loaded before the wait, and with the next kernel
+launched before the wait (``_common.LAUNCH_FIRST``, the default) or after it. GB/s
 counts the weight bytes. ``--tune``
 times launch shapes and prints the best per shape and the best overall.
 """
@@ -64,13 +65,11 @@ def case(ns, K, fold, rows):
         ys = [F.linear(h, w) for w in ws]
         return ys[0] + res if res is not None else torch.cat(ys, -1)
 
-    def ours(ws, sync=None):
+    def ours(ws):
         if "head" in fold:
-            return gemv.grouped_gemv(x, ws, hw, 1e-6, False, res, head_dim=D, gate=gate, sync=sync)
-        return gemv.grouped_gemv(x, ws, nw if fold == "norm" else None, 1e-6, "glu" in fold, res, sync=sync)
-    programs = gemv.launch_shape(ns, K, rows, D if "head" in fold else 0)[1]
-    return ([lambda ws=ws, **kw: ours(ws, **kw) for ws in layers], [lambda ws=ws: ref(ws) for ws in layers],
-            sum(ns) * K * 2, programs)
+            return gemv.grouped_gemv(x, ws, hw, 1e-6, False, res, head_dim=D, gate=gate)
+        return gemv.grouped_gemv(x, ws, nw if fold == "norm" else None, 1e-6, "glu" in fold, res)
+    return [lambda ws=ws: ours(ws) for ws in layers], [lambda ws=ws: ref(ws) for ws in layers], sum(ns) * K * 2
 
 
 def graph_us(calls):
@@ -93,7 +92,7 @@ def main():
     cases = {}
     for name, (ns, K, fold) in SHAPES.items():
         torch.manual_seed(0)
-        ours, ref, nbytes, _ = cases[name] = case(ns, K, fold, a.rows)
+        ours, ref, nbytes = cases[name] = case(ns, K, fold, a.rows)
         r, o = ref[0](), ours[0]()
         err = ((o.float() - r.float()).norm() / r.float().norm()).item()
         t_ref, t_our = graph_us(ref), graph_us(ours)
@@ -112,52 +111,23 @@ def main():
           flush=True)
     # ours with each launch plain, and with programmatic dependent launch (each GEMV starts
     # while the one before finishes; the default where the GPU has it)
-    for pdl, early, tag in ((False, False, "plain launches"), (True, False, "PDL"),
-                            (True, True, "PDL, first weight tile before the wait")):
+    for pdl, early, first, tag in (
+            (False, False, False, "plain launches"), (True, False, False, "PDL"),
+            (True, True, False, "PDL, first weight tile before the wait"),
+            (True, True, True, "PDL, early tile, next kernel launched before the wait")):
         if pdl and not _common.pdl_supported(torch.device("cuda")):
             print(f"  ours, {tag}: not supported here", flush=True)
             continue
-        _common.PDL, gemv.EARLY = pdl, early
+        _common.PDL, gemv.EARLY, _common.LAUNCH_FIRST = pdl, early, first
         t_our = graph_us(seq(0)) * n
         errs = []
         for name in order + ["head"]:
-            ours, ref, _, _ = cases[name]
+            ours, ref, _ = cases[name]
             r, o = ref[0]().float(), ours[0]().float()
             errs.append(((o - r).norm() / r.norm()).item())
         print(f"  ours, {tag}: {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s), max rel err {max(errs):.1e}",
               flush=True)
-    # the experiment: the launches chained by counters in memory instead of the grid
-    # dependency wait (gemv.SYNC), and each program's weight rows asked of L2 before its wait
-    # (gemv.PREFETCH); a step starts by zeroing the counters (one more kernel, counted)
-    names = [n for _ in range(LAYERS) for n in order] + ["head"]
-    cnt = torch.zeros(n + 1, device="cuda", dtype=torch.int32)
-
-    def synced():
-        calls, prev = [cnt.zero_], None
-        for i, (name, f) in enumerate(zip(names, seq(0))):
-            calls.append(lambda f=f, i=i, prev=prev: f(sync=(None if prev is None else cnt[i - 1:i],
-                                                             prev or 0, cnt[i:i + 1])))
-            prev = cases[name][3]
-        return calls
-    for sync, prefetch, sleep, tag in (
-            (0, True, 0, "PDL, early tile, rows asked of L2 before the wait"),
-            (1, False, 0, "counters, next kernel launched after the wait"),
-            (2, False, 0, "counters, next kernel launched before the wait"),
-            (3, False, 0, "counters polled by ld.acquire, launched after"),
-            (4, False, 0, "counters polled by ld.acquire, launched before"),
-            (3, False, 64, "counters polled by ld.acquire, 64 ns sleeps, launched after"),
-            (4, False, 64, "counters polled by ld.acquire, 64 ns sleeps, launched before"),
-            (3, False, 500, "counters polled by ld.acquire, 500 ns sleeps, launched after")):
-        _common.PDL, gemv.EARLY, gemv.SYNC, gemv.PREFETCH, gemv.SLEEP = None, True, sync, prefetch, sleep
-        calls = synced()
-        t_our = graph_us(calls) * len(calls)
-        outs = [c() for c in calls]
-        errs = [((o.float() - cases[name][1][li]().float()).norm() / cases[name][1][li]().float().norm()).item()
-                for o, name, li in zip(outs[1:], names, [i // len(order) for i in range(n - 1)] + [0])]
-        torch.cuda.synchronize()
-        print(f"  ours, {tag}: {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s), max rel err {max(errs):.1e}, "
-              f"counters after {cnt[:3].tolist()}..{cnt[-1:].tolist()}", flush=True)
-    _common.PDL, gemv.EARLY, gemv.SYNC, gemv.PREFETCH, gemv.SLEEP = None, True, 0, False, 0
+    _common.PDL, gemv.EARLY, _common.LAUNCH_FIRST = None, True, False
     # what the step's reads cost without kernel boundaries: the same bytes as one GEMV of
     # hidden-wide rows (this kernel's steady rate), and as one device-to-device copy
     big = torch.randn(nbytes // (2 * 2048), 2048, device="cuda", dtype=torch.bfloat16)

@@ -25,8 +25,7 @@ difference. Too few programs are resident to keep the reads in flight that the o
 (The chain kernel's blocks moved into helpers shared with the ticket variant below on 2026-12-04,
 after that run: the same loads, the first down tile of each block now loaded before its loop.)
 
-A fourth way, written 2026-12-04 (tenth session) after the device time was spent, **not yet run
-on a GPU**: ``tickets``, the two GEMVs' usual grids as one launch, no program persistent. Each
+A fourth way, written 2026-12-04 (tenth session): ``tickets``, the two GEMVs' usual grids as one launch, no program persistent. Each
 program first takes a ticket (an atomic count, so tickets follow the order programs start in);
 tickets below gate+up's block count do a gate+up row block and count it done; the others do a
 down row block: they load their first weight tile, then wait for all gate+up blocks to be counted
@@ -34,6 +33,9 @@ done. A program waits only on programs that hold lower tickets and so are alread
 cannot deadlock, and a waiting down program holds only a slot that gate+up no longer needs. The
 question it answers: is a counter in global memory a cheaper boundary than a kernel boundary under
 programmatic dependent launch (3.7 us a boundary in bench_gemv's step, BENCHMARKS "tenth session")?
+Result on the H200 (2026-12-04, eleventh session, ``--skip-chain``): no. The best tickets shape took
+24.2 us a layer against 23.2 us for the two launches; the first down tile before the wait helped
+every shape by 0.4-1.1 us but not enough.
 
 In the interpreter programs run one after another, so a barrier with more than one program never
 opens: ``--cpu-check`` runs the chain with one program (the barrier and the counters' reset still

@@ -104,11 +104,14 @@ def chunks(B: int, T: int, device, cu_seqlens=None) -> Chunks:
 
 
 # Programmatic dependent launch (Hopper and later) of the decode kernels (the GEMVs, the
-# recurrent step): each may start while the kernel before it finishes, reading only what does
-# not depend on it (the step kernel's recurrent state) before ``gdc_wait``, and calls
-# ``gdc_launch_dependents`` only after that wait: the kernel after it starts no earlier than this
-# one's predecessor has finished (one kernel ahead, never a cascade), so everything two launches
-# back is complete when a kernel starts. 0.8 us less per boundary on the H200, +5% decode
+# recurrent step): each may start while the kernels before it finish. It first lets the next
+# kernel launch (``gdc_launch_dependents``), loads what no kernel of this step writes (weights,
+# the recurrent state and running max written a step ago), then waits (``gdc_wait``) for the
+# kernel before it to complete before reading that kernel's output. Every program waits before it
+# ends, so a kernel completes only after the one before it did: past the wait, everything
+# earlier in the stream is complete (the residual from three launches back too), and a step's
+# plain launches (the embedding, the sampling, a graph's end) wait for all of it. PDL took 0.8 us
+# off each boundary on the H200, +5% decode; the early launch (LAUNCH_FIRST) +1-2% more
 # (BENCHMARKS section 1). None: on where the GPU and Triton have it; False: plain launches (the
 # benchmarks' comparison).
 PDL: bool | None = None
@@ -126,3 +129,14 @@ def _major(index: int | None) -> int:
 
 def use_pdl(device: torch.device) -> bool:
     return pdl_supported(device) and PDL is not False
+
+
+# Where a decode kernel lets the next one launch: first thing (True: the next may launch while
+# this one still waits, and hold its slots early) or only after its own wait (False: one kernel
+# ahead at most; the benchmarks' comparison).
+LAUNCH_FIRST = True
+
+
+def pdl_mode(device: torch.device) -> int:
+    """The kernels' PDL constexpr: 0 plain launch, 1 next launch after the wait, 2 first thing."""
+    return 0 if not use_pdl(device) else 2 if LAUNCH_FIRST else 1

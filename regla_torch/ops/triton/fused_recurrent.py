@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Chunks, chunks, gdc_launch_dependents, gdc_wait, next_pow2, use_pdl
+from ._common import Chunks, chunks, gdc_launch_dependents, gdc_wait, next_pow2, pdl_mode
 
 
 @triton.jit
@@ -57,6 +57,8 @@ def _load_state(state, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.const
                 PDL: tl.constexpr):
     """A decode step's [K, BV] fp32 tile of a [K, V] state, then (under PDL) the wait for the
     kernel before."""
+    if PDL == 2:
+        gdc_launch_dependents()
     kc = tl.arange(0, BK)
     vc = i_v * BV + tl.arange(0, BV)
     mk = kc < K
@@ -68,7 +70,8 @@ def _load_state(state, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.const
     b_h = tl.load(p_s, mask=m_kv, other=0.).to(tl.float32)
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if PDL == 1:
+            gdc_launch_dependents()
     return kc, mk, vc, mv, m_kv, p_s, b_h
 
 
@@ -115,12 +118,20 @@ def _log_sigmoid(z):
 
 
 @triton.jit
-def _low_rank(r, w, b, i_b, i_h, kc, mk, rc, mr, K: tl.constexpr, R: tl.constexpr):
-    """This head's K channels of ``r[i_b] @ w.T + b`` (w [H*K, R]), in fp32."""
-    b_r = tl.load(r + i_b * R + rc, mask=mr, other=0.).to(tl.float32)
+def _low_rank_weights(w, b, i_h, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """This head's rows of a low-rank gate's second factor w [H*K, R] and its bias b [H*K], fp32."""
+    kc, rc = tl.arange(0, BK), tl.arange(0, BR)
     rows = i_h * K + kc
-    b_w = tl.load(w + rows[:, None] * R + rc[None, :], mask=mk[:, None] & mr[None, :], other=0.).to(tl.float32)
-    return tl.sum(b_w * b_r[None, :], 1) + tl.load(b + rows, mask=mk, other=0.).to(tl.float32)
+    b_w = tl.load(w + rows[:, None] * R + rc[None, :], mask=(kc < K)[:, None] & (rc < R)[None, :], other=0.)
+    return b_w.to(tl.float32), tl.load(b + rows, mask=kc < K, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _low_rank(r, b_w, b_b, i_b, R: tl.constexpr, BR: tl.constexpr):
+    """``r[i_b] @ w.T + b`` for the rows ``_low_rank_weights`` loaded."""
+    rc = tl.arange(0, BR)
+    b_r = tl.load(r + i_b * R + rc, mask=rc < R, other=0.).to(tl.float32)
+    return tl.sum(b_w * b_r[None, :], 1) + b_b
 
 
 @triton.jit
@@ -133,15 +144,19 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale
     first factors r (the second factor and its bias here), refined and clamped; safe-exp maps
     of q and k with the running max folded into the gate. Every V block of a head recomputes
     the gate (K x R multiply-adds) and reads the old running max; the head's last block to
-    count itself in ``done`` writes the new one over it, in place."""
+    count itself in ``done`` writes the new one over it, in place. Under PDL the gate weights
+    and the running max (written a step ago, like the state) load before the wait too."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    b_wf, b_bf = _low_rank_weights(wf, bf, i_h, K, R, BK, BR)
+    if REFINE:
+        b_wr, b_br = _low_rank_weights(wr, br, i_h, K, R, BK, BR)
+    if SAFE_EXP:
+        m_prev = tl.load(m + i_bh).to(tl.float32)
     kc, mk, vc, mv, m_kv, p_s, b_h = _load_state(state, i_v, i_bh, K, V, BK, BV, PDL)
-    rc = tl.arange(0, BR)
-    mr = rc < R
-    b_g = _log_sigmoid(_low_rank(rf, wf, bf, i_b, i_h, kc, mk, rc, mr, K, R)) * inv_norm
+    b_g = _log_sigmoid(_low_rank(rf, b_wf, b_bf, i_b, R, BR)) * inv_norm
     if REFINE:  # layer_math.refined_log_gate, each branch on its own side of -1
-        z_r = _low_rank(rr, wr, br, i_b, i_h, kc, mk, rc, mr, K, R)
+        z_r = _low_rank(rr, b_wr, b_br, i_b, R, BR)
         big = tl.maximum(b_g, -1.)
         one_minus_f = -_expm1(big)
         near_one = _log1p(-one_minus_f * (one_minus_f + 2. * tl.exp(big) * tl.sigmoid(-z_r)))
@@ -156,17 +171,18 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale
     b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
     if SAFE_EXP:
         b_q = tl.exp(b_q - tl.max(tl.where(mk, b_q, float("-inf")), 0))
-        m_prev = tl.load(m + i_bh).to(tl.float32)
         m_new = tl.maximum(m_prev, tl.max(tl.where(mk, b_k, float("-inf")), 0))
         b_k = tl.where(mk, tl.exp(b_k - m_new), 0.)
         b_g = b_g - (m_new - m_prev)
+    _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
+    if SAFE_EXP:
         # in place without a second buffer (and, in a CUDA graph, the copy back a step): the
         # atomic orders this block's read of m before it, so the block that counts last knows
-        # every block of the head has read the old value; it resets the count for the next step
+        # every block of the head has read the old value; it resets the count for the next step.
+        # After the state's update: the atomic's round trip overlaps the stores
         if tl.atomic_add(done + i_bh, 1) == tl.num_programs(0) - 1:
             tl.store(m + i_bh, m_new)
             tl.store(done + i_bh, 0)
-    _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
 
 
 # feature maps the GSA step computes itself (layer_math.feature_map's elementwise ones)
@@ -471,6 +487,11 @@ def fused_recurrent_gla_gv(q, k, v, gk=None, gv=None, scale=None, initial_state=
                                           bool(output_final_state), cu_seqlens)
 
 
+# V block of a decode step's programs: the step reads a state of K x V fp32 a head and little
+# else, so more, smaller programs
+STEP_BV = 32
+
+
 def fused_recurrent_gla_step_(q, k, v, g, state, scale=None, out=None):
     """One decode step, in place: ``state <- diag(exp(g)) state + k^T v``, returns
     ``scale * q state``. q, k, g: [B, H, K] or [B, 1, H, K]; v: [B, H, V] (or with the
@@ -487,10 +508,10 @@ def fused_recurrent_gla_step_(q, k, v, g, state, scale=None, out=None):
     if out is None:
         out = torch.empty(*v.shape, device=v.device, dtype=v.dtype)
     BK, BV = _bv(K, V)
-    BV = min(BV, 32)  # decode is state-bandwidth bound: more, smaller programs
-    pdl = use_pdl(q.device)
+    BV = min(BV, STEP_BV)
+    pdl = pdl_mode(q.device)
     _step_kernel[(triton.cdiv(V, BV), B * H)](q, k, v, g, state, out, scale, H=H, K=K, V=V,
-                                             BK=BK, BV=BV, PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                             BK=BK, BV=BV, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return out
 
 
@@ -524,14 +545,14 @@ def fused_recurrent_gated_step_(q, k, v, r_f, w_f, b_f, state, scale=None, gate_
     scale = K ** -0.5 if scale is None else float(scale)
     out = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
     BK, BV = _bv(K, V)
-    BV = min(BV, 32)
-    pdl = use_pdl(q.device)
+    BV = min(BV, STEP_BV)
+    pdl = pdl_mode(q.device)
     _gated_step_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, r_f, w_f, b_f, r_r if refine else r_f, w_r if refine else w_f, b_r if refine else b_f,
         state if m is None else m, state if m is None else _counters(m.device, B * H), state, out, scale,
         1.0 / gate_logit_normalizer, 0.0 if clamp_min is None else float(clamp_min), H=H, K=K, V=V, R=R,
         BK=BK, BV=BV, BR=next_pow2(R), REFINE=refine, SAFE_EXP=m is not None, CLAMP=clamp_min is not None,
-        PDL=pdl, num_warps=4, launch_pdl=pdl)
+        PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return out
 
 
@@ -561,11 +582,11 @@ def fused_recurrent_gsa_step_(q, k, v, f, hk, hv, scale, feature_map, gate_logit
     # shapes, so the last block writes Kt straight from registers
     BK = min(next_pow2(K), max(16, 16384 // BM))
     BV = min(next_pow2(V), max(16, 4096 // BM))
-    pdl = use_pdl(q.device)
+    pdl = pdl_mode(q.device)
     _gsa_step_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, f, hk, hv, out, _counters(hk.device, B * H), float(scale), 1.0 / gate_logit_normalizer,
         H=H, HK=HK, K=K, M=M, V=V, BK=BK, BM=BM, BV=BV, MAP=GSA_STEP_MAPS[feature_map], PDL=pdl,
-        num_warps=8, launch_pdl=pdl)
+        num_warps=8, launch_pdl=pdl > 0)
     return out
 
 

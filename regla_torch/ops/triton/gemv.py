@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gdc_launch_dependents, gdc_wait, use_pdl
+from ._common import gdc_launch_dependents, gdc_wait, pdl_mode
 
 MAX_GROUPS = 6
 MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
@@ -35,52 +35,15 @@ EARLY = True
 
 
 @triton.jit
-def _wait_count(cnt, n):
-    """Spin until the counter at cnt reaches n (plain volatile loads: no read-modify-write on the
-    one address every waiting program polls), then one acquire: what the counted programs wrote
-    before their release is visible to this program from here on."""
-    seen = tl.load(cnt, volatile=True)
-    while seen < n:
-        seen = tl.load(cnt, volatile=True)
-    tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
-
-
-@triton.jit
-def _wait_count_asm(cnt, n, SLEEP: tl.constexpr):
-    """_wait_count with each thread polling by ``ld.acquire.gpu`` (no read-modify-write, and
-    the acquire is each thread's own), sleeping SLEEP ns between polls."""
-    p = cnt + tl.zeros([1], dtype=tl.int32)
-    seen = tl.max(tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p], dtype=tl.int32,
-                                            is_pure=False, pack=1), 0)
-    while seen < n:
-        if SLEEP > 0:
-            tl.inline_asm_elementwise(f"nanosleep.u32 {SLEEP}; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        seen = tl.max(tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p],
-                                                dtype=tl.int32, is_pure=False, pack=1), 0)
-
-
-@triton.jit
-def _prefetch_l2(w, rn, mn, K, EPL: tl.constexpr, KL: tl.constexpr):
-    """Ask L2 for the 128-byte lines (EPL elements each) of weight rows rn of w [*, K]; rows past
-    the end (mn False) ask for row 0's lines instead."""
-    lines = tl.minimum(tl.arange(0, KL) * EPL, K - 1)
-    p = w + tl.where(mn, rn, 0)[:, None].to(tl.int64) * K + lines[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-          GLU: tl.constexpr, HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr, SILU: tl.constexpr,
-          XC: tl.constexpr):
+          GLU: tl.constexpr, HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr, SILU: tl.constexpr):
     """One K block: x's block transformed (gating, silu, norm, head norm and gate), times the weights'."""
     rk = k0 + tl.arange(0, BK)
     mk = rk < K
     mx = mm[:, None] & mk[None, :]
-    b_x = tl.load(x + rm[:, None] * XS + rk[None, :], mask=mx, other=0., cache_modifier=XC).to(tl.float32)
+    b_x = tl.load(x + rm[:, None] * XS + rk[None, :], mask=mx, other=0.).to(tl.float32)
     if GLU:
-        b_u = tl.load(x + rm[:, None] * XS + K + rk[None, :], mask=mx, other=0., cache_modifier=XC).to(tl.float32)
+        b_u = tl.load(x + rm[:, None] * XS + K + rk[None, :], mask=mx, other=0.).to(tl.float32)
         b_x = b_x * tl.sigmoid(b_x) * b_u
     if SILU:
         b_x = b_x * tl.sigmoid(b_x)
@@ -94,7 +57,7 @@ def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr,
         if HEAD_W:
             b_x *= tl.load(nw + rk % HEAD).to(tl.float32)[None, :]
         if GATE:
-            b_g = tl.load(gt + rm[:, None] * GS + rk[None, :], mask=mx, other=0., cache_modifier=XC).to(tl.float32)
+            b_g = tl.load(gt + rm[:, None] * GS + rk[None, :], mask=mx, other=0.).to(tl.float32)
             b_x *= b_g * tl.sigmoid(b_g)
     acc += b_x[:, None, :] * b_w.to(tl.float32)[None, :, :]
     return acc, ss
@@ -103,16 +66,16 @@ def _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM: tl.constexpr,
 # Row counts stay runtime values: a count of 1 specialized to a constant would give one
 # group's branch a different type than the others'. K must stay specialized (divisible by
 # 16), or the weight rows lose their alignment and the loads their 16-byte width.
-@triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5", "M", "wait_n"])
+@triton.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5", "M"])
 def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, gt, GS, M, K, XS, NY, eps,
-                 wait_on, wait_n, done,
                  G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                  HEAD: tl.constexpr, HEAD_W: tl.constexpr, GATE: tl.constexpr, SILU: tl.constexpr,
-                 PDL: tl.constexpr, EARLY: tl.constexpr, SYNC: tl.constexpr, XC: tl.constexpr,
-                 PREFETCH: tl.constexpr, EPL: tl.constexpr, KL: tl.constexpr, SLEEP: tl.constexpr):
+                 PDL: tl.constexpr, EARLY: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
+    if PDL == 2:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     w = w0
     n_g = n0
@@ -148,21 +111,9 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
     # loads issue before the wait, while that kernel's last programs finish (EARLY)
     if EARLY:
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
-    if PREFETCH:
-        _prefetch_l2(w, rn, mn, K, EPL, KL)
-    if SYNC == 0:
-        if PDL:  # launched while the previous kernel finishes: x comes from it
-            gdc_wait()
-            gdc_launch_dependents()
-    else:
-        if PDL and SYNC % 2 == 0:
-            gdc_launch_dependents()
-        if wait_n > 0:
-            if SYNC <= 2:
-                _wait_count(wait_on, wait_n)
-            else:
-                _wait_count_asm(wait_on, wait_n, SLEEP)
-        if PDL and SYNC % 2 == 1:
+    if PDL:  # launched while the previous kernel finishes: x comes from it
+        gdc_wait()
+        if PDL == 1:
             gdc_launch_dependents()
     if not EARLY:
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
@@ -170,23 +121,19 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
     # loads and multiply-adds, so the next block's loads can issue while this one computes
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
     ss = tl.zeros([BM, BK], dtype=tl.float32)
-    acc, ss = _tile(acc, ss, b_w, 0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE, SILU,
-                    XC)
+    acc, ss = _tile(acc, ss, b_w, 0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE, SILU)
     for k0 in range(BK, K, BK):
         rk = k0 + tl.arange(0, BK)
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
-        acc, ss = _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE,
-                        SILU, XC)
+        acc, ss = _tile(acc, ss, b_w, k0, x, nw, gt, GS, rm, mm, K, XS, eps, BM, BK, NORM, GLU, HEAD, HEAD_W, GATE, SILU)
     b_y = tl.sum(acc, 2)
     if NORM:
         b_y *= tl.rsqrt(tl.sum(ss, 1) / K + eps)[:, None]
     my = mm[:, None] & mn[None, :]
     p_y = rm[:, None] * NY + col + rn[None, :]
     if RES:
-        b_y += tl.load(res + p_y, mask=my, other=0., cache_modifier=XC).to(tl.float32)
+        b_y += tl.load(res + p_y, mask=my, other=0.).to(tl.float32)
     tl.store(y + p_y, b_y.to(y.dtype.element_ty), mask=my)
-    if SYNC > 0:  # count this program done (a release: its stores before the count)
-        tl.atomic_add(done, 1, sem="release", scope="gpu")
 
 
 # Launch shapes (rows of W per program, K block, warps, pipeline stages) by the shape of the
@@ -206,32 +153,9 @@ def config(N: int, K: int) -> dict:
     return next(dict(c) for test, c in CFGS if test(N, K))
 
 
-def launch_shape(ns: list[int], K: int, M: int, head_dim: int = 0) -> tuple[dict, int]:
-    """The launch shape and the number of programs of a product of M rows with weights of
-    ``ns`` rows each, K wide."""
-    c = config(sum(ns), K)
-    BM = triton.next_power_of_2(M)
-    # the accumulator holds BM * BN * BK fp32: at most the tuned one-row tile's 8192
-    c["BK"] = max(16, min(c["BK"], triton.next_power_of_2(K), 8192 // (BM * c["BN"])))
-    if head_dim:  # whole heads in every K block
-        c["BK"] = max(c["BK"], head_dim)
-        c["BN"] = max(1, min(c["BN"], 8192 // (BM * c["BK"])))
-    return c, sum(triton.cdiv(n, c["BN"]) for n in ns)
-
-
-# Experiment (bench/bench_gemv.py): chain the step's launches by counters instead of the grid
-# dependency wait. 0: gdc_wait; 1: wait on the counter, then let the next kernel launch; 2: let
-# the next kernel launch first, then wait on the counter. PREFETCH: ask L2 for the program's
-# weight rows before the wait.
-SYNC = 0
-PREFETCH = False
-SLEEP = 0
-
-
 def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor | None = None,
                  eps: float = 1e-6, glu: bool = False, residual: torch.Tensor | None = None,
-                 head_dim: int = 0, gate: torch.Tensor | None = None, silu: bool = False,
-                 sync: tuple | None = None) -> torch.Tensor:
+                 head_dim: int = 0, gate: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
     """``torch.cat([f(x) @ w.T for w in weights], -1) (+ residual)`` for x [M, K] with M <= 4
     rows and up to six contiguous weights [N_g, K] of x's dtype, where f is nothing, the
     RMSNorm with ``norm_weight`` [K] (of ``silu(x)`` with ``silu``: GSA's output), or (``glu``,
@@ -264,24 +188,22 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
         raise ValueError(f"residual must be [{M}, {NY}], got {tuple(residual.shape)}")
     x = x.contiguous()
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
-    c, programs = launch_shape(ns, K, M, head_dim)
+    c = config(NY, K)
     BM = triton.next_power_of_2(M)
+    # the accumulator holds BM * BN * BK fp32: at most the tuned one-row tile's 8192
+    c["BK"] = max(16, min(c["BK"], triton.next_power_of_2(K), 8192 // (BM * c["BN"])))
+    if head_dim:  # whole heads in every K block
+        c["BK"] = max(c["BK"], head_dim)
+        c["BN"] = max(1, min(c["BN"], 8192 // (BM * c["BK"])))
     ws = list(weights) + [weights[0]] * (MAX_GROUPS - G)
     ns_all = ns + [0] * (MAX_GROUPS - G)
-    grid = (programs,)
+    grid = (sum(triton.cdiv(n, c["BN"]) for n in ns),)
     nw = x if norm_weight is None else norm_weight.contiguous()
     res = x if residual is None else residual.contiguous()
     gt = x if gate is None else gate
-    pdl = use_pdl(x.device)
-    mode = SYNC if sync is not None else 0
-    wait_on, wait_n, done = sync if sync is not None else (x, 0, x)
-    prefetch = PREFETCH and x.is_cuda
-    EPL = 128 // x.element_size()
-    _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps,
-                       x if wait_on is None else wait_on, wait_n, done, G=G, BM=BM,
+    pdl = pdl_mode(x.device)
+    _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
                        NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
                        HEAD=head_dim, HEAD_W=bool(head_dim) and norm_weight is not None,
-                       GATE=gate is not None, SILU=silu, PDL=pdl, EARLY=pdl and EARLY, SYNC=mode,
-                       XC=".cg" if mode else "", PREFETCH=prefetch, EPL=EPL,
-                       KL=triton.next_power_of_2(triton.cdiv(K, EPL)), SLEEP=SLEEP, launch_pdl=pdl, **c)
+                       GATE=gate is not None, SILU=silu, PDL=pdl, EARLY=bool(pdl) and EARLY, launch_pdl=pdl > 0, **c)
     return y
