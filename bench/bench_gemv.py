@@ -85,8 +85,18 @@ def main():
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--stages", type=int, nargs="+", default=[1], help="pipeline stages --tune tries")
     ap.add_argument("--sweeps", type=int, default=2, choices=[1, 2], help="--tune's passes (2: opposite orders)")
+    ap.add_argument("--no-wait", action="store_true",
+                    help="the GEMVs' grid dependency wait compiled out: what the PDL lines cost with no data "
+                         "dependency between launches (here every call reads the same x, so outputs stay right)")
     a = ap.parse_args()
     from regla_torch.ops.triton import _common, gemv
+    if a.no_wait:  # before the first launch compiles the kernel, which looks the name up then
+        import triton
+
+        @triton.jit
+        def _no_wait():
+            pass
+        gemv.gdc_wait = _no_wait
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, rows {a.rows}; us per call, each call "
           f"on its own copy of the weights ({LAYERS} copies, replayed as one CUDA graph)")
     cases = {}

@@ -1,0 +1,101 @@
+"""Experiment for #20's decode bar: does a decode GEMV written as a tensor-core product (x padded
+to 16 rows) run a step's projections faster, because Triton's software pipeliner keeps STAGES
+weight tiles in flight per program (cp.async into shared memory) only for loads that feed a
+``tl.dot``? The library's GEMV (``grouped_gemv``: elementwise products, reduced at the end) gets
+no pipelining from Triton at all (the sm_90 PTX Triton 3.9 makes for it has no cp.async; num_stages changes nothing).
+
+    python bench/bench_gemv_dot.py
+
+Both kernels launched with programmatic dependent launch as the decode path launches them (the
+next kernel first, then the wait; the library's kernel also loads its first weight tile before
+the wait: the pipeliner refuses a loop with the wait inside it, so the tensor-core kernel waits
+before its loop and its pipeline fills after). Plain products (no norm, gating or residual),
+the step's shapes (bench_gemv.py): each shape over its 24 layers' copies in one CUDA graph, then
+the step's 97 products in order.
+"""
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from regla_torch.ops.triton._common import gdc_launch_dependents, gdc_wait  # noqa: E402
+
+SHAPES = {"in-proj": (6160, 2048), "gate+up": (11264, 2048), "o": (2048, 2048), "down": (2048, 5632),
+          "head": (32000, 2048)}
+LAYERS = 24
+
+
+@triton.jit
+def _gemv_dot_kernel(x, w, y, N, K, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """y = w @ x for one row x [K]: x as row 0 of a [16, BK] tile, each [BN, BK] weight tile a
+    tensor-core product, STAGES tiles in flight."""
+    gdc_launch_dependents()
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, 16)
+    mn = rn < N
+    gdc_wait()
+    acc = tl.zeros([16, BN], dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        rk = k0 + tl.arange(0, BK)
+        mk = rk < K
+        b_w = tl.load(w + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.)
+        b_x = tl.load(x + rm[:, None] * 0 + rk[None, :], mask=(rm[:, None] == 0) & mk[None, :], other=0.)
+        acc = tl.dot(b_x, tl.trans(b_w), acc)
+    tl.store(y + rn, tl.sum(tl.where(rm[:, None] == 0, acc, 0.), 0).to(y.dtype.element_ty), mask=mn)
+
+
+def dot_gemv(x, w, y, cfg):
+    N, K = w.shape
+    _gemv_dot_kernel[(triton.cdiv(N, cfg["BN"]),)](x, w, y, N, K, BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"],
+                                                   num_warps=cfg["num_warps"], launch_pdl=True)
+    return y
+
+
+def main():
+    from bench_gemv import graph_us
+
+    from regla_torch.ops.triton.gemv import grouped_gemv
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; us per call "
+          f"({LAYERS} weight copies a shape, one CUDA graph)", flush=True)
+    xs = {K: torch.randn(1, K, device=dev, dtype=bf) for K in (2048, 5632)}
+    ws = {n: [torch.randn(N, K, device=dev, dtype=bf) / K ** 0.5 for _ in range(LAYERS)] for n, (N, K) in SHAPES.items()}
+    ys = {n: torch.empty(1, N, device=dev, dtype=bf) for n, (N, K) in SHAPES.items()}
+    configs = [dict(BN=BN, BK=BK, STAGES=S, num_warps=nw) for BN in (16, 32, 64) for BK in (128, 256)
+               for S in (3, 4) for nw in (4,)]
+    best = {}
+    for n, (N, K) in SHAPES.items():
+        x = xs[K]
+        ref = (x.float() @ ws[n][0].float().T)
+        t_lib = graph_us([lambda w=w: grouped_gemv(x, [w]) for w in ws[n]])
+        line = f"{n:8s} {N}x{K}: library {t_lib:6.1f} us ({N * K * 2 / t_lib / 1e3:5.0f} GB/s)"
+        for cfg in configs:
+            try:
+                out = dot_gemv(x, ws[n][0], ys[n], cfg)
+                torch.cuda.synchronize()
+                err = float((out.float() - ref).norm() / ref.norm())
+                t = graph_us([lambda w=w: dot_gemv(x, w, ys[n], cfg) for w in ws[n]])
+            except Exception as e:  # noqa: BLE001 (a shape the compiler or the GPU refuses)
+                print(f"  {n} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            if err < 1e-2 and (n not in best or t < best[n][0]):
+                best[n] = (t, cfg, err)
+        t, cfg, err = best[n]
+        print(f"{line}; tensor-core best {t:6.1f} us ({N * K * 2 / t / 1e3:5.0f} GB/s) at {cfg}, rel err {err:.1e}",
+              flush=True)
+    order = ["in-proj", "gate+up", "o", "down"]
+    seq = [(n, i) for i in range(LAYERS) for n in order] + [("head", 0)]
+    nbytes = sum(SHAPES[n][0] * SHAPES[n][1] * 2 for n, _ in seq)
+    t_lib = graph_us([lambda n=n, i=i: grouped_gemv(xs[SHAPES[n][1]], [ws[n][i]]) for n, i in seq]) * len(seq)
+    t_dot = graph_us([lambda n=n, i=i: dot_gemv(xs[SHAPES[n][1]], ws[n][i], ys[n], best[n][1]) for n, i in seq]) * len(seq)
+    print(f"a step's {len(seq)} plain products, {nbytes / 1e9:.2f} GB: library {t_lib:.0f} us "
+          f"({nbytes / t_lib / 1e3:.0f} GB/s), tensor-core pipelined {t_dot:.0f} us ({nbytes / t_dot / 1e3:.0f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()
