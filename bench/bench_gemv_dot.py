@@ -2,7 +2,8 @@
 to 16 rows) run a step's projections faster, because Triton's software pipeliner keeps STAGES
 weight tiles in flight per program (cp.async into shared memory) only for loads that feed a
 ``tl.dot``? The library's GEMV (``grouped_gemv``: elementwise products, reduced at the end) gets
-no pipelining from Triton at all (the sm_90 PTX Triton 3.9 makes for it has no cp.async; num_stages changes nothing).
+no pipelining from Triton at all (the sm_90 PTX Triton 3.9 makes for it has no cp.async;
+num_stages changes nothing).
 
     python bench/bench_gemv_dot.py
 
@@ -64,7 +65,8 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; us per call "
           f"({LAYERS} weight copies a shape, one CUDA graph)", flush=True)
     xs = {K: torch.randn(1, K, device=dev, dtype=bf) for K in (2048, 5632)}
-    ws = {n: [torch.randn(N, K, device=dev, dtype=bf) / K ** 0.5 for _ in range(LAYERS)] for n, (N, K) in SHAPES.items()}
+    ws = {n: [torch.randn(N, K, device=dev, dtype=bf) / K ** 0.5 for _ in range(LAYERS)]
+          for n, (N, K) in SHAPES.items()}
     ys = {n: torch.empty(1, N, device=dev, dtype=bf) for n, (N, K) in SHAPES.items()}
     configs = [dict(BN=BN, BK=BK, STAGES=S, num_warps=nw) for BN in (16, 32, 64) for BK in (128, 256)
                for S in (3, 4) for nw in (4,)]
@@ -92,7 +94,8 @@ def main():
     seq = [(n, i) for i in range(LAYERS) for n in order] + [("head", 0)]
     nbytes = sum(SHAPES[n][0] * SHAPES[n][1] * 2 for n, _ in seq)
     t_lib = graph_us([lambda n=n, i=i: grouped_gemv(xs[SHAPES[n][1]], [ws[n][i]]) for n, i in seq]) * len(seq)
-    t_dot = graph_us([lambda n=n, i=i: dot_gemv(xs[SHAPES[n][1]], ws[n][i], ys[n], best[n][1]) for n, i in seq]) * len(seq)
+    t_dot = graph_us([lambda n=n, i=i: dot_gemv(xs[SHAPES[n][1]], ws[n][i], ys[n], best[n][1])
+                      for n, i in seq]) * len(seq)
     print(f"a step's {len(seq)} plain products, {nbytes / 1e9:.2f} GB: library {t_lib:.0f} us "
           f"({nbytes / t_lib / 1e3:.0f} GB/s), tensor-core pipelined {t_dot:.0f} us ({nbytes / t_dot / 1e3:.0f} GB/s)")
 
