@@ -49,6 +49,52 @@ def _gemv_dot_kernel(x, w, y, N, K, BN: tl.constexpr, BK: tl.constexpr, STAGES: 
     tl.store(y + rn, tl.sum(tl.where(rm[:, None] == 0, acc, 0.), 0).to(y.dtype.element_ty), mask=mn)
 
 
+def _smem_kernel():
+    """A second way, written in Gluon (Triton's lower-level dialect: explicit layouts and shared
+    memory): each program copies its whole [BN, K] weight block into shared memory (cp.async)
+    before the grid dependency wait, so those reads are in flight while the kernel before
+    finishes, then multiplies from shared memory. None where this Triton has no Gluon."""
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    except ImportError as e:
+        print(f"no Gluon here: {e}")
+        return None
+    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
+
+    @gluon.jit
+    def _gemv_smem_kernel(x, w, y, N, K, BN: gl.constexpr, BK: gl.constexpr, NK: gl.constexpr):
+        L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+        S: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        gdc_launch_dependents()
+        smem = gl.allocate_shared_memory(gl.bfloat16, [NK, BN, BK], S)
+        rn = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, L))
+        ck = gl.arange(0, BK, layout=gl.SliceLayout(0, L))
+        mn = rn < N
+        for i in gl.static_range(NK):
+            cols = i * BK + ck
+            async_load(smem.index(i), w + rn[:, None].to(gl.int64) * K + cols[None, :],
+                       mn[:, None] & (cols < K)[None, :])
+        cp.commit_group()
+        gdc_wait()
+        cp.wait_group(0)
+        acc = gl.zeros([BN, BK], gl.float32, L)
+        for i in gl.static_range(NK):
+            cols = i * BK + ck
+            b_x = gl.load(x + cols, mask=cols < K, other=0.).to(gl.float32)
+            acc += smem.index(i).load(L).to(gl.float32) * b_x[None, :]
+        gl.store(y + rn, gl.sum(acc, axis=1).to(y.dtype.element_ty), mask=mn)
+    return _gemv_smem_kernel
+
+
+def smem_gemv(kernel, x, w, y, cfg):
+    N, K = w.shape
+    kernel[(triton.cdiv(N, cfg["BN"]),)](x, w, y, N, K, BN=cfg["BN"], BK=cfg["BK"], NK=triton.cdiv(K, cfg["BK"]),
+                                         num_warps=cfg["num_warps"], launch_pdl=True)
+    return y
+
+
 def dot_gemv(x, w, y, cfg):
     N, K = w.shape
     _gemv_dot_kernel[(triton.cdiv(N, cfg["BN"]),)](x, w, y, N, K, BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"],
@@ -57,9 +103,14 @@ def dot_gemv(x, w, y, cfg):
 
 
 def main():
+    import argparse
+
     from bench_gemv import graph_us
 
     from regla_torch.ops.triton.gemv import grouped_gemv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["dot", "smem"], choices=["dot", "smem"])
+    a = ap.parse_args()
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; us per call "
@@ -68,36 +119,48 @@ def main():
     ws = {n: [torch.randn(N, K, device=dev, dtype=bf) / K ** 0.5 for _ in range(LAYERS)]
           for n, (N, K) in SHAPES.items()}
     ys = {n: torch.empty(1, N, device=dev, dtype=bf) for n, (N, K) in SHAPES.items()}
-    configs = [dict(BN=BN, BK=BK, STAGES=S, num_warps=nw) for BN in (16, 32, 64) for BK in (128, 256)
-               for S in (3, 4) for nw in (4,)]
-    best = {}
+    variants = {}
+    if "dot" in a.variants:
+        variants["tensor-core pipelined"] = (dot_gemv, [dict(BN=BN, BK=BK, STAGES=S, num_warps=4) for BN in (16, 32, 64)
+                                                        for BK in (128, 256) for S in (3, 4)])
+    kernel = _smem_kernel() if "smem" in a.variants else None
+    if kernel is not None:
+        variants["shared memory before the wait (Gluon)"] = (
+            lambda x, w, y, cfg: smem_gemv(kernel, x, w, y, cfg),
+            [dict(BN=BN, BK=512, num_warps=nw) for BN in (4, 8, 16) for nw in (4, 8)])
+    best = {v: {} for v in variants}
     for n, (N, K) in SHAPES.items():
         x = xs[K]
         ref = (x.float() @ ws[n][0].float().T)
         t_lib = graph_us([lambda w=w: grouped_gemv(x, [w]) for w in ws[n]])
-        line = f"{n:8s} {N}x{K}: library {t_lib:6.1f} us ({N * K * 2 / t_lib / 1e3:5.0f} GB/s)"
-        for cfg in configs:
-            try:
-                out = dot_gemv(x, ws[n][0], ys[n], cfg)
-                torch.cuda.synchronize()
-                err = float((out.float() - ref).norm() / ref.norm())
-                t = graph_us([lambda w=w: dot_gemv(x, w, ys[n], cfg) for w in ws[n]])
-            except Exception as e:  # noqa: BLE001 (a shape the compiler or the GPU refuses)
-                print(f"  {n} {cfg}: {type(e).__name__}", flush=True)
-                continue
-            if err < 1e-2 and (n not in best or t < best[n][0]):
-                best[n] = (t, cfg, err)
-        t, cfg, err = best[n]
-        print(f"{line}; tensor-core best {t:6.1f} us ({N * K * 2 / t / 1e3:5.0f} GB/s) at {cfg}, rel err {err:.1e}",
-              flush=True)
+        print(f"{n:8s} {N}x{K}: library {t_lib:6.1f} us ({N * K * 2 / t_lib / 1e3:5.0f} GB/s)", flush=True)
+        for v, (fn, configs) in variants.items():
+            for cfg in configs:
+                try:
+                    out = fn(x, ws[n][0], ys[n], cfg)
+                    torch.cuda.synchronize()
+                    err = float((out.float() - ref).norm() / ref.norm())
+                    t = graph_us([lambda w=w: fn(x, w, ys[n], cfg) for w in ws[n]])
+                except Exception as e:  # noqa: BLE001 (a shape the compiler or the GPU refuses)
+                    print(f"  {v} {n} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                if err < 1e-2 and (n not in best[v] or t < best[v][n][0]):
+                    best[v][n] = (t, cfg, err)
+            if n in best[v]:
+                t, cfg, err = best[v][n]
+                print(f"    {v}: best {t:6.1f} us ({N * K * 2 / t / 1e3:5.0f} GB/s) at {cfg}, rel err {err:.1e}",
+                      flush=True)
     order = ["in-proj", "gate+up", "o", "down"]
     seq = [(n, i) for i in range(LAYERS) for n in order] + [("head", 0)]
     nbytes = sum(SHAPES[n][0] * SHAPES[n][1] * 2 for n, _ in seq)
     t_lib = graph_us([lambda n=n, i=i: grouped_gemv(xs[SHAPES[n][1]], [ws[n][i]]) for n, i in seq]) * len(seq)
-    t_dot = graph_us([lambda n=n, i=i: dot_gemv(xs[SHAPES[n][1]], ws[n][i], ys[n], best[n][1])
-                      for n, i in seq]) * len(seq)
     print(f"a step's {len(seq)} plain products, {nbytes / 1e9:.2f} GB: library {t_lib:.0f} us "
-          f"({nbytes / t_lib / 1e3:.0f} GB/s), tensor-core pipelined {t_dot:.0f} us ({nbytes / t_dot / 1e3:.0f} GB/s)")
+          f"({nbytes / t_lib / 1e3:.0f} GB/s)", flush=True)
+    for v, (fn, _) in variants.items():
+        if len(best[v]) == len(SHAPES):
+            t = graph_us([lambda n=n, i=i: fn(xs[SHAPES[n][1]], ws[n][i], ys[n], best[v][n][1])
+                          for n, i in seq]) * len(seq)
+            print(f"  {v}: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
 
 
 if __name__ == "__main__":
