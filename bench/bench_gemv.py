@@ -13,9 +13,7 @@ back in one CUDA graph; then a whole step's projections in their order, and the 
 by one call (no kernel boundaries) and copied once; the step with plain launches and with
 programmatic dependent launch (the default on Hopper, which the per-shape lines use), with
 and without each program's first weight tile loaded before the wait, and with the next kernel
-launched before the wait (``_common.LAUNCH_FIRST``, the default) or after it, and (one row)
-with each program's weight block copied into shared memory before the wait (``gemv_smem``,
-the default at batch 1 on Hopper). GB/s
+launched before the wait (``_common.LAUNCH_FIRST``, the default) or after it. GB/s
 counts the weight bytes. ``--tune``
 times launch shapes and prints the best per shape and the best overall.
 """
@@ -91,7 +89,7 @@ def main():
                     help="the GEMVs' grid dependency wait compiled out: what the PDL lines cost with no data "
                          "dependency between launches (here every call reads the same x, so outputs stay right)")
     a = ap.parse_args()
-    from regla_torch.ops.triton import _common, gemv, gemv_smem
+    from regla_torch.ops.triton import _common, gemv
     if a.no_wait:  # before the first launch compiles the kernel, which looks the name up then
         import triton
 
@@ -123,15 +121,14 @@ def main():
           flush=True)
     # ours with each launch plain, and with programmatic dependent launch (each GEMV starts
     # while the one before finishes; the default where the GPU has it)
-    for pdl, early, first, smem, tag in (
-            (False, False, False, False, "plain launches"), (True, False, False, False, "PDL"),
-            (True, True, False, False, "PDL, first weight tile before the wait"),
-            (True, True, True, False, "PDL, early tile, next kernel launched before the wait"),
-            (True, True, True, True, "PDL, next kernel first, weight blocks into shared memory before the wait")):
+    for pdl, early, first, tag in (
+            (False, False, False, "plain launches"), (True, False, False, "PDL"),
+            (True, True, False, "PDL, first weight tile before the wait"),
+            (True, True, True, "PDL, early tile, next kernel launched before the wait")):
         if pdl and not _common.pdl_supported(torch.device("cuda")):
             print(f"  ours, {tag}: not supported here", flush=True)
             continue
-        _common.PDL, gemv.EARLY, _common.LAUNCH_FIRST, gemv_smem.ENABLED = pdl, early, first, smem
+        _common.PDL, gemv.EARLY, _common.LAUNCH_FIRST = pdl, early, first
         t_our = graph_us(seq(0)) * n
         errs = []
         for name in order + ["head"]:
@@ -140,7 +137,7 @@ def main():
             errs.append(((o - r).norm() / r.norm()).item())
         print(f"  ours, {tag}: {t_our:.0f} us ({nbytes / t_our / 1e3:.0f} GB/s), max rel err {max(errs):.1e}",
               flush=True)
-    _common.PDL, gemv.EARLY, _common.LAUNCH_FIRST, gemv_smem.ENABLED = None, True, True, True
+    _common.PDL, gemv.EARLY, _common.LAUNCH_FIRST = None, True, True
     # what the step's reads cost without kernel boundaries: the same bytes as one GEMV of
     # hidden-wide rows (this kernel's steady rate), and as one device-to-device copy
     big = torch.randn(nbytes // (2 * 2048), 2048, device="cuda", dtype=torch.bfloat16)

@@ -1,11 +1,16 @@
-"""Experiment for #20's decode bar: does a decode GEMV written as a tensor-core product (x padded
-to 16 rows) run a step's projections faster, because Triton's software pipeliner keeps STAGES
-weight tiles in flight per program (cp.async into shared memory) only for loads that feed a
-``tl.dot``? The library's GEMV (``grouped_gemv``: elementwise products, reduced at the end) gets
-no pipelining from Triton at all (the sm_90 PTX Triton 3.9 makes for it has no cp.async;
-num_stages changes nothing).
+"""Experiments for #20's decode bar: two ways to keep more of a decode GEMV's weight reads in
+flight than the library's kernel (``grouped_gemv``: elementwise products reduced at the end,
+one register tile loaded before the grid dependency wait; Triton pipelines none of its loads:
+the sm_90 PTX Triton 3.9 makes for it has no cp.async, num_stages changes nothing).
 
-    python bench/bench_gemv_dot.py
+- ``dot``: the GEMV as a tensor-core product (x padded to 16 rows), since Triton's software
+  pipeliner keeps STAGES weight tiles in flight (cp.async into shared memory) only for loads
+  that feed a ``tl.dot``. H200, 2026-12-04: the step's 97 plain products 1,036 us against 879.
+- ``smem``: in Gluon, each program copies its whole weight block into shared memory before the
+  wait, then multiplies from there. H200, 2026-12-04: 770 us against 879 (BENCHMARKS section 1,
+  "eleventh session"; with the library's folds it was slower, cause not found).
+
+    python bench/bench_gemv_dot.py [--variants dot smem]
 
 Both kernels launched with programmatic dependent launch as the decode path launches them (the
 next kernel first, then the wait; the library's kernel also loads its first weight tile before

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gemv_smem
 from ._common import gdc_launch_dependents, gdc_wait, pdl_mode
 
 MAX_GROUPS = 6
@@ -202,12 +201,6 @@ def grouped_gemv(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torc
     nw = x if norm_weight is None else norm_weight.contiguous()
     res = x if residual is None else residual.contiguous()
     gt = x if gate is None else gate
-    if gemv_smem.usable(x, weights, K, head_dim):
-        c1 = gemv_smem.launch_shape(NY, K, head_dim, x.element_size())
-        if c1 is not None:
-            return gemv_smem.grouped_gemv_smem(x, y, weights, c1, nw, res, gt, K, eps, norm_weight is not None
-                                               and not head_dim, glu, residual is not None, head_dim,
-                                               bool(head_dim) and norm_weight is not None, gate is not None, silu)
     pdl = pdl_mode(x.device)
     _gemv_kernel[grid](x, y, *ws, *ns_all, nw, res, gt, gt.stride(0), M, K, x.shape[1], NY, eps, G=G, BM=BM,
                        NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None,
