@@ -8,9 +8,14 @@ the sm_90 PTX Triton 3.9 makes for it has no cp.async, num_stages changes nothin
   that feed a ``tl.dot``. H200, 2026-12-04: the step's 97 plain products 1,036 us against 879.
 - ``smem``: in Gluon, each program copies its whole weight block into shared memory before the
   wait, then multiplies from there. H200, 2026-12-04: 770 us against 879 (BENCHMARKS section 1,
-  "eleventh session"; with the library's folds it was slower, cause not found).
+  "eleventh session"). With the library's folds (commit 528f0f7) it was slower: 1,237 us against
+  941 for the step's projections, o and down at twice their time.
+- ``smem-folds``: that kernel with f(x) (the folds) computed once a program into shared memory
+  instead of by every warp: the likely cause of the slowdown (at 8 warps, 8x the elementwise work
+  and fp32 divisions in the sigmoids). Written after the device time was spent: compiled for
+  sm_90 only, **not yet run**; it prints its error against the library's call first.
 
-    python bench/bench_gemv_dot.py [--variants dot smem]
+    python bench/bench_gemv_dot.py [--variants dot smem smem-folds]
 
 Both kernels launched with programmatic dependent launch as the decode path launches them (the
 next kernel first, then the wait; the library's kernel also loads its first weight tile before
@@ -93,6 +98,124 @@ def _smem_kernel():
     return _gemv_smem_kernel
 
 
+def _smem_folds_kernel():
+    """``smem`` with the library GEMV's folds (gemv._tile: RMSNorm, silu(gate) * up, silu, the
+    attention output's per-head norm, weight and gate, the residual) and its weight groups: the
+    kernel of commit 528f0f7 (wired in, then removed: o and down ran at twice the Triton
+    kernel's time) with one change. There every warp computed f(x) for every K block itself (x
+    replicated across the warps of the block's layout: 8x the elementwise work at 8 warps, and
+    fp32 divisions in the sigmoids); here f(x) is computed once a program, spread over all its
+    threads, into shared memory, which the product loop reads. Written 2026-12-04 after the
+    device time was spent: checked only by compiling it for sm_90 (Triton 3.9), not yet run."""
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    except ImportError as e:
+        print(f"no Gluon here: {e}")
+        return None
+    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+
+    @gluon.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + gl.exp(-x))
+
+    @gluon.jit(do_not_specialize=["n0", "n1", "n2", "n3", "n4", "n5"])
+    def _gemv_smem_folds_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, gt, K, eps,
+                                G: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NK: gl.constexpr,
+                                VEC: gl.constexpr, TK: gl.constexpr, XV: gl.constexpr, NORM: gl.constexpr,
+                                GLU: gl.constexpr, RES: gl.constexpr, HEAD: gl.constexpr, HEAD_W: gl.constexpr,
+                                GATE: gl.constexpr, SILU: gl.constexpr, EVEN: gl.constexpr):
+        L: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TK, TK], [gl.num_warps(), 1], [1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([XV], [32], [gl.num_warps()], [0])
+        gdc_launch_dependents()
+        pid = gl.program_id(0)
+        ws = (w0, w1, w2, w3, w4, w5)
+        ns = (n0, n1, n2, n3, n4, n5)
+        w, n_g, first, col = w0, n0, pid * 0, pid * 0
+        end, off = gl.cdiv(n0, BN), n0
+        for g in gl.static_range(1, G):
+            if pid >= end:
+                w, n_g, first, col = ws[g], ns[g], end, off
+            end += gl.cdiv(ns[g], BN)
+            off += ns[g]
+        rn = (pid - first) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, L))
+        mn = rn < n_g
+        ck = gl.arange(0, BK, layout=gl.SliceLayout(0, L))
+        sw = gl.allocate_shared_memory(w0.dtype.element_ty, [NK, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        for i in gl.static_range(NK):  # the whole weight block in flight before the wait
+            cols = i * BK + ck
+            async_load(sw.index(i), w + rn[:, None].to(gl.int64) * K + cols[None, :], mn[:, None] & (cols < K)[None, :])
+        cp.commit_group()
+        gdc_wait()
+        # f(x) once, over all threads, into shared memory
+        sx = gl.allocate_shared_memory(gl.float32, [NK, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        cx = gl.arange(0, BK, layout=LX)
+        ss = gl.zeros([BK], gl.float32, LX)
+        for i in gl.static_range(NK):
+            cols = i * BK + cx
+            mk = cols < K
+            b_x = gl.load(x + cols, mask=mk, other=0.).to(gl.float32)
+            if GLU:
+                b_x = b_x * _sigmoid(b_x) * gl.load(x + K + cols, mask=mk, other=0.).to(gl.float32)
+            if SILU:
+                b_x = b_x * _sigmoid(b_x)
+            if NORM:
+                ss += b_x * b_x
+                b_x *= gl.load(nw + cols, mask=mk, other=0.).to(gl.float32)
+            if HEAD > 0:  # BK == HEAD: this block is one head
+                b_x *= gl.rsqrt(gl.sum(b_x * b_x, axis=0) / HEAD + eps)
+                if HEAD_W:
+                    b_x *= gl.load(nw + cx).to(gl.float32)
+                if GATE:
+                    b_g = gl.load(gt + cols, mask=mk, other=0.).to(gl.float32)
+                    b_x *= b_g * _sigmoid(b_g)
+            sx.index(i).store(b_x)
+        cp.wait_group(0)
+        acc = gl.zeros([BN, BK], gl.float32, L)
+        for i in gl.static_range(NK):
+            b_w = sw.index(i).load(L).to(gl.float32)
+            if not EVEN:  # past K: what the masked copy left there, times x's zeros, could be nan
+                b_w = gl.where(((i * BK + ck) < K)[None, :], b_w, 0.)
+            acc += b_w * sx.index(i).load(gl.SliceLayout(0, L))[None, :]
+        b_y = gl.sum(acc, axis=1)
+        if NORM:
+            b_y *= gl.rsqrt(gl.sum(ss, axis=0) / K + eps)
+        p_y = col + rn
+        if RES:
+            b_y += gl.load(res + p_y, mask=mn, other=0.).to(gl.float32)
+        gl.store(y + p_y, b_y.to(y.dtype.element_ty), mask=mn)
+    return _gemv_smem_folds_kernel
+
+
+# launch shapes of the folds kernel by (N, K), as gemv.CFGS: rows a program, warps (528f0f7)
+FOLD_CFGS = [(lambda N, K: K > 4096, (8, 8)), (lambda N, K: N <= 4096, (8, 8)), (lambda N, K: N <= 8192, (16, 4)),
+             (lambda N, K: N <= 16384, (8, 4)), (lambda N, K: True, (16, 4))]
+
+
+def smem_folds_gemv(kernel, x, weights, norm_weight=None, eps=1e-6, glu=False, residual=None, head_dim=0,
+                    gate=None):
+    """``gemv.grouped_gemv``'s one-row call through the folds kernel."""
+    K = x.shape[1] // 2 if glu else x.shape[1]
+    ns = [w.shape[0] for w in weights]
+    BN, nw_ = next(c for test, c in FOLD_CFGS if test(sum(ns), K))
+    BK = head_dim or min(512, triton.next_power_of_2(K))
+    NK = triton.cdiv(K, BK)
+    while BN > 1 and BN * NK * BK * x.element_size() > 112 * 1024:
+        BN //= 2
+    VEC = 16 // x.element_size()
+    y = torch.empty(1, sum(ns), device=x.device, dtype=x.dtype)
+    grid = (sum(triton.cdiv(n, BN) for n in ns),)
+    nwt = x if norm_weight is None else norm_weight
+    kernel[grid](x, y, *(list(weights) + [weights[0]] * (6 - len(ns))), *(ns + [0] * (6 - len(ns))), nwt,
+                 x if residual is None else residual, x if gate is None else gate, K, eps, G=len(ns), BN=BN, BK=BK,
+                 NK=NK, VEC=VEC, TK=min(32, BK // VEC), XV=max(1, BK // (32 * nw_)),
+                 NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None, HEAD=head_dim,
+                 HEAD_W=bool(head_dim) and norm_weight is not None, GATE=gate is not None, SILU=False,
+                 EVEN=K % BK == 0, num_warps=nw_, launch_pdl=True)
+    return y
+
+
 def smem_gemv(kernel, x, w, y, cfg):
     N, K = w.shape
     kernel[(triton.cdiv(N, cfg["BN"]),)](x, w, y, N, K, BN=cfg["BN"], BK=cfg["BK"], NK=triton.cdiv(K, cfg["BK"]),
@@ -107,6 +230,42 @@ def dot_gemv(x, w, y, cfg):
     return y
 
 
+def folded_step(kernel, graph_us, grouped_gemv):
+    """bench_gemv.py's shapes with their folds, the library's call against the folds kernel: each
+    shape over its 24 copies, then the step's 97 in order."""
+    from bench_gemv import SHAPES as FOLDED
+    D = 512  # the attention output's head size (the "head" fold)
+    calls, nbytes = {}, {}
+    for name, (ns, K, fold) in FOLDED.items():
+        torch.manual_seed(0)
+        x = torch.randn(1, 2 * K if "glu" in fold else K, device="cuda", dtype=torch.bfloat16)
+        layers = [[torch.randn(n, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for n in ns]
+                  for _ in range(LAYERS)]
+        nw = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
+        res = torch.randn(1, sum(ns), device="cuda", dtype=torch.bfloat16) if "residual" in fold else None
+        gate = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        if "head" in fold:
+            kw = dict(norm_weight=nw[:D], residual=res, head_dim=D, gate=gate)
+        else:
+            kw = dict(norm_weight=nw if fold == "norm" else None, glu="glu" in fold, residual=res)
+        lib = [lambda ws=ws, x=x, kw=kw: grouped_gemv(x, ws, **kw) for ws in layers]
+        ours = [lambda ws=ws, x=x, kw=kw: smem_folds_gemv(kernel, x, ws, **kw) for ws in layers]
+        r, o = lib[0]().float(), ours[0]().float()
+        err = float((o - r).norm() / r.norm())
+        nbytes[name] = sum(ns) * K * 2
+        t_lib, t_our = graph_us(lib), graph_us(ours)
+        print(f"{name:20s} + {fold:14s} library {t_lib:6.1f} us, folds kernel {t_our:6.1f} us "
+              f"({nbytes[name] / t_our / 1e3:5.0f} GB/s), rel err against the library {err:.1e}", flush=True)
+        calls[name] = (lib, ours)
+    order = ["in-proj (5 weights)", "gate+up (2)", "o", "down"]
+    seq = [(n, i) for i in range(LAYERS) for n in order] + [("head", 0)]
+    total = sum(nbytes[n] for n, _ in seq)
+    for side, tag in ((0, "library"), (1, "folds kernel")):
+        t = graph_us([calls[n][side][i] for n, i in seq]) * len(seq)
+        print(f"a step's {len(seq)} projections with their folds, {total / 1e9:.2f} GB, {tag}: {t:.0f} us "
+              f"({total / t / 1e3:.0f} GB/s)", flush=True)
+
+
 def main():
     import argparse
 
@@ -114,7 +273,8 @@ def main():
 
     from regla_torch.ops.triton.gemv import grouped_gemv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["dot", "smem"], choices=["dot", "smem"])
+    ap.add_argument("--variants", nargs="+", default=["dot", "smem", "smem-folds"],
+                    choices=["dot", "smem", "smem-folds"])
     a = ap.parse_args()
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
@@ -155,6 +315,12 @@ def main():
                 t, cfg, err = best[v][n]
                 print(f"    {v}: best {t:6.1f} us ({N * K * 2 / t / 1e3:5.0f} GB/s) at {cfg}, rel err {err:.1e}",
                       flush=True)
+    if "smem-folds" in a.variants:
+        kernel = _smem_folds_kernel()
+        if kernel is not None:
+            folded_step(kernel, graph_us, grouped_gemv)
+    if not variants:
+        return
     order = ["in-proj", "gate+up", "o", "down"]
     seq = [(n, i) for i in range(LAYERS) for n in order] + [("head", 0)]
     nbytes = sum(SHAPES[n][0] * SHAPES[n][1] * 2 for n, _ in seq)
