@@ -357,10 +357,23 @@ def main():
     gu = torch.empty(2 * INTER, device=dev, dtype=bf)
     y = torch.empty(1, HIDDEN, device=dev, dtype=bf)
     cnt = torch.zeros(2, device=dev, dtype=torch.int32)
+    cnt3 = torch.zeros(3, device=dev, dtype=torch.int32)
+    best = {}
+
+    def measure(variant, tag, run, counters):
+        """Time ``run(w1, wd)`` over the layers' weights; print it; keep the variant's best."""
+        out = run(*layers[0])
+        torch.cuda.synchronize()
+        err = rel(out)
+        t = graph_us([lambda w=w: run(*w) for w in layers])
+        print(f"{variant} {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}, "
+              f"counters after {counters.tolist()}", flush=True)
+        if err < 1e-2 and (variant not in best or t < best[variant][0]):
+            best[variant] = (t, tag)
+
     shapes = [dict(BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, num_warps=nw_)
               for BN1, BK1 in ((16, 512), (32, 256), (8, 1024)) for BN2, BK2 in ((4, 2048), (8, 1024), (2, 4096))
               for nw_ in (4, 8)]
-    best = None
     for cfg in shapes if not a.skip_chain else []:
         # NPROG as launched (a 1 would be specialized into another kernel)
         args = (x, nw, layers[0][0], layers[0][1], gu, y, cnt, HIDDEN, INTER, 1e-6, sms)
@@ -368,37 +381,18 @@ def main():
         for per_sm in sorted({1, 2, occ} & set(range(1, occ + 1))):
             nprog = sms * per_sm
             for prefetch in (False, True):
-                out = chain(x, nw, *layers[0], gu, y, cnt, nprog, cfg, prefetch)
-                torch.cuda.synchronize()
-                err = rel(out)
-                t = graph_us([lambda w=w: chain(x, nw, *w, gu, y, cnt, nprog, cfg, prefetch) for w in layers])
-                tag = f"{cfg} x{per_sm}/SM (of {occ}; {regs} regs, {smem} B smem){' + L2 prefetch' if prefetch else ''}"
-                print(f"chain {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}", flush=True)
-                if err < 1e-2 and (best is None or t < best[0]):
-                    best = (t, tag)
-    if best:
-        print(f"BEST chain: {best[1]}: {best[0]:.1f} us", flush=True)
+                measure("chain", f"{cfg} x{per_sm}/SM (of {occ}; {regs} regs, {smem} B smem)"
+                        f"{' + L2 prefetch' if prefetch else ''}",
+                        lambda w1, wd: chain(x, nw, w1, wd, gu, y, cnt, nprog, cfg, prefetch), cnt)
     # tickets: gate+up and down at the library's own launch shapes (gemv.CFGS) and a few more
-    cnt3 = torch.zeros(3, device=dev, dtype=torch.int32)
-    best = None
     for BN1, BK1 in ((32, 256), (16, 512)) if not a.skip_tickets else []:
         for BN2, BK2 in ((4, 2048), (8, 1024)):
             for nw_ in (4, 8):
                 cfg = dict(BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, num_warps=nw_)
                 for early in (False, True):
-                    out = tickets(x, nw, *layers[0], gu, y, cnt3, cfg, early)
-                    torch.cuda.synchronize()
-                    err = rel(out)
-                    t = graph_us([lambda w=w: tickets(x, nw, *w, gu, y, cnt3, cfg, early) for w in layers])
-                    tag = f"{cfg}{' + first down tile before the wait' if early else ''}"
-                    print(f"tickets {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}, "
-                          f"counters after {cnt3.tolist()}", flush=True)
-                    if err < 1e-2 and (best is None or t < best[0]):
-                        best = (t, tag)
-    if best:
-        print(f"BEST tickets: {best[1]}: {best[0]:.1f} us", flush=True)
+                    measure("tickets", f"{cfg}{' + first down tile before the wait' if early else ''}",
+                            lambda w1, wd: tickets(x, nw, w1, wd, gu, y, cnt3, cfg, early), cnt3)
     # the stream: persistent, two tiles in flight a program, the first down tile through the barrier
-    best = None
     for BN, BK in ((4, 1024), (8, 1024), (8, 512), (16, 512), (4, 2048), (16, 1024)):
         for nw_ in (4, 8):
             cfg = dict(BN=BN, BK=BK, num_warps=nw_)
@@ -406,16 +400,10 @@ def main():
             occ, regs, smem = resident_programs(cfg, args, _mlp_stream_kernel, [{}])
             for per_sm in sorted({1, 2, occ} & set(range(1, occ + 1))):
                 nprog = sms * per_sm
-                out = stream(x, nw, *layers[0], gu, y, cnt, nprog, cfg)
-                torch.cuda.synchronize()
-                err = rel(out)
-                t = graph_us([lambda w=w: stream(x, nw, *w, gu, y, cnt, nprog, cfg) for w in layers])
-                tag = f"{cfg} x{per_sm}/SM (of {occ}; {regs} regs, {smem} B smem)"
-                print(f"stream {tag}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s), rel err {err:.1e}, "
-                      f"counters after {cnt.tolist()}", flush=True)
-                if err < 1e-2 and (best is None or t < best[0]):
-                    best = (t, tag)
-    print(f"BEST stream: {best[1]}: {best[0]:.1f} us")
+                measure("stream", f"{cfg} x{per_sm}/SM (of {occ}; {regs} regs, {smem} B smem)",
+                        lambda w1, wd: stream(x, nw, w1, wd, gu, y, cnt, nprog, cfg), cnt)
+    for variant, (t, tag) in best.items():
+        print(f"BEST {variant}: {tag}: {t:.1f} us", flush=True)
 
 
 if __name__ == "__main__":
