@@ -96,7 +96,7 @@ def main():
         @triton.jit
         def _no_wait():
             pass
-        gemv.gdc_wait = _no_wait
+        _common.gdc_wait = _no_wait  # in _common.pdl_wait
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, rows {a.rows}; us per call, each call "
           f"on its own copy of the weights ({LAYERS} copies, replayed as one CUDA graph)")
     cases = {}

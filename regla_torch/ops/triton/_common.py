@@ -5,9 +5,11 @@ import functools
 import weakref
 
 import torch
+import triton
+import triton.language as tl
 
 try:  # grid dependency control (Hopper's programmatic dependent launch), Triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401 (kernels import them)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover (an older Triton: launches stay plain)
     gdc_launch_dependents = gdc_wait = None
 
@@ -140,3 +142,20 @@ LAUNCH_FIRST = True
 def pdl_mode(device: torch.device) -> int:
     """The kernels' PDL constexpr: 0 plain launch, 1 next launch after the wait, 2 first thing."""
     return 0 if not use_pdl(device) else 2 if LAUNCH_FIRST else 1
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First thing in a decode kernel: under ``pdl_mode`` 2, let the next kernel launch."""
+    if PDL == 2:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Before reading what the kernel before wrote: wait for it to complete (then, under
+    ``pdl_mode`` 1, let the next kernel launch)."""
+    if PDL:
+        gdc_wait()
+        if PDL == 1:
+            gdc_launch_dependents()

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Chunks, chunks, gdc_launch_dependents, gdc_wait, next_pow2, pdl_mode
+from ._common import Chunks, chunks, next_pow2, pdl_mode, pdl_start, pdl_wait
 
 
 @triton.jit
@@ -57,8 +57,7 @@ def _load_state(state, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.const
                 PDL: tl.constexpr):
     """A decode step's [K, BV] fp32 tile of a [K, V] state, then (under PDL) the wait for the
     kernel before."""
-    if PDL == 2:
-        gdc_launch_dependents()
+    pdl_start(PDL)
     kc = tl.arange(0, BK)
     vc = i_v * BV + tl.arange(0, BV)
     mk = kc < K
@@ -68,10 +67,7 @@ def _load_state(state, i_v, i_bh, K: tl.constexpr, V: tl.constexpr, BK: tl.const
     # the state was last written by a decode step a step ago: complete before this launch even
     # under PDL (_common.PDL), so it loads before the wait for the step's inputs
     b_h = tl.load(p_s, mask=m_kv, other=0.).to(tl.float32)
-    if PDL:
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(PDL)
     return kc, mk, vc, mv, m_kv, p_s, b_h
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gdc_launch_dependents, gdc_wait, pdl_mode
+from ._common import pdl_mode, pdl_start, pdl_wait
 
 MAX_GROUPS = 6
 MAX_ROWS = 4  # x rows (batch size at decode) the broadcast product handles well
@@ -74,8 +74,7 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
                  PDL: tl.constexpr, EARLY: tl.constexpr):
     """y[:, off_g + n] = f(x) @ w_g[n].T for the row block this program owns; the groups' row
     blocks follow each other along the program axis, their outputs along y's columns."""
-    if PDL == 2:
-        gdc_launch_dependents()
+    pdl_start(PDL)
     pid = tl.program_id(0)
     w = w0
     n_g = n0
@@ -111,10 +110,7 @@ def _gemv_kernel(x, y, w0, w1, w2, w3, w4, w5, n0, n1, n2, n3, n4, n5, nw, res, 
     # loads issue before the wait, while that kernel's last programs finish (EARLY)
     if EARLY:
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
-    if PDL:  # launched while the previous kernel finishes: x comes from it
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
+    pdl_wait(PDL)  # launched while the previous kernel finishes: x comes from it
     if not EARLY:
         b_w = tl.load(p_w + rk[None, :], mask=mn[:, None] & (rk < K)[None, :], other=0.)
     # products accumulate elementwise and are reduced once at the end: the loop is only
