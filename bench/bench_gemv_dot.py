@@ -59,11 +59,9 @@ def _gemv_dot_kernel(x, w, y, N, K, BN: tl.constexpr, BK: tl.constexpr, STAGES: 
     tl.store(y + rn, tl.sum(tl.where(rm[:, None] == 0, acc, 0.), 0).to(y.dtype.element_ty), mask=mn)
 
 
-def _smem_kernel():
-    """A second way, written in Gluon (Triton's lower-level dialect: explicit layouts and shared
-    memory): each program copies its whole [BN, K] weight block into shared memory (cp.async)
-    before the grid dependency wait, so those reads are in flight while the kernel before
-    finishes, then multiplies from shared memory. None where this Triton has no Gluon."""
+def _gluon():
+    """(gluon, its language, its cp.async module, the cp.async load) or None where this Triton
+    has no Gluon."""
     try:
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
@@ -71,7 +69,17 @@ def _smem_kernel():
     except ImportError as e:
         print(f"no Gluon here: {e}")
         return None
-    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
+    return gluon, gl, cp, getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
+
+
+def _smem_kernel():
+    """A second way, written in Gluon (Triton's lower-level dialect: explicit layouts and shared
+    memory): each program copies its whole [BN, K] weight block into shared memory (cp.async)
+    before the grid dependency wait, so those reads are in flight while the kernel before
+    finishes, then multiplies from shared memory. None where this Triton has no Gluon."""
+    if _gluon() is None:
+        return None
+    gluon, gl, cp, async_load = _gluon()
 
     @gluon.jit
     def _gemv_smem_kernel(x, w, y, N, K, BN: gl.constexpr, BK: gl.constexpr, NK: gl.constexpr):
@@ -107,14 +115,9 @@ def _smem_folds_kernel():
     fp32 divisions in the sigmoids); here f(x) is computed once a program, spread over all its
     threads, into shared memory, which the product loop reads. Written 2026-12-04 after the
     device time was spent: checked only by compiling it for sm_90 (Triton 3.9), not yet run."""
-    try:
-        from triton.experimental import gluon
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    except ImportError as e:
-        print(f"no Gluon here: {e}")
+    if _gluon() is None:
         return None
-    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    gluon, gl, cp, async_load = _gluon()
 
     @gluon.jit
     def _sigmoid(x):
@@ -194,7 +197,7 @@ FOLD_CFGS = [(lambda N, K: K > 4096, (8, 8)), (lambda N, K: N <= 4096, (8, 8)), 
 
 
 def smem_folds_gemv(kernel, x, weights, norm_weight=None, eps=1e-6, glu=False, residual=None, head_dim=0,
-                    gate=None):
+                    gate=None, silu=False):
     """``gemv.grouped_gemv``'s one-row call through the folds kernel."""
     K = x.shape[1] // 2 if glu else x.shape[1]
     ns = [w.shape[0] for w in weights]
@@ -211,7 +214,7 @@ def smem_folds_gemv(kernel, x, weights, norm_weight=None, eps=1e-6, glu=False, r
                  x if residual is None else residual, x if gate is None else gate, K, eps, G=len(ns), BN=BN, BK=BK,
                  NK=NK, VEC=VEC, TK=min(32, BK // VEC), XV=max(1, BK // (32 * nw_)),
                  NORM=norm_weight is not None and not head_dim, GLU=glu, RES=residual is not None, HEAD=head_dim,
-                 HEAD_W=bool(head_dim) and norm_weight is not None, GATE=gate is not None, SILU=False,
+                 HEAD_W=bool(head_dim) and norm_weight is not None, GATE=gate is not None, SILU=silu,
                  EVEN=K % BK == 0, num_warps=nw_, launch_pdl=True)
     return y
 
@@ -288,10 +291,10 @@ def main():
     if "dot" in a.variants:
         variants["tensor-core pipelined"] = (dot_gemv, [dict(BN=BN, BK=BK, STAGES=S, num_warps=4) for BN in (16, 32, 64)
                                                         for BK in (128, 256) for S in (3, 4)])
-    kernel = _smem_kernel() if "smem" in a.variants else None
-    if kernel is not None:
+    smem_kernel = _smem_kernel() if "smem" in a.variants else None
+    if smem_kernel is not None:
         variants["shared memory before the wait (Gluon)"] = (
-            lambda x, w, y, cfg: smem_gemv(kernel, x, w, y, cfg),
+            lambda x, w, y, cfg: smem_gemv(smem_kernel, x, w, y, cfg),
             [dict(BN=BN, BK=512, num_warps=nw) for BN in (4, 8, 16) for nw in (4, 8)])
     best = {v: {} for v in variants}
     for n, (N, K) in SHAPES.items():
@@ -315,10 +318,9 @@ def main():
                 t, cfg, err = best[v][n]
                 print(f"    {v}: best {t:6.1f} us ({N * K * 2 / t / 1e3:5.0f} GB/s) at {cfg}, rel err {err:.1e}",
                       flush=True)
-    if "smem-folds" in a.variants:
-        kernel = _smem_folds_kernel()
-        if kernel is not None:
-            folded_step(kernel, graph_us, grouped_gemv)
+    folds_kernel = _smem_folds_kernel() if "smem-folds" in a.variants else None
+    if folds_kernel is not None:
+        folded_step(folds_kernel, graph_us, grouped_gemv)
     if not variants:
         return
     order = ["in-proj", "gate+up", "o", "down"]
