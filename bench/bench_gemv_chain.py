@@ -1,7 +1,7 @@
 """Experiment for #20's decode bar: do the GEMVs' kernel boundaries go away in one persistent
 kernel with a grid-wide barrier between dependent products?
 
-    python bench/bench_gemv_chain.py              # H200: times, one CUDA graph of 24 layers
+    python bench/bench_gemv_chain.py [--variants chain tickets stream]  # H200: one CUDA graph of 24 layers
     python bench/bench_gemv_chain.py --cpu-check  # here: the kernel in Triton's interpreter
 
 `bench_gemv.py` measured a decode step's 2.60 GB of projection weights at 1,078 us in its 97
@@ -25,15 +25,16 @@ difference. Too few programs are resident to keep the reads in flight that the o
 (The chain kernel's blocks moved into helpers shared with the ticket variant below on 2026-12-04,
 after that run: the same loads, the first down tile of each block now loaded before its loop.)
 
-A fourth way, written 2026-12-04 (tenth session): ``tickets``, the two GEMVs' usual grids as one launch, no program persistent. Each
-program first takes a ticket (an atomic count, so tickets follow the order programs start in);
-tickets below gate+up's block count do a gate+up row block and count it done; the others do a
+A fourth way, written 2026-12-04 (tenth session): ``tickets``, the two GEMVs' usual grids as one
+launch, no program persistent. Each program first takes a ticket (an atomic count, so tickets
+follow the order programs start in); tickets below gate+up's block count do a gate+up row block
+and count it done; the others do a
 down row block: they load their first weight tile, then wait for all gate+up blocks to be counted
 done. A program waits only on programs that hold lower tickets and so are already running: it
 cannot deadlock, and a waiting down program holds only a slot that gate+up no longer needs. The
 question it answers: is a counter in global memory a cheaper boundary than a kernel boundary under
 programmatic dependent launch (3.7 us a boundary in bench_gemv's step, BENCHMARKS "tenth session")?
-Result on the H200 (2026-12-04, eleventh session, ``--skip-chain``): no. The best tickets shape took
+Result on the H200 (2026-12-04, eleventh session, ``--variants tickets``): no. The best tickets shape took
 24.2 us a layer against 23.2 us for the two launches; the first down tile before the wait helped
 every shape by 0.4-1.1 us but not enough.
 
@@ -41,7 +42,7 @@ A fifth way (eleventh session): ``stream``, the chain's persistent programs with
 weight tiles as one stream across both stages: the next [BN, BK] tile loads (into registers)
 while the current one is multiplied, and the tile after a program's last gate+up tile is its
 first down tile, so that load runs through the grid barrier. Result on the H200
-(``--skip-chain --skip-tickets``): best 34.5 us a layer against 22.6 us for the two launches (12
+(``--variants stream``): best 34.5 us a layer against 22.6 us for the two launches (12
 shapes, 1 to 5 programs an SM): two register tiles a program at the residency their registers
 allow keep far fewer bytes in flight than the two launches' full grids.
 
@@ -117,6 +118,15 @@ def _down_block(x, wd, gu, y, blk, b_w, K, I, BN2: tl.constexpr, BK2: tl.constex
 
 
 @triton.jit
+def _leave_barrier(cnt, NPROG):
+    """The last of NPROG programs out resets the grid barrier's counters [arrived, left] for the
+    next launch: every program has passed the barrier by the time it counts itself out."""
+    if tl.atomic_add(cnt + 1, 1, sem="acq_rel", scope="gpu") == NPROG - 1:
+        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt + 1, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
                       BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr,
                       KP: tl.constexpr, IP: tl.constexpr, PREFETCH: tl.constexpr):
@@ -140,11 +150,7 @@ def _mlp_chain_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
         seen = tl.atomic_add(cnt, 0, sem="acquire", scope="gpu")
     for blk in range(pid, tl.cdiv(K, BN2), NPROG):
         _down_block(x, wd, gu, y, blk, _down_tile(wd, blk, 0, K, I, BN2, BK2), K, I, BN2, BK2)
-    # the last program out resets the counters for the next launch: every program has passed
-    # the barrier by the time it counts itself out
-    if tl.atomic_add(cnt + 1, 1, sem="acq_rel", scope="gpu") == NPROG - 1:
-        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(cnt + 1, 0, sem="relaxed", scope="gpu")
+    _leave_barrier(cnt, NPROG)
 
 
 @triton.jit
@@ -241,9 +247,7 @@ def _mlp_stream_kernel(x, nw, w1, wd, gu, y, cnt, K, I, eps, NPROG,
             tl.store(y + rn, b_y.to(y.dtype.element_ty), mask=mn)
             acc = tl.zeros([BN], dtype=tl.float32)
         b_w = nxt
-    if tl.atomic_add(cnt + 1, 1, sem="acq_rel", scope="gpu") == NPROG - 1:
-        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(cnt + 1, 0, sem="relaxed", scope="gpu")
+    _leave_barrier(cnt, NPROG)
 
 
 def stream(x, nw, w1, wd, gu, y, cnt, nprog, cfg):
@@ -325,8 +329,8 @@ def cpu_check():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-check", action="store_true")
-    ap.add_argument("--skip-chain", action="store_true", help="leave the chain out")
-    ap.add_argument("--skip-tickets", action="store_true", help="leave the tickets out")
+    ap.add_argument("--variants", nargs="+", default=["chain", "tickets", "stream"],
+                    choices=["chain", "tickets", "stream"], help="which to time beside the two launches")
     a = ap.parse_args()
     if a.cpu_check:
         return cpu_check()
@@ -374,7 +378,7 @@ def main():
     shapes = [dict(BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, num_warps=nw_)
               for BN1, BK1 in ((16, 512), (32, 256), (8, 1024)) for BN2, BK2 in ((4, 2048), (8, 1024), (2, 4096))
               for nw_ in (4, 8)]
-    for cfg in shapes if not a.skip_chain else []:
+    for cfg in shapes if "chain" in a.variants else []:
         # NPROG as launched (a 1 would be specialized into another kernel)
         args = (x, nw, layers[0][0], layers[0][1], gu, y, cnt, HIDDEN, INTER, 1e-6, sms)
         occ, regs, smem = resident_programs(cfg, args)
@@ -385,7 +389,7 @@ def main():
                         f"{' + L2 prefetch' if prefetch else ''}",
                         lambda w1, wd: chain(x, nw, w1, wd, gu, y, cnt, nprog, cfg, prefetch), cnt)
     # tickets: gate+up and down at the library's own launch shapes (gemv.CFGS) and a few more
-    for BN1, BK1 in ((32, 256), (16, 512)) if not a.skip_tickets else []:
+    for BN1, BK1 in ((32, 256), (16, 512)) if "tickets" in a.variants else []:
         for BN2, BK2 in ((4, 2048), (8, 1024)):
             for nw_ in (4, 8):
                 cfg = dict(BN1=BN1, BK1=BK1, BN2=BN2, BK2=BK2, num_warps=nw_)
@@ -393,7 +397,8 @@ def main():
                     measure("tickets", f"{cfg}{' + first down tile before the wait' if early else ''}",
                             lambda w1, wd: tickets(x, nw, w1, wd, gu, y, cnt3, cfg, early), cnt3)
     # the stream: persistent, two tiles in flight a program, the first down tile through the barrier
-    for BN, BK in ((4, 1024), (8, 1024), (8, 512), (16, 512), (4, 2048), (16, 1024)):
+    stream_shapes = ((4, 1024), (8, 1024), (8, 512), (16, 512), (4, 2048), (16, 1024))
+    for BN, BK in stream_shapes if "stream" in a.variants else []:
         for nw_ in (4, 8):
             cfg = dict(BN=BN, BK=BK, num_warps=nw_)
             args = (x, nw, layers[0][0], layers[0][1], gu, y, cnt, HIDDEN, INTER, 1e-6, sms)
