@@ -74,6 +74,22 @@ def _kernel():
         async_load(ring.index(slot), p, (rr < lim)[:, None] & (ck < BK)[None, :])
 
     @gluon.jit
+    def _issue_next(ring, slot, w, ns, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN: gl.constexpr,
+                    BK: gl.constexpr):
+        """Copy the producer's tile into ring slot (one commit group) and move the producer on."""
+        gl.static_assert(BK % 8 == 0, "cp.async copies 16 bytes: K blocks of 8 bf16")
+        _issue(ring, slot, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
+        cp.commit_group()
+        pk += 1
+        if pk * BK >= kq:
+            pk = pk * 0
+            pl2, pb = _skip(pl, pb + P, ns, L, pid, BN)
+            if pl2 != pl:
+                kq, wb = _meta(pl2, ks, woff, L)
+            pl = pl2
+        return pl, pb, pk, kq, wb
+
+    @gluon.jit
     def _chain_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
                       S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr):
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
@@ -90,15 +106,7 @@ def _kernel():
         pk = pid * 0
         kq, wb = _meta(pl, ks, woff, L)
         for i in gl.static_range(S - 1):
-            _issue(ring, i, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
-            cp.commit_group()
-            pk += 1
-            if pk * BK >= kq:
-                pk = pk * 0
-                pl2, pb = _skip(pl, pb + P, ns, L, pid, BN)
-                if pl2 != pl:
-                    kq, wb = _meta(pl2, ks, woff, L)
-                pl = pl2
+            pl, pb, pk, kq, wb = _issue_next(ring, i, w, ns, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN, BK)
         t = pid * 0  # tiles consumed
         for l in range(L):
             n_l = gl.load(ns + l)
@@ -125,15 +133,8 @@ def _kernel():
                     # every thread's copies of tile t landed, and every thread is done with tile
                     # t - 1, whose slot the next copy overwrites
                     barrier()
-                    _issue(ring, (t + S - 1) % S, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
-                    cp.commit_group()
-                    pk += 1
-                    if pk * BK >= kq:
-                        pk = pk * 0
-                        pl2, pb = _skip(pl, pb + P, ns, L, pid, BN)
-                        if pl2 != pl:
-                            kq, wb = _meta(pl2, ks, woff, L)
-                        pl = pl2
+                    pl, pb, pk, kq, wb = _issue_next(ring, (t + S - 1) % S, w, ns, ks, woff, kq, wb, pl, pb, pk,
+                                                     rr, ck, L, P, pid, BN, BK)
                     b_w = ring.index(t % S).load(LT).to(gl.float32)
                     acc += b_w * sx.index(kt).load(gl.SliceLayout(0, LT))[None, :]
                     t += 1
