@@ -21,14 +21,13 @@ never arrives (programs not all resident) ends the wait after a bounded number o
 reported, not hung on. ``WAIT=False`` launch shapes drop the data dependency (no count waited
 on: the outputs are wrong, the time is the weight stream's alone).
 
-H200, 2026-12-04 (BENCHMARKS section 1, twelfth session): 955 us at the best shape (16 rows a
-block, K blocks of 512, 8 slots, 4 warps) against 859-869 for the library's 97 launches and 580-599
-for the same bytes in one launch; without the dependency 760 us. So the stream itself runs at
-3.4 TB/s (every tile a CTA barrier and this warp group's own copies: no warp specialization), and
-each product's dependency still costs ~2 us (the count's round trip, and programs waiting for the
-product's slowest program: 385 or 704 row blocks over 132 programs). Two or three programs an SM:
-1,109-1,312 us (784 without the dependency). The first version, reading each tile's slice of x
-from L2 beside the tile, took 4,400 us.
+H200, 2026-12-04 (BENCHMARKS section 1, twelfth session): at its best (16 rows x 1024 a tile, 4-6
+slots) 859-896 us against 859-873 for the library's 97 launches and 580-599 for the same bytes in
+one launch: no faster. Without the dependency 695-739 us: the stream runs at 3.5-3.7 TB/s (one
+warp group both copies and multiplies, a CTA barrier a tile; 16 KB tiles are slower, 743-798),
+and each product's dependency still costs ~1.6 us. The first version, reading each tile's slice
+of x from L2 beside the tile, took 4,400 us; polling the count with volatile loads and then one
+acquire, 20-25 us more than acquire polls.
 """
 import os
 import sys
@@ -70,8 +69,10 @@ def _kernel():
     def _issue(ring, slot, w, kq, wb, pl, pb, pk, rr, ck, L, BN: gl.constexpr, BK: gl.constexpr):
         """cp.async of tile (product pl, row block pb, K block pk) into ring slot; nothing past the last."""
         lim = gl.where(pl < L, BN, 0)
-        p = w + wb + (pb * BN + rr)[:, None].to(gl.int64) * kq + (pk * BK + ck)[None, :]
-        async_load(ring.index(slot), p, (rr < lim)[:, None] & (ck < BK)[None, :])
+        cols = pk * BK + ck
+        p = w + wb + (pb * BN + rr)[:, None].to(gl.int64) * kq + cols[None, :]
+        # past K (a K block wider than K's remainder) the copy writes zeros, as x has there
+        async_load(ring.index(slot), p, (rr < lim)[:, None] & (cols < kq)[None, :])
 
     @gluon.jit
     def _issue_next(ring, slot, w, ns, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN: gl.constexpr,
@@ -114,13 +115,14 @@ def _kernel():
             xo = gl.load(xoff + l)
             yo = gl.load(xoff + l + 1)
             if WAIT and l > 0:  # the product's input: every program done with product l - 1
-                seen = gl.load(cnt + l, volatile=True)
+                # polled by acquire loads (an add of 0 compiles to ld.acquire.gpu): the last poll
+                # orders this program's reads of the product's input after the count
+                seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
                 it = 0
                 while (seen < P) & (it < LIMIT):
-                    seen = gl.load(cnt + l, volatile=True)
+                    seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
                     it += 1
-                # the acquire orders this program's reads of the product's input after the count
-                if gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu") < P:
+                if seen < P:
                     gl.store(err, 1)
             for i in gl.static_range(NX):  # all of x's loads in flight at once
                 sx.index(i).store(gl.load(xs + xo + i * BK + cx, mask=i * BK + cx < k_l, other=0.,
@@ -128,7 +130,7 @@ def _kernel():
             barrier()
             for b in range(pid, gl.cdiv(n_l, BN), P):
                 acc = gl.zeros([BN, BK], gl.float32, LT)
-                for kt in range(0, k_l // BK):
+                for kt in range(0, gl.cdiv(k_l, BK)):
                     cp.wait_group(S - 2)  # this thread's copies of tile t landed
                     # every thread's copies of tile t landed, and every thread is done with tile
                     # t - 1, whose slot the next copy overwrites
@@ -183,9 +185,14 @@ def main():
     for BN, BK, S, warps, per_sm, wait in [
             (16, 512, 8, 4, 1, True), (16, 512, 8, 4, 1, False), (16, 512, 4, 4, 1, True), (16, 512, 6, 4, 1, True),
             (16, 512, 12, 4, 1, True), (8, 512, 12, 4, 1, True), (8, 512, 12, 4, 1, False), (16, 256, 16, 4, 1, True),
-            (16, 512, 4, 4, 2, True), (16, 512, 4, 4, 2, False), (8, 512, 8, 4, 2, True), (8, 512, 4, 4, 3, True)]:
+            (16, 512, 4, 4, 2, True), (16, 512, 4, 4, 2, False), (8, 512, 8, 4, 2, True), (8, 512, 4, 4, 3, True),
+            (16, 1024, 4, 4, 1, True), (16, 1024, 4, 4, 1, False), (16, 1024, 5, 8, 1, True),
+            (16, 1024, 5, 8, 1, False), (8, 1024, 8, 4, 1, True), (8, 1024, 8, 4, 1, False),
+            (8, 2048, 4, 4, 1, True), (8, 2048, 4, 4, 1, False), (16, 2048, 2, 8, 1, True), (16, 2048, 2, 8, 1, False),
+            (4, 2048, 8, 4, 1, True), (16, 1024, 6, 4, 1, True), (16, 1024, 6, 4, 1, False), (16, 1024, 6, 8, 1, True),
+            (16, 1024, 6, 8, 1, False), (16, 1024, 5, 4, 1, True)]:
         cfg = dict(BN=BN, BK=BK, S=S, num_warps=warps, per_sm=per_sm, WAIT=wait)
-        if per_sm * (S * BN * BK * 2 + 6144 * 4) > 220 * 1024:  # all programs resident, or the counts never arrive
+        if per_sm * (S * BN * BK * 2 + triton.cdiv(5632, BK) * BK * 4) > 220 * 1024:  # all programs resident, or the counts never arrive
             continue
         P = per_sm * sms
 
