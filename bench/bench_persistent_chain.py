@@ -12,22 +12,28 @@ products (no folds), each product's input the first K entries of the one before'
 shapes of bench_gemv.py's step (per layer in-proj 6160x2048, o 2048x2048, gate+up 11264x2048,
 down 2048x5632; then the 32000-row head), every weight read once.
 
-    python bench/bench_persistent_chain.py
+    python bench/bench_persistent_chain.py [--configs 12 13 28 ...] [--no-baselines]
 
-Written in Gluon (Triton's lower-level dialect: explicit shared memory and cp.async); GPU only
-(Hopper), it does not run in Triton's interpreter. Each launch shape is checked product by
-product against float32 products of the kernel's own inputs before it is timed; a count that
-never arrives (programs not all resident) ends the wait after a bounded number of polls and is
-reported, not hung on. ``WAIT=False`` launch shapes drop the data dependency (no count waited
+Two kernels: ``_chain_kernel``, where the same warps copy and multiply (a CTA barrier a tile),
+and ``_chain_ws_kernel``, where PW warps of their own copy (``warp_specialize``) and per-slot
+barriers hand the slots over (the copies' completion fills a slot, the multiplying warps' release
+empties it). Written in Gluon (Triton's lower-level dialect: explicit shared memory and
+cp.async); GPU only (Hopper), it does not run in Triton's interpreter. Each launch shape is
+checked product by product against float32 products of the kernel's own inputs before it is
+timed; a count that never arrives (programs not all resident) ends its wait after a bounded
+number of polls and is reported. The slot barriers have no such bound: run new shapes of the
+second kernel under ``timeout``. ``WAIT=False`` shapes drop the data dependency (no count waited
 on: the outputs are wrong, the time is the weight stream's alone).
 
-H200, 2026-12-04 (BENCHMARKS section 1, twelfth session): at its best (16 rows x 1024 a tile, 4-6
-slots) 859-896 us against 859-873 for the library's 97 launches and 580-599 for the same bytes in
-one launch: no faster. Without the dependency 695-739 us: the stream runs at 3.5-3.7 TB/s (one
-warp group both copies and multiplies, a CTA barrier a tile; 16 KB tiles are slower, 743-798),
-and each product's dependency still costs ~1.6 us. The first version, reading each tile's slice
-of x from L2 beside the tile, took 4,400 us; polling the count with volatile loads and then one
-acquire, 20-25 us more than acquire polls.
+H200, 2026-12-04 (BENCHMARKS section 1, twelfth session): with copying warps of their own
+(``_chain_ws_kernel``, CONFIGS[38]: 16 x 1024 tiles, 6 slots, 4 copying and 4 multiplying warps)
+**768 us against 864** for the library's 97 launches (581 for the same bytes in one launch); its
+stream alone (CONFIGS[39]) 652 us, each product's dependency ~1.2 us. With one warp group doing
+both (``_chain_kernel``): at its best (16 x 1024, 4-6 slots) 859-896 us against 859-873, no
+faster; its stream alone 695-739 us (16 KB tiles 743-798: paced by the barriers), each
+dependency ~1.6 us. That kernel's first version, reading each tile's slice of x from L2 beside
+the tile, took 4,400 us; polling the count with volatile loads and then one acquire cost 20-25
+us more than acquire polls.
 """
 import os
 import sys
@@ -81,6 +87,12 @@ def _kernel():
         gl.static_assert(BK % 8 == 0, "cp.async copies 16 bytes: K blocks of 8 bf16")
         _issue(ring, slot, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
         cp.commit_group()
+        return _advance(pl, pb, pk, kq, wb, ns, ks, woff, L, P, pid, BN, BK)
+
+    @gluon.jit
+    def _advance(pl, pb, pk, kq, wb, ns, ks, woff, L, P, pid, BN, BK):  # BN, BK: constexprs
+        """The producer's next tile: the next K block, else this program's next row block, else the
+        next product where it owns one (its K and weight offset read then)."""
         pk += 1
         if pk * BK >= kq:
             pk = pk * 0
@@ -89,6 +101,24 @@ def _kernel():
                 kq, wb = _meta(pl2, ks, woff, L)
             pl = pl2
         return pl, pb, pk, kq, wb
+
+    @gluon.jit
+    def _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK: gl.constexpr, NX: gl.constexpr,
+                    WAIT: gl.constexpr):
+        """Product l's input into shared memory: first (WAIT) every program done with product l - 1,
+        its count polled by acquire loads (an add of 0 compiles to ld.acquire.gpu; the last poll
+        orders the reads of x after the count), then all of x's loads in flight at once."""
+        if WAIT and l > 0:
+            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
+            it = 0
+            while (seen < P) & (it < LIMIT):
+                seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
+                it += 1
+            if seen < P:
+                gl.store(err, 1)
+        for i in gl.static_range(NX):
+            sx.index(i).store(gl.load(xs + xo + i * BK + cx, mask=i * BK + cx < k_l, other=0.,
+                                      cache_modifier=".cg").to(gl.float32))
 
     @gluon.jit
     def _chain_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
@@ -114,19 +144,7 @@ def _kernel():
             k_l = gl.load(ks + l)
             xo = gl.load(xoff + l)
             yo = gl.load(xoff + l + 1)
-            if WAIT and l > 0:  # the product's input: every program done with product l - 1
-                # polled by acquire loads (an add of 0 compiles to ld.acquire.gpu): the last poll
-                # orders this program's reads of the product's input after the count
-                seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-                it = 0
-                while (seen < P) & (it < LIMIT):
-                    seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-                    it += 1
-                if seen < P:
-                    gl.store(err, 1)
-            for i in gl.static_range(NX):  # all of x's loads in flight at once
-                sx.index(i).store(gl.load(xs + xo + i * BK + cx, mask=i * BK + cx < k_l, other=0.,
-                                          cache_modifier=".cg").to(gl.float32))
+            _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
             barrier()
             for b in range(pid, gl.cdiv(n_l, BN), P):
                 acc = gl.zeros([BN, BK], gl.float32, LT)
@@ -143,13 +161,115 @@ def _kernel():
                 gl.store(xs + yo + b * BN + rr, gl.sum(acc, axis=1).to(xs.dtype.element_ty))
             barrier()  # every thread's stores before the count; and sx free for the next product
             gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
-    return _chain_kernel
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+    @gluon.jit
+    def _ws_producer(ring, full, empty, w, ns, ks, woff, L, P, BN: gl.constexpr, BK: gl.constexpr,
+                     S: gl.constexpr):
+        """The copying warps: every tile of this program's stream into the ring, a slot as soon as
+        the multiplying warps release it, each slot's barrier signalled by the copies' completion."""
+        LP: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+        pid = gl.program_id(0)
+        rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LP))
+        ck = gl.arange(0, BK, layout=gl.SliceLayout(0, LP))
+        pl, pb = _skip(pid * 0, pid, ns, L, pid, BN)
+        pk = pid * 0
+        kq, wb = _meta(pl, ks, woff, L)
+        t = pid * 0
+        while pl < L:
+            slot = t % S
+            mbarrier.wait(empty.index(slot), ((t // S) & 1) ^ 1)  # the first round passes
+            _issue(ring, slot, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
+            cp.mbarrier_arrive(full.index(slot), increment_count=False)  # each thread, when its copies land
+            pl, pb, pk, kq, wb = _advance(pl, pb, pk, kq, wb, ns, ks, woff, L, P, pid, BN, BK)
+            t += 1
+
+    @gluon.jit
+    def _ws_consumer(ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr,
+                     BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr):
+        """The multiplying warps: per product, wait for its input (the count), x into shared memory,
+        then each tile as its slot's barrier says it landed, the slot released after it is read."""
+        LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
+        pid = gl.program_id(0)
+        cx = gl.arange(0, BK, layout=LX)
+        rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LT))
+        t = pid * 0
+        for l in range(L):
+            n_l = gl.load(ns + l)
+            k_l = gl.load(ks + l)
+            xo = gl.load(xoff + l)
+            yo = gl.load(xoff + l + 1)
+            _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
+            barrier()
+            for b in range(pid, gl.cdiv(n_l, BN), P):
+                acc = gl.zeros([BN, BK], gl.float32, LT)
+                for kt in range(0, gl.cdiv(k_l, BK)):
+                    slot = t % S
+                    mbarrier.wait(full.index(slot), (t // S) & 1)
+                    b_w = ring.index(slot).load(LT).to(gl.float32)
+                    mbarrier.arrive(empty.index(slot))
+                    acc += b_w * sx.index(kt).load(gl.SliceLayout(0, LT))[None, :]
+                    t += 1
+                gl.store(xs + yo + b * BN + rr, gl.sum(acc, axis=1).to(xs.dtype.element_ty))
+            barrier()
+            gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
+
+    @gluon.jit
+    def _chain_ws_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
+                         S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr,
+                         EMPTY_COUNT: gl.constexpr):
+        """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
+        ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
+        ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        sx = gl.allocate_shared_memory(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        full = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(S):
+            mbarrier.init(full.index(i), count=32 * PW)  # one asynchronous arrival a copying thread
+            mbarrier.init(empty.index(i), count=EMPTY_COUNT)
+        barrier()
+        gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, BN, BK, S,
+                                            NX, WAIT)),
+                            (_ws_producer, (ring, full, empty, w, ns, ks, woff, L, P, BN, BK, S))], [PW], [48])
+
+    return _chain_kernel, _chain_ws_kernel
+
+
+def _cfg(BN, BK, S, warps, per_sm=1, wait=True, pw=0):
+    """A launch shape: rows and K of a tile, ring slots, (multiplying) warps, programs an SM, whether
+    the data dependency is kept, copying warps (0: the same warps copy and multiply)."""
+    return dict(BN=BN, BK=BK, S=S, num_warps=warps, per_sm=per_sm, WAIT=wait, PW=pw)
+
+
+CONFIGS = [  # every shape the twelfth session ran (BENCHMARKS section 1), then the copying warps'
+    _cfg(16, 512, 8, 4), _cfg(16, 512, 8, 4, wait=False), _cfg(16, 512, 4, 4), _cfg(16, 512, 6, 4),
+    _cfg(16, 512, 12, 4), _cfg(8, 512, 12, 4), _cfg(8, 512, 12, 4, wait=False), _cfg(16, 256, 16, 4),
+    _cfg(16, 512, 4, 4, 2), _cfg(16, 512, 4, 4, 2, False), _cfg(8, 512, 8, 4, 2), _cfg(8, 512, 4, 4, 3),
+    _cfg(16, 1024, 4, 4), _cfg(16, 1024, 4, 4, wait=False), _cfg(16, 1024, 5, 8), _cfg(16, 1024, 5, 8, wait=False),
+    _cfg(8, 1024, 8, 4), _cfg(8, 1024, 8, 4, wait=False), _cfg(8, 2048, 4, 4), _cfg(8, 2048, 4, 4, wait=False),
+    _cfg(16, 2048, 2, 8), _cfg(16, 2048, 2, 8, wait=False), _cfg(4, 2048, 8, 4), _cfg(16, 1024, 6, 4),
+    _cfg(16, 1024, 6, 4, wait=False), _cfg(16, 1024, 6, 8), _cfg(16, 1024, 6, 8, wait=False), _cfg(16, 1024, 5, 4),
+    _cfg(16, 1024, 5, 4, pw=1), _cfg(16, 1024, 5, 4, wait=False, pw=1), _cfg(16, 1024, 5, 4, pw=4),
+    _cfg(16, 1024, 5, 4, wait=False, pw=4), _cfg(16, 512, 10, 4, pw=1), _cfg(16, 512, 10, 4, wait=False, pw=1),
+    _cfg(16, 512, 10, 4, pw=4), _cfg(16, 512, 10, 4, wait=False, pw=4),
+    _cfg(16, 1024, 6, 4, pw=1), _cfg(16, 1024, 6, 4, pw=2), _cfg(16, 1024, 6, 4, pw=4),
+    _cfg(16, 1024, 6, 4, wait=False, pw=4), _cfg(16, 1024, 5, 8, pw=4), _cfg(16, 1024, 6, 8, pw=4),
+    _cfg(16, 1024, 6, 8, wait=False, pw=4), _cfg(16, 1024, 6, 8, pw=1), _cfg(8, 1024, 10, 4, pw=4),
+    _cfg(8, 1024, 10, 4, pw=1),
+]
 
 
 def main():
+    import argparse
+
     from bench_gemv import graph_us
 
     from regla_torch.ops.triton.gemv import grouped_gemv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS (default: all)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the library's launches and the one-launch bound")
+    a = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
     shapes = STEP * LAYERS + [HEAD]
@@ -174,32 +294,29 @@ def main():
         for w in ws:
             x = grouped_gemv(x[:, :w.shape[1]], [w])
         return x
-    t = graph_us([library])
-    print(f"library, {L} launches (PDL): {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
-    t = graph_us([lambda: grouped_gemv(x0, [flat.view(-1, 2048)])])
-    print(f"the same bytes in one launch: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
-    kernel = _kernel()
+    if not a.no_baselines:
+        t = graph_us([library])
+        print(f"library, {L} launches (PDL): {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
+        t = graph_us([lambda: grouped_gemv(x0, [flat.view(-1, 2048)])])
+        print(f"the same bytes in one launch: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
+    kernel, ws_kernel = _kernel()
     cnt = torch.zeros(L + 1, device=dev, dtype=torch.int32)
     err = torch.zeros(1, device=dev, dtype=torch.int32)
-    # (rows a block, K block, ring slots, warps, programs an SM, keep the data dependency)
-    for BN, BK, S, warps, per_sm, wait in [
-            (16, 512, 8, 4, 1, True), (16, 512, 8, 4, 1, False), (16, 512, 4, 4, 1, True), (16, 512, 6, 4, 1, True),
-            (16, 512, 12, 4, 1, True), (8, 512, 12, 4, 1, True), (8, 512, 12, 4, 1, False), (16, 256, 16, 4, 1, True),
-            (16, 512, 4, 4, 2, True), (16, 512, 4, 4, 2, False), (8, 512, 8, 4, 2, True), (8, 512, 4, 4, 3, True),
-            (16, 1024, 4, 4, 1, True), (16, 1024, 4, 4, 1, False), (16, 1024, 5, 8, 1, True),
-            (16, 1024, 5, 8, 1, False), (8, 1024, 8, 4, 1, True), (8, 1024, 8, 4, 1, False),
-            (8, 2048, 4, 4, 1, True), (8, 2048, 4, 4, 1, False), (16, 2048, 2, 8, 1, True), (16, 2048, 2, 8, 1, False),
-            (4, 2048, 8, 4, 1, True), (16, 1024, 6, 4, 1, True), (16, 1024, 6, 4, 1, False), (16, 1024, 6, 8, 1, True),
-            (16, 1024, 6, 8, 1, False), (16, 1024, 5, 4, 1, True)]:
-        cfg = dict(BN=BN, BK=BK, S=S, num_warps=warps, per_sm=per_sm, WAIT=wait)
-        if per_sm * (S * BN * BK * 2 + triton.cdiv(5632, BK) * BK * 4) > 220 * 1024:  # all programs resident, or the counts never arrive
+    for index in a.configs if a.configs is not None else range(len(CONFIGS)):
+        cfg = CONFIGS[index]
+        BN, BK, S, warps, per_sm, wait, PW = cfg.values()
+        NX = triton.cdiv(5632, BK)
+        if per_sm * (S * BN * BK * 2 + NX * BK * 4) > 220 * 1024:  # all programs resident, or the counts never arrive
             continue
         P = per_sm * sms
 
         def launch():
             cnt.zero_()
-            kernel[(P,)](flat, xs, ns, ks, woff, xoff, cnt, err, L, P, 1 << 18, BN=BN, BK=BK, S=S,
-                           NX=triton.cdiv(5632, BK), WAIT=wait, num_warps=warps)
+            args = (flat, xs, ns, ks, woff, xoff, cnt, err, L, P, 1 << 18)
+            if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
+                ws_kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW, EMPTY_COUNT=1, num_warps=warps)
+            else:
+                kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
             err.zero_()
             xs[2048:] = 0
@@ -214,14 +331,14 @@ def main():
             if not wait:  # no data dependency kept: the outputs are not the products
                 worst = float("nan")
             if int(err):
-                print(f"  {cfg}: a count never arrived (programs not all resident?)", flush=True)
+                print(f"  [{index}] {cfg}: a count never arrived (programs not all resident?)", flush=True)
                 continue
             t = graph_us([launch])
         except Exception as e:  # noqa: BLE001 (a shape the compiler or the GPU refuses)
-            print(f"  {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(f"  [{index}] {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        print(f"  one persistent kernel {cfg}: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s), worst product's rel err "
-              f"{worst:.1e}", flush=True)
+        print(f"  [{index}] one persistent kernel {cfg}: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s), worst product's "
+              f"rel err {worst:.1e}", flush=True)
 
 
 if __name__ == "__main__":
