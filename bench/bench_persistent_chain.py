@@ -121,6 +121,53 @@ def _kernel():
                                       cache_modifier=".cg").to(gl.float32))
 
     @gluon.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + gl.exp(-x))
+
+    @gluon.jit
+    def _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, fold, go, nwb, no, eps, BK: gl.constexpr,
+                           NX: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr):
+        """``_take_input`` with the decode GEMV's folds (``gemv.grouped_gemv``): f(x) into shared
+        memory, and the factor the product's rows take at the end (the whole-row norm's). fold 1:
+        RMSNorm with weight nwb[no:]; 2: each HEAD-wide head's RMSNorm, its weight nwb[no:], times
+        silu(gate), the gate at xs[go:]; 3: silu(x[:K]) * x[K:2K]; 0: x itself."""
+        if WAIT and l > 0:
+            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
+            it = 0
+            while (seen < P) & (it < LIMIT):
+                seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
+                it += 1
+            if seen < P:
+                gl.store(err, 1)
+        r = eps * 0 + 1.0
+        if fold == 2:
+            LH: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
+            ch = gl.arange(0, HEAD, layout=LH)
+            for h in gl.static_range(NX * BK // HEAD):
+                mh = h * HEAD + ch < k_l
+                h_x = gl.load(xs + xo + h * HEAD + ch, mask=mh, other=0., cache_modifier=".cg").to(gl.float32)
+                h_g = gl.load(xs + go + h * HEAD + ch, mask=mh, other=0., cache_modifier=".cg").to(gl.float32)
+                h_x *= gl.rsqrt(gl.sum(h_x * h_x, axis=0) / HEAD + eps)
+                h_x *= gl.load(nwb + no + ch).to(gl.float32) * h_g * _sigmoid(h_g)
+                sx.index(h * HEAD // BK).slice((h * HEAD) % BK, HEAD).store(h_x)
+        else:
+            LX: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])  # cx's
+            ss = gl.zeros([BK], gl.float32, LX)
+            for i in gl.static_range(NX):
+                mk = i * BK + cx < k_l
+                b_x = gl.load(xs + xo + i * BK + cx, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
+                if fold == 3:
+                    b_u = gl.load(xs + xo + k_l + i * BK + cx, mask=mk, other=0., cache_modifier=".cg")
+                    b_x = b_x * _sigmoid(b_x) * b_u.to(gl.float32)
+                if fold == 1:
+                    ss += b_x * b_x
+                    b_x = b_x * gl.load(nwb + no + i * BK + cx, mask=mk, other=0.).to(gl.float32)
+                sx.index(i).store(b_x)
+            if fold == 1:
+                r = gl.rsqrt(gl.sum(ss, axis=0) / k_l + eps)
+        return r
+
+    @gluon.jit
     def _chain_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
                       S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr):
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
@@ -185,10 +232,13 @@ def _kernel():
             t += 1
 
     @gluon.jit
-    def _ws_consumer(ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr,
-                     BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr):
+    def _ws_consumer(ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff,
+                     nwb, eps, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr,
+                     WAIT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
-        then each tile as its slot's barrier says it landed, the slot released after it is read."""
+        then each tile as its slot's barrier says it landed, the slot released after it is read.
+        FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold,
+        the residual xs[roff[l]:] added where roff[l] >= 0."""
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
         LX: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
         pid = gl.program_id(0)
@@ -198,9 +248,15 @@ def _kernel():
         for l in range(L):
             n_l = gl.load(ns + l)
             k_l = gl.load(ks + l)
-            xo = gl.load(xoff + l)
             yo = gl.load(xoff + l + 1)
-            _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
+            if FOLDS:
+                xo = gl.load(xin + l)
+                ro = gl.load(roff + l)
+                r = _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, gl.load(folds + l),
+                                       gl.load(goff + l), nwb, gl.load(nwoff + l), eps, BK, NX, HEAD, WAIT)
+            else:
+                xo = gl.load(xoff + l)
+                _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
             barrier()
             for b in range(pid, gl.cdiv(n_l, BN), P):
                 acc = gl.zeros([BN, BK], gl.float32, LT)
@@ -211,14 +267,19 @@ def _kernel():
                     mbarrier.arrive(empty.index(slot))
                     acc += b_w * sx.index(kt).load(gl.SliceLayout(0, LT))[None, :]
                     t += 1
-                gl.store(xs + yo + b * BN + rr, gl.sum(acc, axis=1).to(xs.dtype.element_ty))
+                b_y = gl.sum(acc, axis=1)
+                if FOLDS:
+                    b_y *= r
+                    if ro >= 0:
+                        b_y += gl.load(xs + ro + b * BN + rr, cache_modifier=".cg").to(gl.float32)
+                gl.store(xs + yo + b * BN + rr, b_y.to(xs.dtype.element_ty))
             barrier()
             gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
 
     @gluon.jit
-    def _chain_ws_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
-                         S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr,
-                         EMPTY_COUNT: gl.constexpr):
+    def _chain_ws_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
+                         BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr,
+                         PW: gl.constexpr, EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
         ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
         ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -229,8 +290,8 @@ def _kernel():
             mbarrier.init(full.index(i), count=32 * PW)  # one asynchronous arrival a copying thread
             mbarrier.init(empty.index(i), count=EMPTY_COUNT)
         barrier()
-        gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, BN, BK, S,
-                                            NX, WAIT)),
+        gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds,
+                                            goff, roff, nwoff, nwb, eps, BN, BK, S, NX, WAIT, FOLDS, HEAD)),
                             (_ws_producer, (ring, full, empty, w, ns, ks, woff, L, P, BN, BK, S))], [PW], [48])
 
     return _chain_kernel, _chain_ws_kernel
@@ -260,6 +321,64 @@ CONFIGS = [  # every shape the twelfth session ran (BENCHMARKS section 1), then 
 ]
 
 
+D_HEAD = 512  # the attention output's head size (the o projection's head-norm fold)
+
+
+def folded_chain(shapes, xoff, dev):
+    """The folds of a decode step (bench_gemv.py's): per layer, in-proj of RMSNorm(h); o of the
+    per-head RMSNorm of its output's first 2048 entries times silu(its entries 4096:6144), plus h;
+    gate+up of RMSNorm(h'); down of silu(gate) * up, plus h'; then the head of RMSNorm(h''). Returns
+    per product the input offset into xs, the fold code (``_take_folded_input``), the gate and
+    residual offsets (-1: none) and the norm weight's offset into the norm weights returned last."""
+    yout = [int(v) for v in xoff[1:]]
+    xin, folds, goff, roff, nwoff, nws = [], [], [], [], [], []
+
+    def weight(n):
+        nws.append(torch.rand(n, device=dev) + 0.5)
+        return sum(w.numel() for w in nws[:-1])
+    for p in range(len(shapes) - 1):
+        kind = p % 4
+        if kind == 0:    # in-proj: the residual stream, normed
+            xin.append(0 if p == 0 else yout[p - 1])
+            folds.append(1), goff.append(0), roff.append(-1), nwoff.append(weight(2048))
+        elif kind == 1:  # o: the head norm and gate; the residual stream added
+            xin.append(yout[p - 1])
+            folds.append(2), goff.append(yout[p - 1] + 4096), roff.append(xin[p - 1]), nwoff.append(weight(D_HEAD))
+        elif kind == 2:  # gate + up: the residual stream, normed
+            xin.append(yout[p - 1])
+            folds.append(1), goff.append(0), roff.append(-1), nwoff.append(weight(2048))
+        else:            # down: silu(gate) * up; the residual stream added
+            xin.append(yout[p - 1])
+            folds.append(3), goff.append(0), roff.append(yout[p - 2]), nwoff.append(0)
+    xin.append(yout[-2])
+    folds.append(1), goff.append(0), roff.append(-1), nwoff.append(weight(2048))
+    i64 = dict(device=dev, dtype=torch.int64)
+    return (torch.tensor(xin, **i64), torch.tensor(folds, device=dev, dtype=torch.int32), torch.tensor(goff, **i64),
+            torch.tensor(roff, **i64), torch.tensor(nwoff, **i64), torch.cat(nws).to(torch.bfloat16))
+
+
+def folded_reference(w, xs, p, k, n, meta, eps=1e-6):
+    """Product p of the folded chain in float32 from the kernel's own inputs in xs."""
+    xin, folds, goff, roff, nwoff, nwb = (int(meta[i][p]) if i < 5 else meta[i] for i in range(6))
+    fold = folds
+    if fold == 3:
+        a, b = xs[xin:xin + k].float(), xs[xin + k:xin + 2 * k].float()
+        f = torch.nn.functional.silu(a) * b
+    else:
+        x = xs[xin:xin + k].float()
+        if fold == 1:
+            f = x * nwb[nwoff:nwoff + k].float() * torch.rsqrt(x.pow(2).mean() + eps)
+        else:
+            h = x.view(-1, D_HEAD)
+            g = xs[goff:goff + k].float()
+            f = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * nwb[nwoff:nwoff + D_HEAD].float()).flatten()
+            f = f * torch.nn.functional.silu(g)
+    y = w.float() @ f
+    if roff >= 0:
+        y = y + xs[roff:roff + n].float()
+    return y
+
+
 def main():
     import argparse
 
@@ -269,6 +388,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS (default: all)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the library's launches and the one-launch bound")
+    ap.add_argument("--folds", action="store_true",
+                    help="the step's folds (norms, head norm and gate, silu * up, residuals) in both the library's "
+                         "launches and the copying-warp kernel (shapes with PW > 0 only)")
     a = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -284,8 +406,9 @@ def main():
     xs[:2048] = torch.randn(2048, device=dev, dtype=bf)
     nbytes = sum(n * k * 2 for n, k in shapes)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    meta = folded_chain(shapes, xoff, dev) if a.folds else None
     print(f"{torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}, triton {triton.__version__}; "
-          f"{L} plain products, {nbytes / 1e9:.2f} GB", flush=True)
+          f"{L} {'folded' if a.folds else 'plain'} products, {nbytes / 1e9:.2f} GB", flush=True)
 
     x0 = xs[:2048].view(1, -1).clone()
 
@@ -294,19 +417,36 @@ def main():
         for w in ws:
             x = grouped_gemv(x[:, :w.shape[1]], [w])
         return x
+
+    nw = ([meta[5][o:o + (D_HEAD if f == 2 else 2048)] for o, f in zip(meta[4].tolist(), meta[1].tolist())]
+          if a.folds else None)
+
+    def library_folded():
+        h = x0
+        for j in range(LAYERS):
+            p = 4 * j
+            o1 = grouped_gemv(h, [ws[p]], nw[p])
+            o2 = grouped_gemv(o1[:, :2048], [ws[p + 1]], nw[p + 1], residual=h, head_dim=D_HEAD,
+                              gate=o1[:, 4096:6144])
+            o3 = grouped_gemv(o2, [ws[p + 2]], nw[p + 2])
+            h = grouped_gemv(o3, [ws[p + 3]], glu=True, residual=o2)
+        return grouped_gemv(h, [ws[-1]], nw[-1])
     if not a.no_baselines:
-        t = graph_us([library])
+        t = graph_us([library_folded if a.folds else library])
         print(f"library, {L} launches (PDL): {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
         t = graph_us([lambda: grouped_gemv(x0, [flat.view(-1, 2048)])])
         print(f"the same bytes in one launch: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
     kernel, ws_kernel = _kernel()
     cnt = torch.zeros(L + 1, device=dev, dtype=torch.int32)
     err = torch.zeros(1, device=dev, dtype=torch.int32)
+    fold_args = meta[:5] + (meta[5], 1e-6) if a.folds else (xoff, ns, xoff, xoff, xoff, xs, 1e-6)  # else unread
     for index in a.configs if a.configs is not None else range(len(CONFIGS)):
         cfg = CONFIGS[index]
         BN, BK, S, warps, per_sm, wait, PW = cfg.values()
         NX = triton.cdiv(5632, BK)
         if per_sm * (S * BN * BK * 2 + NX * BK * 4) > 220 * 1024:  # all programs resident, or the counts never arrive
+            continue
+        if a.folds and not (PW and wait):
             continue
         P = per_sm * sms
 
@@ -314,7 +454,8 @@ def main():
             cnt.zero_()
             args = (flat, xs, ns, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
-                ws_kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW, EMPTY_COUNT=1, num_warps=warps)
+                ws_kernel[(P,)](*args, *fold_args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW, EMPTY_COUNT=1,
+                                FOLDS=a.folds, HEAD=D_HEAD, num_warps=warps)
             else:
                 kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
@@ -324,9 +465,12 @@ def main():
             torch.cuda.synchronize()
             worst = 0.
             for i, (w, (n, k)) in enumerate(zip(ws, shapes)):
-                x = xs[int(xoff[i]):int(xoff[i]) + k].float()
                 y = xs[int(xoff[i + 1]):int(xoff[i + 1]) + n].float()
-                r = (w.float() @ x).to(bf).float()
+                if a.folds:
+                    r = folded_reference(w, xs, i, k, n, meta).to(bf).float()
+                else:
+                    x = xs[int(xoff[i]):int(xoff[i]) + k].float()
+                    r = (w.float() @ x).to(bf).float()
                 worst = max(worst, float((y - r).norm() / r.norm()))
             if not wait:  # no data dependency kept: the outputs are not the products
                 worst = float("nan")
