@@ -13,6 +13,7 @@ shapes of bench_gemv.py's step (per layer in-proj 6160x2048, o 2048x2048, gate+u
 down 2048x5632; then the 32000-row head), every weight read once.
 
     python bench/bench_persistent_chain.py [--configs 12 13 28 ...] [--no-baselines]
+    python bench/bench_persistent_chain.py --folds [--fold-kinds 1 2 3] [--no-residuals] --configs 41
 
 Two kernels: ``_chain_kernel``, where the same warps copy and multiply (a CTA barrier a tile),
 and ``_chain_ws_kernel``, where PW warps of their own copy (``warp_specialize``) and per-slot
@@ -34,6 +35,11 @@ faster; its stream alone 695-739 us (16 KB tiles 743-798: paced by the barriers)
 dependency ~1.6 us. That kernel's first version, reading each tile's slice of x from L2 beside
 the tile, took 4,400 us; polling the count with volatile loads and then one acquire cost 20-25
 us more than acquire polls.
+
+``--folds`` (the second kernel only): the step's folds, in both the kernel and the library's
+launches (``grouped_gemv`` as the decode step calls it). H200: 1,053-1,120 us against 907-916, the
+advantage gone; by ``--fold-kinds``/``--no-residuals`` ablation each fold costs 40-65 us a step
+and the folded path's per-block sums of squares ~100 us (BENCHMARKS section 1).
 """
 import os
 import sys
@@ -125,12 +131,14 @@ def _kernel():
         return 1.0 / (1.0 + gl.exp(-x))
 
     @gluon.jit
-    def _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, fold, go, nwb, no, eps, BK: gl.constexpr,
-                           NX: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr):
+    def _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, fold, go, nwb, no, eps, stats,
+                           BK: gl.constexpr, NX: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr):
         """``_take_input`` with the decode GEMV's folds (``gemv.grouped_gemv``): f(x) into shared
         memory, and the factor the product's rows take at the end (the whole-row norm's). fold 1:
         RMSNorm with weight nwb[no:]; 2: each HEAD-wide head's RMSNorm, its weight nwb[no:], times
-        silu(gate), the gate at xs[go:]; 3: silu(x[:K]) * x[K:2K]; 0: x itself."""
+        silu(gate), the gate at xs[go:]; 3: silu(x[:K]) * x[K:2K]; 0: x itself. The norms' sums of
+        squares come from stats[4 l:4 l + 4], one per HEAD entries of x, which the programs that
+        wrote x added there: no reduction here, only elementwise work after the wait."""
         if WAIT and l > 0:
             seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
             it = 0
@@ -140,31 +148,25 @@ def _kernel():
             if seen < P:
                 gl.store(err, 1)
         r = eps * 0 + 1.0
-        if fold == 2:
-            LH: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
-            ch = gl.arange(0, HEAD, layout=LH)
-            for h in gl.static_range(NX * BK // HEAD):
-                mh = h * HEAD + ch < k_l
-                h_x = gl.load(xs + xo + h * HEAD + ch, mask=mh, other=0., cache_modifier=".cg").to(gl.float32)
-                h_g = gl.load(xs + go + h * HEAD + ch, mask=mh, other=0., cache_modifier=".cg").to(gl.float32)
-                h_x *= gl.rsqrt(gl.sum(h_x * h_x, axis=0) / HEAD + eps)
-                h_x *= gl.load(nwb + no + ch).to(gl.float32) * h_g * _sigmoid(h_g)
-                sx.index(h * HEAD // BK).slice((h * HEAD) % BK, HEAD).store(h_x)
-        else:
-            LX: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])  # cx's
-            ss = gl.zeros([BK], gl.float32, LX)
-            for i in gl.static_range(NX):
-                mk = i * BK + cx < k_l
-                b_x = gl.load(xs + xo + i * BK + cx, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
-                if fold == 3:
-                    b_u = gl.load(xs + xo + k_l + i * BK + cx, mask=mk, other=0., cache_modifier=".cg")
-                    b_x = b_x * _sigmoid(b_x) * b_u.to(gl.float32)
-                if fold == 1:
-                    ss += b_x * b_x
-                    b_x = b_x * gl.load(nwb + no + i * BK + cx, mask=mk, other=0.).to(gl.float32)
-                sx.index(i).store(b_x)
+        if fold == 1:
+            ss = gl.load(stats + 4 * l, cache_modifier=".cg") + gl.load(stats + 4 * l + 1, cache_modifier=".cg")
+            ss += gl.load(stats + 4 * l + 2, cache_modifier=".cg") + gl.load(stats + 4 * l + 3, cache_modifier=".cg")
+            r = gl.rsqrt(ss / k_l + eps)
+        for i in gl.static_range(NX):
+            e = i * BK + cx
+            mk = e < k_l
+            b_x = gl.load(xs + xo + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
             if fold == 1:
-                r = gl.rsqrt(gl.sum(ss, axis=0) / k_l + eps)
+                b_x = b_x * gl.load(nwb + no + e, mask=mk, other=0.).to(gl.float32)
+            if fold == 2:
+                b_s = gl.load(stats + 4 * l + gl.minimum(e // HEAD, 3), cache_modifier=".cg")
+                b_g = gl.load(xs + go + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
+                b_x = b_x * gl.rsqrt(b_s / HEAD + eps) * gl.load(nwb + no + e % HEAD).to(gl.float32)
+                b_x = b_x * b_g * _sigmoid(b_g)
+            if fold == 3:
+                b_u = gl.load(xs + xo + k_l + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
+                b_x = b_x * _sigmoid(b_x) * b_u
+            sx.index(i).store(b_x)
         return r
 
     @gluon.jit
@@ -233,12 +235,14 @@ def _kernel():
 
     @gluon.jit
     def _ws_consumer(ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff,
-                     nwb, eps, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr,
+                     nwb, eps, stats, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr,
                      WAIT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
         then each tile as its slot's barrier says it landed, the slot released after it is read.
         FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold,
-        the residual xs[roff[l]:] added where roff[l] >= 0."""
+        the residual xs[roff[l]:] added where roff[l] >= 0, and adds its outputs' sums of squares
+        (the first 4 HEAD of them, a sum a HEAD) into stats[4 (l + 1):] for the next product's norms
+        (every folded input is the output of the product before, 4 HEAD wide)."""
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
         LX: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
         pid = gl.program_id(0)
@@ -253,12 +257,15 @@ def _kernel():
                 xo = gl.load(xin + l)
                 ro = gl.load(roff + l)
                 r = _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, gl.load(folds + l),
-                                       gl.load(goff + l), nwb, gl.load(nwoff + l), eps, BK, NX, HEAD, WAIT)
+                                       gl.load(goff + l), nwb, gl.load(nwoff + l), eps, stats, BK, NX, HEAD, WAIT)
             else:
                 xo = gl.load(xoff + l)
                 _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
             barrier()
             for b in range(pid, gl.cdiv(n_l, BN), P):
+                if FOLDS:  # the residual's load in flight during the tiles, not after them
+                    b_res = gl.load(xs + gl.maximum(ro, 0) + b * BN + rr, mask=(rr < BN) & (ro >= 0), other=0.,
+                                    cache_modifier=".cg").to(gl.float32)
                 acc = gl.zeros([BN, BK], gl.float32, LT)
                 for kt in range(0, gl.cdiv(k_l, BK)):
                     slot = t % S
@@ -269,16 +276,17 @@ def _kernel():
                     t += 1
                 b_y = gl.sum(acc, axis=1)
                 if FOLDS:
-                    b_y *= r
-                    if ro >= 0:
-                        b_y += gl.load(xs + ro + b * BN + rr, cache_modifier=".cg").to(gl.float32)
+                    b_y = (b_y * r + b_res).to(xs.dtype.element_ty)
+                    if b * BN < 4 * HEAD:  # the next product's norms: this block's share of its head's sum
+                        b_f = b_y.to(gl.float32)
+                        gl.atomic_add(stats + 4 * (l + 1) + (b * BN) // HEAD, gl.sum(b_f * b_f, axis=0))
                 gl.store(xs + yo + b * BN + rr, b_y.to(xs.dtype.element_ty))
             barrier()
             gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
 
     @gluon.jit
     def _chain_ws_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
-                         BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr,
+                         stats, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr,
                          PW: gl.constexpr, EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
         ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
@@ -291,7 +299,8 @@ def _kernel():
             mbarrier.init(empty.index(i), count=EMPTY_COUNT)
         barrier()
         gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds,
-                                            goff, roff, nwoff, nwb, eps, BN, BK, S, NX, WAIT, FOLDS, HEAD)),
+                                            goff, roff, nwoff, nwb, eps, stats, BN, BK, S, NX, WAIT, FOLDS,
+                                            HEAD)),
                             (_ws_producer, (ring, full, empty, w, ns, ks, woff, L, P, BN, BK, S))], [PW], [48])
 
     return _chain_kernel, _chain_ws_kernel
@@ -361,7 +370,9 @@ def folded_reference(w, xs, p, k, n, meta, eps=1e-6):
     """Product p of the folded chain in float32 from the kernel's own inputs in xs."""
     xin, folds, goff, roff, nwoff, nwb = (int(meta[i][p]) if i < 5 else meta[i] for i in range(6))
     fold = folds
-    if fold == 3:
+    if fold == 0:
+        f = xs[xin:xin + k].float()
+    elif fold == 3:
         a, b = xs[xin:xin + k].float(), xs[xin + k:xin + 2 * k].float()
         f = torch.nn.functional.silu(a) * b
     else:
@@ -391,6 +402,10 @@ def main():
     ap.add_argument("--folds", action="store_true",
                     help="the step's folds (norms, head norm and gate, silu * up, residuals) in both the library's "
                          "launches and the copying-warp kernel (shapes with PW > 0 only)")
+    ap.add_argument("--fold-kinds", type=int, nargs="*", choices=[1, 2, 3],
+                    help="with --folds, keep only these folds (1 norm, 2 head norm and gate, 3 silu(gate) * up; the "
+                         "others' inputs taken as they are): which fold costs what")
+    ap.add_argument("--no-residuals", action="store_true", help="with --folds, no residual adds")
     a = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -407,6 +422,11 @@ def main():
     nbytes = sum(n * k * 2 for n, k in shapes)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     meta = folded_chain(shapes, xoff, dev) if a.folds else None
+    if a.folds and a.fold_kinds is not None:  # an ablation: the library's baseline keeps every fold
+        keep = torch.tensor(a.fold_kinds, device=dev, dtype=torch.int32)
+        meta = (meta[0], torch.where(torch.isin(meta[1], keep), meta[1], 0)) + meta[2:]
+    if a.folds and a.no_residuals:
+        meta = meta[:3] + (torch.full_like(meta[3], -1),) + meta[4:]
     print(f"{torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}, triton {triton.__version__}; "
           f"{L} {'folded' if a.folds else 'plain'} products, {nbytes / 1e9:.2f} GB", flush=True)
 
@@ -439,7 +459,9 @@ def main():
     kernel, ws_kernel = _kernel()
     cnt = torch.zeros(L + 1, device=dev, dtype=torch.int32)
     err = torch.zeros(1, device=dev, dtype=torch.int32)
-    fold_args = meta[:5] + (meta[5], 1e-6) if a.folds else (xoff, ns, xoff, xoff, xoff, xs, 1e-6)  # else unread
+    stats = torch.zeros(4 * (L + 1), device=dev, dtype=torch.float32)  # the folds' sums of squares
+    stats0 = x0.float().view(4, -1).pow(2).sum(-1)
+    fold_args = meta[:5] + (meta[5], 1e-6, stats) if a.folds else (xoff, ns, xoff, xoff, xoff, xs, 1e-6, stats)
     for index in a.configs if a.configs is not None else range(len(CONFIGS)):
         cfg = CONFIGS[index]
         BN, BK, S, warps, per_sm, wait, PW = cfg.values()
@@ -452,6 +474,9 @@ def main():
 
         def launch():
             cnt.zero_()
+            if a.folds:  # the first product's input has no product before to count its squares
+                stats.zero_()
+                stats[:4].copy_(stats0)
             args = (flat, xs, ns, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
                 ws_kernel[(P,)](*args, *fold_args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW, EMPTY_COUNT=1,
