@@ -109,19 +109,25 @@ def _kernel():
         return pl, pb, pk, kq, wb
 
     @gluon.jit
+    def _wait_count(cnt, err, l, P, LIMIT):
+        """Until every program is done with product l - 1: its count polled by acquire loads (an
+        add of 0 compiles to ld.acquire.gpu; the last poll orders the reads of its output after
+        the count); err set where LIMIT polls did not see it (programs not all resident)."""
+        seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
+        it = 0
+        while (seen < P) & (it < LIMIT):
+            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
+            it += 1
+        if seen < P:
+            gl.store(err, 1)
+
+    @gluon.jit
     def _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK: gl.constexpr, NX: gl.constexpr,
                     WAIT: gl.constexpr):
-        """Product l's input into shared memory: first (WAIT) every program done with product l - 1,
-        its count polled by acquire loads (an add of 0 compiles to ld.acquire.gpu; the last poll
-        orders the reads of x after the count), then all of x's loads in flight at once."""
+        """Product l's input into shared memory: first (WAIT) every program done with product l - 1
+        (``_wait_count``), then all of x's loads in flight at once."""
         if WAIT and l > 0:
-            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-            it = 0
-            while (seen < P) & (it < LIMIT):
-                seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-                it += 1
-            if seen < P:
-                gl.store(err, 1)
+            _wait_count(cnt, err, l, P, LIMIT)
         for i in gl.static_range(NX):
             sx.index(i).store(gl.load(xs + xo + i * BK + cx, mask=i * BK + cx < k_l, other=0.,
                                       cache_modifier=".cg").to(gl.float32))
@@ -140,13 +146,7 @@ def _kernel():
         squares come from stats[4 l:4 l + 4], one per HEAD entries of x, which the programs that
         wrote x added there: no reduction here, only elementwise work after the wait."""
         if WAIT and l > 0:
-            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-            it = 0
-            while (seen < P) & (it < LIMIT):
-                seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-                it += 1
-            if seen < P:
-                gl.store(err, 1)
+            _wait_count(cnt, err, l, P, LIMIT)
         r = eps * 0 + 1.0
         if fold == 1:
             ss = gl.load(stats + 4 * l, cache_modifier=".cg") + gl.load(stats + 4 * l + 1, cache_modifier=".cg")
@@ -368,8 +368,7 @@ def folded_chain(shapes, xoff, dev):
 
 def folded_reference(w, xs, p, k, n, meta, eps=1e-6):
     """Product p of the folded chain in float32 from the kernel's own inputs in xs."""
-    xin, folds, goff, roff, nwoff, nwb = (int(meta[i][p]) if i < 5 else meta[i] for i in range(6))
-    fold = folds
+    xin, fold, goff, roff, nwoff, nwb = (int(meta[i][p]) if i < 5 else meta[i] for i in range(6))
     if fold == 0:
         f = xs[xin:xin + k].float()
     elif fold == 3:
