@@ -169,6 +169,68 @@ def _kernel():
             sx.index(i).store(b_x)
         return r
 
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # renamed after 3.6
+        @gluon.jit
+        def _as_tile(sx, NX: gl.constexpr, BK: gl.constexpr):
+            return sx.reinterpret(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    else:
+        @gluon.jit
+        def _as_tile(sx, NX: gl.constexpr, BK: gl.constexpr):
+            return sx._reinterpret(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+
+    @gluon.jit
+    def _fold_weight(nwb, no, fold, k_l, HEAD: gl.constexpr, NX: gl.constexpr, BK: gl.constexpr):
+        """The norm weight a folded input takes, as a [NX, BK] tile of x's entries (ones where the
+        fold has none): read before the count's wait, since it does not depend on the step."""
+        L2: gl.constexpr = gl.BlockedLayout([1, BK // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [1, 0])
+        e = (gl.arange(0, NX, layout=gl.SliceLayout(1, L2))[:, None] * BK
+             + gl.arange(0, BK, layout=gl.SliceLayout(0, L2))[None, :])
+        mk = e < k_l // 8 * 8
+        idx = gl.where(fold == 2, e % HEAD, e)
+        no = no // 8 * 8
+        return gl.load(nwb + no + idx, mask=mk & ((fold == 1) | (fold == 2)), other=1.).to(gl.float32)
+
+    @gluon.jit
+    def _take_input_2d(sx, xs, xo, k_l, cnt, err, l, P, LIMIT, fold, go, b_nw, eps, stats, BK: gl.constexpr,
+                       NX: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr):
+        """``_take_input``/``_take_folded_input`` with every load of the input issued at once after
+        the wait (one [NX, BK] tile: x, the gate or up half, the head sums), not one K block after
+        another, and the norm weight b_nw (``_fold_weight``) already in registers; the whole-row
+        norm's factor from its four sums is computed after x is stored, off the path to the first
+        multiply. Returns that factor (1 without a whole-row norm)."""
+        L2: gl.constexpr = gl.BlockedLayout([1, BK // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [1, 0])
+        if WAIT and l > 0:
+            _wait_count(cnt, err, l, P, LIMIT)
+        e = (gl.arange(0, NX, layout=gl.SliceLayout(1, L2))[:, None] * BK
+             + gl.arange(0, BK, layout=gl.SliceLayout(0, L2))[None, :])
+        # every input starts on 16 bytes and every K is a multiple of 8: vector loads
+        mk = e < k_l // 8 * 8
+        xo = xo // 8 * 8
+        b_x = gl.load(xs + xo + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
+        r = eps * 0 + 1.0
+        if FOLDS:
+            # the gate (fold 2) or up half (fold 3) beside x, and the head sums, in the same flight
+            o2 = gl.where(fold == 2, go // 8 * 8, xo + k_l // 8 * 8)
+            b_g = gl.load(xs + o2 + e, mask=mk & (fold >= 2), other=0., cache_modifier=".cg").to(gl.float32)
+            s0 = gl.load(stats + 4 * l, cache_modifier=".cg")
+            s1 = gl.load(stats + 4 * l + 1, cache_modifier=".cg")
+            s2 = gl.load(stats + 4 * l + 2, cache_modifier=".cg")
+            s3 = gl.load(stats + 4 * l + 3, cache_modifier=".cg")
+            if fold == 1:
+                b_x = b_x * b_nw
+            if fold == 2:
+                h = e // HEAD
+                b_s = gl.where(h == 0, s0, gl.where(h == 1, s1, gl.where(h == 2, s2, s3)))
+                b_x = b_x * gl.rsqrt(b_s / HEAD + eps) * b_nw * (b_g * _sigmoid(b_g))
+            if fold == 3:
+                b_x = b_x * _sigmoid(b_x) * b_g
+        # the same unswizzled rows seen as one 2D tile (the multiplies read them a K block at a time)
+        _as_tile(sx, NX, BK).store(b_x)
+        if FOLDS:
+            if fold == 1:
+                r = gl.rsqrt((s0 + s1 + s2 + s3) / k_l + eps)
+        return r
+
     @gluon.jit
     def _chain_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
                       S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr):
@@ -236,7 +298,7 @@ def _kernel():
     @gluon.jit
     def _ws_consumer(ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff,
                      nwb, eps, stats, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr,
-                     WAIT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr):
+                     WAIT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr, X2D: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
         then each tile as its slot's barrier says it landed, the slot released after it is read.
         FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold,
@@ -253,7 +315,14 @@ def _kernel():
             n_l = gl.load(ns + l)
             k_l = gl.load(ks + l)
             yo = gl.load(xoff + l + 1)
-            if FOLDS:
+            if X2D:
+                fold = gl.load(folds + l) if FOLDS else 0
+                xo = gl.load(xin + l) if FOLDS else gl.load(xoff + l)
+                ro = gl.load(roff + l) if FOLDS else -1
+                b_nw = _fold_weight(nwb, gl.load(nwoff + l), fold, k_l, HEAD, NX, BK)
+                r = _take_input_2d(sx, xs, xo, k_l, cnt, err, l, P, LIMIT, fold, gl.load(goff + l), b_nw, eps, stats,
+                                   BK, NX, HEAD, WAIT, FOLDS)
+            elif FOLDS:
                 xo = gl.load(xin + l)
                 ro = gl.load(roff + l)
                 r = _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, gl.load(folds + l),
@@ -279,7 +348,11 @@ def _kernel():
                     b_y = (b_y * r + b_res).to(xs.dtype.element_ty)
                     if b * BN < 4 * HEAD:  # the next product's norms: this block's share of its head's sum
                         b_f = b_y.to(gl.float32)
-                        gl.atomic_add(stats + 4 * (l + 1) + (b * BN) // HEAD, gl.sum(b_f * b_f, axis=0))
+                        if X2D:  # a relaxed add a row: no reduction across the warps, so no barrier
+                            gl.atomic_add(stats + 4 * (l + 1) + gl.minimum((b * BN + rr) // HEAD, 3), b_f * b_f,
+                                          mask=b * BN + rr < 4 * HEAD, sem="relaxed", scope="gpu")
+                        else:
+                            gl.atomic_add(stats + 4 * (l + 1) + (b * BN) // HEAD, gl.sum(b_f * b_f, axis=0))
                 gl.store(xs + yo + b * BN + rr, b_y.to(xs.dtype.element_ty))
             barrier()
             gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
@@ -287,7 +360,8 @@ def _kernel():
     @gluon.jit
     def _chain_ws_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
                          stats, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr,
-                         PW: gl.constexpr, EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr):
+                         PW: gl.constexpr, EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr,
+                         X2D: gl.constexpr = True):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
         ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
         ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -300,7 +374,7 @@ def _kernel():
         barrier()
         gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds,
                                             goff, roff, nwoff, nwb, eps, stats, BN, BK, S, NX, WAIT, FOLDS,
-                                            HEAD)),
+                                            HEAD, X2D)),
                             (_ws_producer, (ring, full, empty, w, ns, ks, woff, L, P, BN, BK, S))], [PW], [48])
 
     return _chain_kernel, _chain_ws_kernel
@@ -405,6 +479,9 @@ def main():
                     help="with --folds, keep only these folds (1 norm, 2 head norm and gate, 3 silu(gate) * up; the "
                          "others' inputs taken as they are): which fold costs what")
     ap.add_argument("--no-residuals", action="store_true", help="with --folds, no residual adds")
+    ap.add_argument("--x-per-block", action="store_true",
+                    help="the copying-warp kernel's input step as in the twelfth session (x's loads one K block after "
+                         "another, the norm weight read after the wait, a cross-warp sum of squares a block)")
     a = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -421,6 +498,8 @@ def main():
     nbytes = sum(n * k * 2 for n, k in shapes)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     meta = folded_chain(shapes, xoff, dev) if a.folds else None
+    nw = ([meta[5][o:o + (D_HEAD if f == 2 else 2048)] for o, f in zip(meta[4].tolist(), meta[1].tolist())]
+          if a.folds else None)  # the library's norm weights, before any ablation
     if a.folds and a.fold_kinds is not None:  # an ablation: the library's baseline keeps every fold
         keep = torch.tensor(a.fold_kinds, device=dev, dtype=torch.int32)
         meta = (meta[0], torch.where(torch.isin(meta[1], keep), meta[1], 0)) + meta[2:]
@@ -437,8 +516,6 @@ def main():
             x = grouped_gemv(x[:, :w.shape[1]], [w])
         return x
 
-    nw = ([meta[5][o:o + (D_HEAD if f == 2 else 2048)] for o, f in zip(meta[4].tolist(), meta[1].tolist())]
-          if a.folds else None)
 
     def library_folded():
         h = x0
@@ -465,7 +542,10 @@ def main():
         cfg = CONFIGS[index]
         BN, BK, S, warps, per_sm, wait, PW = cfg.values()
         NX = triton.cdiv(5632, BK)
-        if per_sm * (S * BN * BK * 2 + NX * BK * 4) > 220 * 1024:  # all programs resident, or the counts never arrive
+        x2d = bool(PW) and not a.x_per_block
+        if x2d:  # one register tile of x: a power of two K blocks
+            NX = triton.next_power_of_2(NX)
+        if per_sm * (S * BN * BK * 2 + NX * BK * 4) > 227 * 1024:  # all programs resident, or the counts never arrive
             continue
         if a.folds and not (PW and wait):
             continue
@@ -479,7 +559,7 @@ def main():
             args = (flat, xs, ns, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
                 ws_kernel[(P,)](*args, *fold_args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW, EMPTY_COUNT=1,
-                                FOLDS=a.folds, HEAD=D_HEAD, num_warps=warps)
+                                FOLDS=a.folds, HEAD=D_HEAD, X2D=x2d, num_warps=warps)
             else:
                 kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
