@@ -12,8 +12,9 @@ products (no folds), each product's input the first K entries of the one before'
 shapes of bench_gemv.py's step (per layer in-proj 6160x2048, o 2048x2048, gate+up 11264x2048,
 down 2048x5632; then the 32000-row head), every weight read once.
 
-    python bench/bench_persistent_chain.py [--configs 12 13 28 ...] [--no-baselines]
+    python bench/bench_persistent_chain.py [--configs 12 13 28 ...] [--no-baselines] [--no-deal]
     python bench/bench_persistent_chain.py --folds [--fold-kinds 1 2 3] [--no-residuals] --configs 41
+    python bench/bench_persistent_chain.py --folds --state --configs 41   # a whole GLA decode step
 
 Two kernels: ``_chain_kernel``, where the same warps copy and multiply (a CTA barrier a tile),
 and ``_chain_ws_kernel``, where PW warps of their own copy (``warp_specialize``) and per-slot
@@ -37,9 +38,20 @@ the tile, took 4,400 us; polling the count with volatile loads and then one acqu
 us more than acquire polls.
 
 ``--folds`` (the second kernel only): the step's folds, in both the kernel and the library's
-launches (``grouped_gemv`` as the decode step calls it). H200: 1,053-1,120 us against 907-916, the
-advantage gone; by ``--fold-kinds``/``--no-residuals`` ablation each fold costs 40-65 us a step
-and the folded path's per-block sums of squares ~100 us (BENCHMARKS section 1).
+launches (``grouped_gemv`` as the decode step calls it). ``--state`` adds each layer's GLA
+recurrent step (low-rank gate, state updated in place) as a stage between its in-proj and o,
+and ``fused_recurrent_gated_step_`` to the library's launches: a whole decode step but the
+embedding and the sampling.
+
+H200, thirteenth session (BENCHMARKS section 1; raw bench/results/h200-2026-12-04-s13/): the
+input step as one register tile loaded at once after the count (the twelfth session's loaded it a
+K block after another, each waiting on its loads), the norms' sums of squares reduced by each
+program from that tile (no atomics): CONFIGS[41] (8 multiplying warps) **849 us against 917** for
+the library's 97 folded launches (the twelfth session's kernel: 1,053-1,120); plain products
+CONFIGS[38] 733 against 880. **With --state, 957 us against 1,028** for the library's 121
+launches: 7% off a step that needs 19% off (833 us) for #20's 1,200 tok/s. Each recurrent step
+stage costs ~4.5 us (957 against 849), each product ~1-2 us over the stream alone. Dealing the row
+blocks on across products (``--no-deal`` for the old order) gains 3-8 us.
 """
 import os
 import sys
@@ -62,11 +74,19 @@ def _kernel():
     barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after 3.6
 
     @gluon.jit
-    def _skip(pl, pb, ns, L, pid, BN: gl.constexpr):
+    def _first(bo, pl, L, pid, P):
+        """This program's first row block of product pl. Row blocks are dealt to the programs in
+        turn across the products (product pl's first block to program bo[pl]), so the programs with
+        a block more than the others in one product are not the same in the next (bo all 0: every
+        product's first block to program 0)."""
+        return (pid + P - gl.load(bo + gl.minimum(pl, L - 1))) % P
+
+    @gluon.jit
+    def _skip(pl, pb, ns, bo, L, P, pid, BN: gl.constexpr):
         """The first tile position at or after (pl, pb) where this program owns a row block."""
         while (pl < L) & (pb * BN >= gl.load(ns + gl.minimum(pl, L - 1))):
             pl += 1
-            pb = pid
+            pb = _first(bo, pl, L, pid, P)
         return pl, pb
 
     @gluon.jit
@@ -87,22 +107,22 @@ def _kernel():
         async_load(ring.index(slot), p, (rr < lim)[:, None] & (cols < kq)[None, :])
 
     @gluon.jit
-    def _issue_next(ring, slot, w, ns, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN: gl.constexpr,
+    def _issue_next(ring, slot, w, ns, bo, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN: gl.constexpr,
                     BK: gl.constexpr):
         """Copy the producer's tile into ring slot (one commit group) and move the producer on."""
         gl.static_assert(BK % 8 == 0, "cp.async copies 16 bytes: K blocks of 8 bf16")
         _issue(ring, slot, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
         cp.commit_group()
-        return _advance(pl, pb, pk, kq, wb, ns, ks, woff, L, P, pid, BN, BK)
+        return _advance(pl, pb, pk, kq, wb, ns, bo, ks, woff, L, P, pid, BN, BK)
 
     @gluon.jit
-    def _advance(pl, pb, pk, kq, wb, ns, ks, woff, L, P, pid, BN, BK):  # BN, BK: constexprs
+    def _advance(pl, pb, pk, kq, wb, ns, bo, ks, woff, L, P, pid, BN, BK):  # BN, BK: constexprs
         """The producer's next tile: the next K block, else this program's next row block, else the
         next product where it owns one (its K and weight offset read then)."""
         pk += 1
         if pk * BK >= kq:
             pk = pk * 0
-            pl2, pb = _skip(pl, pb + P, ns, L, pid, BN)
+            pl2, pb = _skip(pl, pb + P, ns, bo, L, P, pid, BN)
             if pl2 != pl:
                 kq, wb = _meta(pl2, ks, woff, L)
             pl = pl2
@@ -136,103 +156,114 @@ def _kernel():
     def _sigmoid(x):
         return 1.0 / (1.0 + gl.exp(-x))
 
-    @gluon.jit
-    def _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, fold, go, nwb, no, eps, stats,
-                           BK: gl.constexpr, NX: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr):
-        """``_take_input`` with the decode GEMV's folds (``gemv.grouped_gemv``): f(x) into shared
-        memory, and the factor the product's rows take at the end (the whole-row norm's). fold 1:
-        RMSNorm with weight nwb[no:]; 2: each HEAD-wide head's RMSNorm, its weight nwb[no:], times
-        silu(gate), the gate at xs[go:]; 3: silu(x[:K]) * x[K:2K]; 0: x itself. The norms' sums of
-        squares come from stats[4 l:4 l + 4], one per HEAD entries of x, which the programs that
-        wrote x added there: no reduction here, only elementwise work after the wait."""
-        if WAIT and l > 0:
-            _wait_count(cnt, err, l, P, LIMIT)
-        r = eps * 0 + 1.0
-        if fold == 1:
-            ss = gl.load(stats + 4 * l, cache_modifier=".cg") + gl.load(stats + 4 * l + 1, cache_modifier=".cg")
-            ss += gl.load(stats + 4 * l + 2, cache_modifier=".cg") + gl.load(stats + 4 * l + 3, cache_modifier=".cg")
-            r = gl.rsqrt(ss / k_l + eps)
-        for i in gl.static_range(NX):
-            e = i * BK + cx
-            mk = e < k_l
-            b_x = gl.load(xs + xo + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
-            if fold == 1:
-                b_x = b_x * gl.load(nwb + no + e, mask=mk, other=0.).to(gl.float32)
-            if fold == 2:
-                b_s = gl.load(stats + 4 * l + gl.minimum(e // HEAD, 3), cache_modifier=".cg")
-                b_g = gl.load(xs + go + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
-                b_x = b_x * gl.rsqrt(b_s / HEAD + eps) * gl.load(nwb + no + e % HEAD).to(gl.float32)
-                b_x = b_x * b_g * _sigmoid(b_g)
-            if fold == 3:
-                b_u = gl.load(xs + xo + k_l + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
-                b_x = b_x * _sigmoid(b_x) * b_u
-            sx.index(i).store(b_x)
-        return r
-
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # renamed after 3.6
         @gluon.jit
-        def _as_tile(sx, NX: gl.constexpr, BK: gl.constexpr):
-            return sx.reinterpret(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        def _as_tile(sx, R: gl.constexpr, HEAD: gl.constexpr):
+            return sx.reinterpret(gl.float32, [R, HEAD], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     else:
         @gluon.jit
-        def _as_tile(sx, NX: gl.constexpr, BK: gl.constexpr):
-            return sx._reinterpret(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        def _as_tile(sx, R: gl.constexpr, HEAD: gl.constexpr):
+            return sx._reinterpret(gl.float32, [R, HEAD], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 
     @gluon.jit
-    def _fold_weight(nwb, no, fold, k_l, HEAD: gl.constexpr, NX: gl.constexpr, BK: gl.constexpr):
-        """The norm weight a folded input takes, as a [NX, BK] tile of x's entries (ones where the
-        fold has none): read before the count's wait, since it does not depend on the step."""
-        L2: gl.constexpr = gl.BlockedLayout([1, BK // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [1, 0])
-        e = (gl.arange(0, NX, layout=gl.SliceLayout(1, L2))[:, None] * BK
-             + gl.arange(0, BK, layout=gl.SliceLayout(0, L2))[None, :])
+    def _entries(R: gl.constexpr, HEAD: gl.constexpr):
+        """x's entries as an [R, HEAD] tile (a row a head of the o projection's input): 8 contiguous
+        entries a thread (16-byte loads), two warps across a row so a row's sum stays in few warps."""
+        LH: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps() // 2, 2], [1, 0])
+        gl.static_assert(HEAD == 8 * 32 * 2, "a row is two warps' 8 entries a thread")
+        return (gl.arange(0, R, layout=gl.SliceLayout(1, LH))[:, None] * HEAD
+                + gl.arange(0, HEAD, layout=gl.SliceLayout(0, LH))[None, :])
+
+    @gluon.jit
+    def _fold_weight(nwb, no, fold, k_l, R: gl.constexpr, HEAD: gl.constexpr):
+        """The norm weight a folded input takes, on ``_entries``' tile (ones where the fold has
+        none): read before the count's wait, since it does not depend on the step."""
+        e = _entries(R, HEAD)
         mk = e < k_l // 8 * 8
         idx = gl.where(fold == 2, e % HEAD, e)
-        no = no // 8 * 8
-        return gl.load(nwb + no + idx, mask=mk & ((fold == 1) | (fold == 2)), other=1.).to(gl.float32)
+        return gl.load(nwb + no // 8 * 8 + idx, mask=mk & ((fold == 1) | (fold == 2)), other=1.).to(gl.float32)
 
     @gluon.jit
-    def _take_input_2d(sx, xs, xo, k_l, cnt, err, l, P, LIMIT, fold, go, b_nw, eps, stats, BK: gl.constexpr,
-                       NX: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr):
-        """``_take_input``/``_take_folded_input`` with every load of the input issued at once after
-        the wait (one [NX, BK] tile: x, the gate or up half, the head sums), not one K block after
-        another, and the norm weight b_nw (``_fold_weight``) already in registers; the whole-row
-        norm's factor from its four sums is computed after x is stored, off the path to the first
-        multiply. Returns that factor (1 without a whole-row norm)."""
-        L2: gl.constexpr = gl.BlockedLayout([1, BK // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()], [1, 0])
-        if WAIT and l > 0:
-            _wait_count(cnt, err, l, P, LIMIT)
-        e = (gl.arange(0, NX, layout=gl.SliceLayout(1, L2))[:, None] * BK
-             + gl.arange(0, BK, layout=gl.SliceLayout(0, L2))[None, :])
+    def _take_tile_input(sx, xs, xo, k_l, cnt, err, c, P, LIMIT, fold, go, b_nw, eps, R: gl.constexpr,
+                         HEAD: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr):
+        """A product's input f(x) into shared memory, every load issued at once after count c
+        (x, and the gate or up half, as one [R, HEAD] register tile), the norm weight b_nw
+        (``_fold_weight``) already in registers, the norms' sums of squares reduced here from the
+        tile (no other program adds them). Folds (``gemv.grouped_gemv``'s): 1 RMSNorm, its weight
+        b_nw, the whole-row factor returned for the product's rows to take at the end (its sum
+        reduced after the store); 2 each head's RMSNorm (a tile row a head), weight b_nw, times
+        silu(gate), the gate at xs[go:]; 3 silu(x[:K]) * x[K:2K]; 0 x itself. Returns the factor
+        (1 for folds other than 1)."""
+        if WAIT and c > 0:
+            _wait_count(cnt, err, c, P, LIMIT)
+        e = _entries(R, HEAD)
         # every input starts on 16 bytes and every K is a multiple of 8: vector loads
         mk = e < k_l // 8 * 8
         xo = xo // 8 * 8
         b_x = gl.load(xs + xo + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
         r = eps * 0 + 1.0
         if FOLDS:
-            # the gate (fold 2) or up half (fold 3) beside x, and the head sums, in the same flight
-            o2 = gl.where(fold == 2, go // 8 * 8, xo + k_l // 8 * 8)
+            o2 = gl.where(fold == 2, go // 8 * 8, xo + k_l // 8 * 8)  # the gate (2) or the up half (3)
             b_g = gl.load(xs + o2 + e, mask=mk & (fold >= 2), other=0., cache_modifier=".cg").to(gl.float32)
-            s0 = gl.load(stats + 4 * l, cache_modifier=".cg")
-            s1 = gl.load(stats + 4 * l + 1, cache_modifier=".cg")
-            s2 = gl.load(stats + 4 * l + 2, cache_modifier=".cg")
-            s3 = gl.load(stats + 4 * l + 3, cache_modifier=".cg")
+            b_f = b_x
             if fold == 1:
-                b_x = b_x * b_nw
+                b_f = b_x * b_nw
             if fold == 2:
-                h = e // HEAD
-                b_s = gl.where(h == 0, s0, gl.where(h == 1, s1, gl.where(h == 2, s2, s3)))
-                b_x = b_x * gl.rsqrt(b_s / HEAD + eps) * b_nw * (b_g * _sigmoid(b_g))
+                rh = gl.rsqrt(gl.sum(b_x * b_x, axis=1) / HEAD + eps)
+                b_f = b_x * rh[:, None] * b_nw * (b_g * _sigmoid(b_g))
             if fold == 3:
-                b_x = b_x * _sigmoid(b_x) * b_g
-        # the same unswizzled rows seen as one 2D tile (the multiplies read them a K block at a time)
-        _as_tile(sx, NX, BK).store(b_x)
-        if FOLDS:
+                b_f = b_x * _sigmoid(b_x) * b_g
+            _as_tile(sx, R, HEAD).store(b_f)
             if fold == 1:
-                r = gl.rsqrt((s0 + s1 + s2 + s3) / k_l + eps)
+                r = gl.rsqrt(gl.sum(gl.sum(b_x * b_x, axis=1), axis=0) / k_l + eps)
+        else:
+            _as_tile(sx, R, HEAD).store(b_x)
         return r
 
     @gluon.jit
-    def _chain_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
+    def _log_sigmoid(x):
+        return gl.minimum(x, 0.) - gl.log(1. + gl.exp(-gl.abs(x)))
+
+    @gluon.jit
+    def _state_stage(xs, qo, ao, st, wf, bf, scale, inv_norm, cnt, err, c, P, LIMIT, H: gl.constexpr,
+                     K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, R: gl.constexpr, WAIT: gl.constexpr):
+        """A GLA layer's recurrent step (the library's ``fused_recurrent_gated_step_`` without the
+        refining gate or key map): this program's [K, BV] tile of head h's state, the gate
+        log_sigmoid(wf r + bf) * inv_norm of the low-rank factor r at xs[qo + 2HK + 2HV:], then
+        S = exp(g) S + k v^T in place and o = (scale q) S into xs[ao:]. q, k, v, r are the
+        in-proj's output at xs[qo:]. The state tile and the gate's weights are read before the
+        count's wait (the state was written a step ago); one tile a program (H V / BV programs).
+        Returns where the new state tile goes, the tile and whether this program has one: the caller
+        stores it after its count (nothing in this step reads it)."""
+        LS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [gl.num_warps(), 1], [1, 0])
+        gl.static_assert(BV == 16, "a [K, 16] tile: 4 lanes of 4 columns")
+        gl.static_assert(R == 16, "the gate's rank read on the tile's columns")
+        pid = gl.program_id(0)
+        NB: gl.constexpr = V // BV
+        has = pid < H * NB
+        h = gl.minimum(pid, H * NB - 1) // NB
+        j = gl.minimum(pid, H * NB - 1) % NB
+        kk = gl.arange(0, K, layout=gl.SliceLayout(1, LS))
+        vv = gl.arange(0, BV, layout=gl.SliceLayout(0, LS))
+        ps = st + (h * K + kk)[:, None].to(gl.int64) * V + j * BV + vv[None, :]
+        b_s = gl.load(ps, mask=has, other=0.)
+        b_w = gl.load(wf + (h * K + kk)[:, None] * R + vv[None, :]).to(gl.float32)
+        b_b = gl.load(bf + h * K + kk).to(gl.float32)
+        if WAIT:
+            _wait_count(cnt, err, c, P, LIMIT)
+        qo = qo // 8 * 8
+        b_q = gl.load(xs + qo + h * K + kk, cache_modifier=".cg").to(gl.float32)
+        b_k = gl.load(xs + qo + H * K + h * K + kk, cache_modifier=".cg").to(gl.float32)
+        b_v = gl.load(xs + qo + 2 * H * K + h * V + j * BV + vv, cache_modifier=".cg").to(gl.float32)
+        b_r = gl.load(xs + qo + 2 * H * K + 2 * H * V + vv, cache_modifier=".cg").to(gl.float32)
+        b_g = _log_sigmoid(gl.sum(b_w * b_r[None, :], axis=1) + b_b) * inv_norm
+        b_s = gl.exp(b_g)[:, None] * b_s + b_k[:, None] * b_v[None, :]
+        b_o = gl.sum((b_q * scale)[:, None] * b_s, axis=0)
+        gl.store(xs + ao + h * V + j * BV + vv, b_o.to(xs.dtype.element_ty), mask=has)
+        return ps, b_s, has
+
+    @gluon.jit
+    def _chain_kernel(w, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, LIMIT, BN: gl.constexpr, BK: gl.constexpr,
                       S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr):
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
         pid = gl.program_id(0)
@@ -244,27 +275,28 @@ def _kernel():
         rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LT))
         ck = gl.arange(0, BK, layout=gl.SliceLayout(0, LT))
         # the producer's position: the next tile to copy (product, row block, K block)
-        pl, pb = _skip(pid * 0, pid, ns, L, pid, BN)
+        pl, pb = _skip(pid * 0, _first(bo, 0, L, pid, P), ns, bo, L, P, pid, BN)
         pk = pid * 0
         kq, wb = _meta(pl, ks, woff, L)
         for i in gl.static_range(S - 1):
-            pl, pb, pk, kq, wb = _issue_next(ring, i, w, ns, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN, BK)
+            pl, pb, pk, kq, wb = _issue_next(ring, i, w, ns, bo, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN, BK)
         t = pid * 0  # tiles consumed
         for l in range(L):
             n_l = gl.load(ns + l)
             k_l = gl.load(ks + l)
             xo = gl.load(xoff + l)
             yo = gl.load(xoff + l + 1)
+            bo_l = gl.load(bo + l)  # (this program's first row block computed after the wait, not here)
             _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
             barrier()
-            for b in range(pid, gl.cdiv(n_l, BN), P):
+            for b in range((pid + P - bo_l) % P, gl.cdiv(n_l, BN), P):  # ``_first``
                 acc = gl.zeros([BN, BK], gl.float32, LT)
                 for kt in range(0, gl.cdiv(k_l, BK)):
                     cp.wait_group(S - 2)  # this thread's copies of tile t landed
                     # every thread's copies of tile t landed, and every thread is done with tile
                     # t - 1, whose slot the next copy overwrites
                     barrier()
-                    pl, pb, pk, kq, wb = _issue_next(ring, (t + S - 1) % S, w, ns, ks, woff, kq, wb, pl, pb, pk,
+                    pl, pb, pk, kq, wb = _issue_next(ring, (t + S - 1) % S, w, ns, bo, ks, woff, kq, wb, pl, pb, pk,
                                                      rr, ck, L, P, pid, BN, BK)
                     b_w = ring.index(t % S).load(LT).to(gl.float32)
                     acc += b_w * sx.index(kt).load(gl.SliceLayout(0, LT))[None, :]
@@ -275,7 +307,7 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
     @gluon.jit
-    def _ws_producer(ring, full, empty, w, ns, ks, woff, L, P, BN: gl.constexpr, BK: gl.constexpr,
+    def _ws_producer(ring, full, empty, w, ns, bo, ks, woff, L, P, BN: gl.constexpr, BK: gl.constexpr,
                      S: gl.constexpr):
         """The copying warps: every tile of this program's stream into the ring, a slot as soon as
         the multiplying warps release it, each slot's barrier signalled by the copies' completion."""
@@ -283,7 +315,7 @@ def _kernel():
         pid = gl.program_id(0)
         rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LP))
         ck = gl.arange(0, BK, layout=gl.SliceLayout(0, LP))
-        pl, pb = _skip(pid * 0, pid, ns, L, pid, BN)
+        pl, pb = _skip(pid * 0, _first(bo, 0, L, pid, P), ns, bo, L, P, pid, BN)
         pk = pid * 0
         kq, wb = _meta(pl, ks, woff, L)
         t = pid * 0
@@ -292,46 +324,49 @@ def _kernel():
             mbarrier.wait(empty.index(slot), ((t // S) & 1) ^ 1)  # the first round passes
             _issue(ring, slot, w, kq, wb, pl, pb, pk, rr, ck, L, BN, BK)
             cp.mbarrier_arrive(full.index(slot), increment_count=False)  # each thread, when its copies land
-            pl, pb, pk, kq, wb = _advance(pl, pb, pk, kq, wb, ns, ks, woff, L, P, pid, BN, BK)
+            pl, pb, pk, kq, wb = _advance(pl, pb, pk, kq, wb, ns, bo, ks, woff, L, P, pid, BN, BK)
             t += 1
 
     @gluon.jit
-    def _ws_consumer(ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff,
-                     nwb, eps, stats, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr,
-                     WAIT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr, X2D: gl.constexpr):
+    def _ws_consumer(ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff,
+                     nwb, eps, stl, stq, st, wf, bf, scale, inv_norm, BN: gl.constexpr, BK: gl.constexpr,
+                     S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr,
+                     STATE: gl.constexpr, SH: gl.constexpr, SK: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
         then each tile as its slot's barrier says it landed, the slot released after it is read.
-        FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold,
-        the residual xs[roff[l]:] added where roff[l] >= 0, and adds its outputs' sums of squares
-        (the first 4 HEAD of them, a sum a HEAD) into stats[4 (l + 1):] for the next product's norms
-        (every folded input is the output of the product before, 4 HEAD wide)."""
+        FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold
+        (``_take_tile_input``) and adds the residual xs[roff[l]:] where roff[l] >= 0. STATE: where
+        stl[l] >= 0, layer stl[l]'s recurrent step (``_state_stage``, from the in-proj's output at
+        xs[stq[l]:] into product l's input) comes before product l, a count of its own."""
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
-        LX: gl.constexpr = gl.BlockedLayout([4], [32], [gl.num_warps()], [0])
         pid = gl.program_id(0)
-        cx = gl.arange(0, BK, layout=LX)
         rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LT))
+        LW: gl.constexpr = SH * SK * HEAD  # a layer's state entries (HEAD: the value head size)
         t = pid * 0
+        c = pid * 0  # the stage (product or state step) whose count this program adds to next
         for l in range(L):
             n_l = gl.load(ns + l)
             k_l = gl.load(ks + l)
             yo = gl.load(xoff + l + 1)
-            if X2D:
-                fold = gl.load(folds + l) if FOLDS else 0
-                xo = gl.load(xin + l) if FOLDS else gl.load(xoff + l)
-                ro = gl.load(roff + l) if FOLDS else -1
-                b_nw = _fold_weight(nwb, gl.load(nwoff + l), fold, k_l, HEAD, NX, BK)
-                r = _take_input_2d(sx, xs, xo, k_l, cnt, err, l, P, LIMIT, fold, gl.load(goff + l), b_nw, eps, stats,
-                                   BK, NX, HEAD, WAIT, FOLDS)
-            elif FOLDS:
-                xo = gl.load(xin + l)
-                ro = gl.load(roff + l)
-                r = _take_folded_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, gl.load(folds + l),
-                                       gl.load(goff + l), nwb, gl.load(nwoff + l), eps, stats, BK, NX, HEAD, WAIT)
-            else:
-                xo = gl.load(xoff + l)
-                _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK, NX, WAIT)
+            bo_l = gl.load(bo + l)  # (this program's first row block computed after the wait, not here)
+            fold = gl.load(folds + l) if FOLDS else 0
+            xo = gl.load(xin + l) if FOLDS else gl.load(xoff + l)
+            ro = gl.load(roff + l) if FOLDS else -1
+            if STATE:
+                sl = gl.load(stl + l)
+                if sl >= 0:
+                    ps, b_s, has = _state_stage(xs, gl.load(stq + l), xo, st + sl.to(gl.int64) * LW,
+                                                wf + sl * (SH * SK * 16), bf + sl * (SH * SK), scale, inv_norm, cnt,
+                                                err, c, P, LIMIT, SH, SK, HEAD, 16, 16, WAIT)
+                    barrier()  # every thread's stores of o before the count
+                    gl.atomic_add(cnt + c + 1, 1, sem="release", scope="gpu")
+                    gl.store(ps, b_s, mask=has)
+                    c += 1
+            b_nw = _fold_weight(nwb, gl.load(nwoff + l), fold, k_l, NX * BK // HEAD, HEAD)
+            r = _take_tile_input(sx, xs, xo, k_l, cnt, err, c, P, LIMIT, fold, gl.load(goff + l), b_nw, eps,
+                                 NX * BK // HEAD, HEAD, WAIT, FOLDS)
             barrier()
-            for b in range(pid, gl.cdiv(n_l, BN), P):
+            for b in range((pid + P - bo_l) % P, gl.cdiv(n_l, BN), P):  # ``_first``
                 if FOLDS:  # the residual's load in flight during the tiles, not after them
                     b_res = gl.load(xs + gl.maximum(ro, 0) + b * BN + rr, mask=(rr < BN) & (ro >= 0), other=0.,
                                     cache_modifier=".cg").to(gl.float32)
@@ -345,26 +380,22 @@ def _kernel():
                     t += 1
                 b_y = gl.sum(acc, axis=1)
                 if FOLDS:
-                    b_y = (b_y * r + b_res).to(xs.dtype.element_ty)
-                    if b * BN < 4 * HEAD:  # the next product's norms: this block's share of its head's sum
-                        b_f = b_y.to(gl.float32)
-                        if X2D:  # a relaxed add a row: no reduction across the warps, so no barrier
-                            gl.atomic_add(stats + 4 * (l + 1) + gl.minimum((b * BN + rr) // HEAD, 3), b_f * b_f,
-                                          mask=b * BN + rr < 4 * HEAD, sem="relaxed", scope="gpu")
-                        else:
-                            gl.atomic_add(stats + 4 * (l + 1) + (b * BN) // HEAD, gl.sum(b_f * b_f, axis=0))
+                    b_y = b_y * r + b_res
                 gl.store(xs + yo + b * BN + rr, b_y.to(xs.dtype.element_ty))
             barrier()
-            gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
+            gl.atomic_add(cnt + c + 1, 1, sem="release", scope="gpu")
+            c += 1
 
     @gluon.jit
-    def _chain_ws_kernel(w, xs, ns, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
-                         stats, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr,
-                         PW: gl.constexpr, EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr,
-                         X2D: gl.constexpr = True):
+    def _chain_ws_kernel(w, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
+                         stl, stq, st, wf, bf, scale, inv_norm, BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr,
+                         NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr, EMPTY_COUNT: gl.constexpr,
+                         FOLDS: gl.constexpr, HEAD: gl.constexpr, STATE: gl.constexpr, SH: gl.constexpr,
+                         SK: gl.constexpr):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
         ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
         ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        # f(x), written as [NX BK / HEAD, HEAD] (``_take_tile_input``), read a K block at a time
         sx = gl.allocate_shared_memory(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         full = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
@@ -372,10 +403,10 @@ def _kernel():
             mbarrier.init(full.index(i), count=32 * PW)  # one asynchronous arrival a copying thread
             mbarrier.init(empty.index(i), count=EMPTY_COUNT)
         barrier()
-        gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, ks, xoff, cnt, err, L, P, LIMIT, xin, folds,
-                                            goff, roff, nwoff, nwb, eps, stats, BN, BK, S, NX, WAIT, FOLDS,
-                                            HEAD, X2D)),
-                            (_ws_producer, (ring, full, empty, w, ns, ks, woff, L, P, BN, BK, S))], [PW], [48])
+        gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin, folds,
+                                            goff, roff, nwoff, nwb, eps, stl, stq, st, wf, bf, scale, inv_norm,
+                                            BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK)),
+                            (_ws_producer, (ring, full, empty, w, ns, bo, ks, woff, L, P, BN, BK, S))], [PW], [48])
 
     return _chain_kernel, _chain_ws_kernel
 
@@ -405,14 +436,28 @@ CONFIGS = [  # every shape the twelfth session ran (BENCHMARKS section 1), then 
 
 
 D_HEAD = 512  # the attention output's head size (the o projection's head-norm fold)
+SH, SK, SR = 4, 256, 16  # --state: the GLA 1.3B shape's heads, key head size and gate rank (value heads: D_HEAD)
+GATE_NORMALIZER = 16.
 
 
-def folded_chain(shapes, xoff, dev):
+def state_reference(xs, qo, s0, wf, bfb):
+    """A GLA layer's recurrent step in float32 from the in-proj's output at xs[qo:] and the state s0
+    [SH, SK, D_HEAD]: (o [SH * D_HEAD], the new state)."""
+    x = xs[qo:qo + 2 * SH * SK + 2 * SH * D_HEAD + SR].float()
+    q, k = x[:SH * SK].view(SH, SK), x[SH * SK:2 * SH * SK].view(SH, SK)
+    v = x[2 * SH * SK:2 * SH * SK + SH * D_HEAD].view(SH, D_HEAD)
+    g = torch.nn.functional.logsigmoid(wf.float() @ x[-SR:] + bfb.float()).view(SH, SK) / GATE_NORMALIZER
+    s = g.exp()[..., None] * s0 + k[..., None] * v[:, None, :]
+    return torch.einsum("hk,hkv->hv", q * SK ** -0.5, s).flatten(), s
+
+
+def folded_chain(shapes, xoff, dev, aoff=None):
     """The folds of a decode step (bench_gemv.py's): per layer, in-proj of RMSNorm(h); o of the
-    per-head RMSNorm of its output's first 2048 entries times silu(its entries 4096:6144), plus h;
-    gate+up of RMSNorm(h'); down of silu(gate) * up, plus h'; then the head of RMSNorm(h''). Returns
-    per product the input offset into xs, the fold code (``_take_folded_input``), the gate and
-    residual offsets (-1: none) and the norm weight's offset into the norm weights returned last."""
+    per-head RMSNorm of its output's first 2048 entries (or, given aoff, of layer j's recurrent
+    step's output at xs[aoff[j]:]) times silu(its entries 4096:6144), plus h; gate+up of RMSNorm(h');
+    down of silu(gate) * up, plus h'; then the head of RMSNorm(h''). Returns per product the input
+    offset into xs, the fold code (``_take_tile_input``), the gate and residual offsets (-1: none)
+    and the norm weight's offset into the norm weights returned last."""
     yout = [int(v) for v in xoff[1:]]
     xin, folds, goff, roff, nwoff, nws = [], [], [], [], [], []
 
@@ -425,7 +470,7 @@ def folded_chain(shapes, xoff, dev):
             xin.append(0 if p == 0 else yout[p - 1])
             folds.append(1), goff.append(0), roff.append(-1), nwoff.append(weight(2048))
         elif kind == 1:  # o: the head norm and gate; the residual stream added
-            xin.append(yout[p - 1])
+            xin.append(yout[p - 1] if aoff is None else aoff[p // 4])
             folds.append(2), goff.append(yout[p - 1] + 4096), roff.append(xin[p - 1]), nwoff.append(weight(D_HEAD))
         elif kind == 2:  # gate + up: the residual stream, normed
             xin.append(yout[p - 1])
@@ -468,7 +513,7 @@ def main():
 
     from bench_gemv import graph_us
 
-    from regla_torch.ops.triton.gemv import grouped_gemv
+    from regla_torch.ops.triton import fused_recurrent_gated_step_, grouped_gemv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", type=int, nargs="+", help="indices into CONFIGS (default: all)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the library's launches and the one-launch bound")
@@ -479,10 +524,16 @@ def main():
                     help="with --folds, keep only these folds (1 norm, 2 head norm and gate, 3 silu(gate) * up; the "
                          "others' inputs taken as they are): which fold costs what")
     ap.add_argument("--no-residuals", action="store_true", help="with --folds, no residual adds")
-    ap.add_argument("--x-per-block", action="store_true",
-                    help="the copying-warp kernel's input step as in the twelfth session (x's loads one K block after "
-                         "another, the norm weight read after the wait, a cross-warp sum of squares a block)")
+    ap.add_argument("--state", action="store_true",
+                    help="with --folds, each layer's recurrent step (GLA's: low-rank gate, the state updated in place) "
+                         "between its in-proj and o, in the kernel (a stage of its own) and in the library's launches "
+                         "(fused_recurrent_gated_step_): a whole decode step but the embedding and the sampling")
+    ap.add_argument("--no-deal", action="store_true",
+                    help="every product's row blocks dealt from program 0 (the twelfth session's order), not on "
+                         "from where the product before ended")
     a = ap.parse_args()
+    if a.state and not a.folds:
+        ap.error("--state needs --folds (the o projection's input is the step's output, head-normed and gated)")
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
     shapes = STEP * LAYERS + [HEAD]
@@ -493,11 +544,26 @@ def main():
     xoff = torch.tensor([0, 2048] + [n for n, _ in shapes[:-1]], device=dev).cumsum(0)
     ns = torch.tensor([n for n, _ in shapes], device=dev, dtype=torch.int32)
     ks = torch.tensor([k for _, k in shapes], device=dev, dtype=torch.int32)
-    xs = torch.zeros(int(xoff[-1]) + shapes[-1][0], device=dev, dtype=bf)
+    end = int(xoff[-1]) + shapes[-1][0]
+    # --state: each layer's recurrent step writes its output after the products' outputs
+    aoff = [end + SH * D_HEAD * j for j in range(LAYERS)] if a.state else None
+    xs = torch.zeros(end + (SH * D_HEAD * LAYERS if a.state else 0), device=dev, dtype=bf)
     xs[:2048] = torch.randn(2048, device=dev, dtype=bf)
     nbytes = sum(n * k * 2 for n, k in shapes)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    meta = folded_chain(shapes, xoff, dev) if a.folds else None
+    meta = folded_chain(shapes, xoff, dev, aoff) if a.folds else None
+    if a.state:  # fp32 states, read and written once a step; the gates' second low-rank factors
+        st = torch.randn(LAYERS, SH, SK, D_HEAD, device=dev) * 0.1
+        wf = (torch.randn(LAYERS, SH * SK, SR, device=dev) / SR ** 0.5).to(bf)
+        bfb = torch.randn(LAYERS, SH * SK, device=dev).to(bf)
+        st_lib = st.clone()
+        stl = torch.tensor([p // 4 if p % 4 == 1 and p < L - 1 else -1 for p in range(L)], device=dev,
+                           dtype=torch.int32)
+        stq = xoff[:L].clone()  # product p's input offset: where p % 4 == 1, the in-proj's output
+        state_args = (stl, stq, st, wf, bfb, SK ** -0.5, 1 / GATE_NORMALIZER)
+        nbytes += 2 * st.numel() * 4 + wf.numel() * 2
+    else:
+        state_args = (ns, xoff, xs.new_zeros(1, dtype=torch.float32), xs, xs, 1., 1.)
     nw = ([meta[5][o:o + (D_HEAD if f == 2 else 2048)] for o, f in zip(meta[4].tolist(), meta[1].tolist())]
           if a.folds else None)  # the library's norm weights, before any ablation
     if a.folds and a.fold_kinds is not None:  # an ablation: the library's baseline keeps every fold
@@ -506,7 +572,8 @@ def main():
     if a.folds and a.no_residuals:
         meta = meta[:3] + (torch.full_like(meta[3], -1),) + meta[4:]
     print(f"{torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}, triton {triton.__version__}; "
-          f"{L} {'folded' if a.folds else 'plain'} products, {nbytes / 1e9:.2f} GB", flush=True)
+          f"{L} {'folded' if a.folds else 'plain'} products{' and 24 recurrent steps' if a.state else ''}, "
+          f"{nbytes / 1e9:.2f} GB", flush=True)
 
     x0 = xs[:2048].view(1, -1).clone()
 
@@ -516,58 +583,69 @@ def main():
             x = grouped_gemv(x[:, :w.shape[1]], [w])
         return x
 
-
     def library_folded():
         h = x0
         for j in range(LAYERS):
             p = 4 * j
             o1 = grouped_gemv(h, [ws[p]], nw[p])
-            o2 = grouped_gemv(o1[:, :2048], [ws[p + 1]], nw[p + 1], residual=h, head_dim=D_HEAD,
-                              gate=o1[:, 4096:6144])
+            att = o1[:, :2048]
+            if a.state:
+                qk = SH * SK
+                att = fused_recurrent_gated_step_(
+                    o1[:, :qk].view(1, SH, SK), o1[:, qk:2 * qk].view(1, SH, SK),
+                    o1[:, 2 * qk:2 * qk + SH * D_HEAD].view(1, SH, D_HEAD), o1[:, -SR:], wf[j], bfb[j],
+                    st_lib[j].unsqueeze(0), SK ** -0.5, GATE_NORMALIZER).view(1, -1)
+            o2 = grouped_gemv(att, [ws[p + 1]], nw[p + 1], residual=h, head_dim=D_HEAD, gate=o1[:, 4096:6144])
             o3 = grouped_gemv(o2, [ws[p + 2]], nw[p + 2])
             h = grouped_gemv(o3, [ws[p + 3]], glu=True, residual=o2)
         return grouped_gemv(h, [ws[-1]], nw[-1])
     if not a.no_baselines:
         t = graph_us([library_folded if a.folds else library])
-        print(f"library, {L} launches (PDL): {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
+        print(f"library, {L + (LAYERS if a.state else 0)} launches (PDL): {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)",
+              flush=True)
         t = graph_us([lambda: grouped_gemv(x0, [flat.view(-1, 2048)])])
-        print(f"the same bytes in one launch: {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)", flush=True)
+        print(f"the products' weights in one launch: {t:.0f} us ({flat.numel() * 2 / t / 1e3:.0f} GB/s)", flush=True)
     kernel, ws_kernel = _kernel()
-    cnt = torch.zeros(L + 1, device=dev, dtype=torch.int32)
+    cnt = torch.zeros(L + (LAYERS if a.state else 0) + 1, device=dev, dtype=torch.int32)
     err = torch.zeros(1, device=dev, dtype=torch.int32)
-    stats = torch.zeros(4 * (L + 1), device=dev, dtype=torch.float32)  # the folds' sums of squares
-    stats0 = x0.float().view(4, -1).pow(2).sum(-1)
-    fold_args = meta[:5] + (meta[5], 1e-6, stats) if a.folds else (xoff, ns, xoff, xoff, xoff, xs, 1e-6, stats)
+    fold_args = meta[:5] + (meta[5], 1e-6) if a.folds else (xoff, ns, xoff, xoff, xoff, xs, 1e-6)
     for index in a.configs if a.configs is not None else range(len(CONFIGS)):
         cfg = CONFIGS[index]
         BN, BK, S, warps, per_sm, wait, PW = cfg.values()
         NX = triton.cdiv(5632, BK)
-        x2d = bool(PW) and not a.x_per_block
-        if x2d:  # one register tile of x: a power of two K blocks
+        if PW:  # one register tile of x: a power of two K blocks
             NX = triton.next_power_of_2(NX)
         if per_sm * (S * BN * BK * 2 + NX * BK * 4) > 227 * 1024:  # all programs resident, or the counts never arrive
             continue
         if a.folds and not (PW and wait):
             continue
         P = per_sm * sms
+        # each product's first row block goes to the program after the one that took the product
+        # before's last (--no-deal: every product starts at program 0)
+        blocks = torch.tensor([0] + [triton.cdiv(n, BN) for n, _ in shapes[:-1]], device=dev).cumsum(0)
+        bo = (blocks % P).to(torch.int32) if not a.no_deal else torch.zeros_like(ns)
 
         def launch():
             cnt.zero_()
-            if a.folds:  # the first product's input has no product before to count its squares
-                stats.zero_()
-                stats[:4].copy_(stats0)
-            args = (flat, xs, ns, ks, woff, xoff, cnt, err, L, P, 1 << 18)
+            args = (flat, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
                 ws_kernel[(P,)](*args, *fold_args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW, EMPTY_COUNT=1,
-                                FOLDS=a.folds, HEAD=D_HEAD, X2D=x2d, num_warps=warps)
+                                *state_args, FOLDS=a.folds, HEAD=D_HEAD, STATE=a.state, SH=SH, SK=SK,
+                                num_warps=warps)
             else:
                 kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
             err.zero_()
             xs[2048:] = 0
+            s0 = st.clone() if a.state else None
             launch()
             torch.cuda.synchronize()
             worst = 0.
+            for j in range(LAYERS if a.state else 0):  # the recurrent steps: outputs and new states
+                o, s1 = state_reference(xs, int(stq[4 * j + 1]), s0[j], wf[j], bfb[j])
+                y = xs[aoff[j]:aoff[j] + o.numel()].float()
+                worst = max(worst, float((y - o.to(bf).float()).norm() / o.norm()),
+                            float((st[j] - s1).norm() / s1.norm()))
             for i, (w, (n, k)) in enumerate(zip(ws, shapes)):
                 y = xs[int(xoff[i + 1]):int(xoff[i + 1]) + n].float()
                 if a.folds:
