@@ -52,6 +52,16 @@ CONFIGS[38] 733 against 880. **With --state, 957 us against 1,028** for the libr
 launches: 7% off a step that needs 19% off (833 us) for #20's 1,200 tok/s. Each recurrent step
 stage costs ~4.5 us (957 against 849), each product ~1-2 us over the stream alone. Dealing the row
 blocks on across products (``--no-deal`` for the old order) gains 3-8 us.
+
+``--trace`` says why: between the last program done with a stage and the others seeing its count
+pass ~3-3.5 us, most of it that program's release add (2.3-3.4 us while the copies stream, 0.6 us
+after a recurrent step, when the ring is full and nothing is in flight); the ring (6 tiles, ~6 us
+of an SM's stream) hides that for a long product, not for the short ones in a row (state, o). Not
+faster, so not kept as options: L2 requests PF tiles ahead of the ring (CONFIGS[46:52], PF 2 to 8:
+972 to 1,264 us against 956), and two ways around the release add, removed after 4f55637 ran them:
+each stage's outputs as 32-bit words (bf16 and a tag of the stage and launch) that the next stages
+load until the tags match, no counts (1,097 us), or the same after relaxed counts (1,086 against
+959).
 """
 import os
 import sys
@@ -129,26 +139,17 @@ def _kernel():
         return pl, pb, pk, kq, wb
 
     @gluon.jit
-    def _wait_count(cnt, err, l, need, LIMIT, RELAXED: gl.constexpr = False):
-        """Until count l reaches need (every program done with stage l - 1): polled by acquire loads
-        (an add of 0 compiles to ld.acquire.gpu; the last poll orders the reads of the stage's
-        output after the count); err set where LIMIT polls did not see it (programs not all
-        resident). RELAXED (LL 2): volatile loads, no ordering (the tags check the data)."""
-        seen = _poll(cnt + l, RELAXED)
+    def _wait_count(cnt, err, l, P, LIMIT):
+        """Until every program is done with stage l - 1: its count polled by acquire loads (an add
+        of 0 compiles to ld.acquire.gpu; the last poll orders the reads of its output after the
+        count); err set where LIMIT polls did not see it (programs not all resident)."""
+        seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
         it = 0
-        while (seen < need) & (it < LIMIT):
-            seen = _poll(cnt + l, RELAXED)
+        while (seen < P) & (it < LIMIT):
+            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
             it += 1
-        if seen < need:
+        if seen < P:
             gl.store(err, 1)
-
-    @gluon.jit
-    def _poll(p, RELAXED: gl.constexpr):
-        if RELAXED:
-            v = gl.load(p, volatile=True)
-        else:
-            v = gl.atomic_add(p, 0, sem="acquire", scope="gpu")
-        return v
 
     @gluon.jit
     def _stamp(tr, c, i, nst, TRACE: gl.constexpr):
@@ -160,59 +161,16 @@ def _kernel():
             gl.store(tr + (gl.program_id(0) * nst + c) * 3 + i, now)
 
     @gluon.jit
-    def _count_done(cnt, tr, c, nst, TRACE: gl.constexpr, RELAXED: gl.constexpr = False):
+    def _count_done(cnt, tr, c, nst, TRACE: gl.constexpr):
         """This program done with stage c: a release add to count c + 1 (after a barrier of the
-        multiplying warps: every thread's stores before it). RELAXED (LL 2): a relaxed add, no
-        fence (the tags check the data). --trace: the clock once the add has returned
-        (tr[pid, c, 2]; the read waits on the add's result)."""
-        if RELAXED:
-            old = gl.atomic_add(cnt + c + 1, 1, sem="relaxed", scope="gpu")
-        else:
-            old = gl.atomic_add(cnt + c + 1, 1, sem="release", scope="gpu")
+        multiplying warps: every thread's stores before it). --trace: the clock once the add has
+        returned (tr[pid, c, 2]; the read waits on the add's result)."""
+        old = gl.atomic_add(cnt + c + 1, 1, sem="release", scope="gpu")
         if TRACE:
             now = gl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ge.s32 p, $1, 0; mov.u64 $0, 0; @p mov.u64 $0, %globaltimer; }", "=l,r",
                 [old], dtype=gl.int64, is_pure=False, pack=1)
             gl.store(tr + (gl.program_id(0) * nst + c) * 3 + 2, now)
-
-    @gluon.jit
-    def _tag(ep0, nst, c):
-        """LL: stage c's tag this launch (1 to 32767; launch ep0's stages after the launch before's)."""
-        return 1 + (ep0 * nst + c) % 32767
-
-    @gluon.jit
-    def _word(y, tag):
-        """LL: y as bf16 in the low half of a 32-bit word, its stage's tag in the high half: one
-        store, so a reader that sees the tag sees y (no fence, no count)."""
-        return (tag << 16) | (y.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF)
-
-    @gluon.jit
-    def _unword(w):
-        """LL: a word's bf16 as float32 (exact: bf16 is float32's high half)."""
-        return (w << 16).to(gl.float32, bitcast=True)
-
-    @gluon.jit
-    def _ll_load(p, mk, tag, check, err, LIMIT, D: gl.constexpr):
-        """LL: the words at p (a D-dimensional tile, mask mk), loaded again (volatile, so from L2
-        each time) until every one carries tag, at most LIMIT times (err set if not). check False:
-        one load, tags not read."""
-        b = gl.load(p, mask=mk, other=tag << 16, volatile=True)
-        it = 0
-        while check & (_late(b, tag, D) > 0) & (it < LIMIT):
-            b = gl.load(p, mask=mk, other=tag << 16, volatile=True)
-            it += 1
-        if check & (it == LIMIT):
-            gl.store(err, 1)
-        return b
-
-    @gluon.jit
-    def _late(b, tag, D: gl.constexpr):
-        """LL: 1 where some word of b is not tag's yet (a tile-wide max)."""
-        m = ((b >> 16) != tag).to(gl.int32)
-        if D == 2:
-            return gl.max(gl.max(m, axis=1), axis=0)
-        else:
-            return gl.max(m, axis=0)
 
     @gluon.jit
     def _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK: gl.constexpr, NX: gl.constexpr,
@@ -257,9 +215,8 @@ def _kernel():
         return gl.load(nwb + no // 8 * 8 + idx, mask=mk & ((fold == 1) | (fold == 2)), other=1.).to(gl.float32)
 
     @gluon.jit
-    def _take_tile_input(sx, xs, xo, k_l, cnt, err, c, need, LIMIT, fold, go, b_nw, eps, tr, nst, ep0, gs,
-                         R: gl.constexpr, HEAD: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr,
-                         TRACE: gl.constexpr, LL: gl.constexpr):
+    def _take_tile_input(sx, xs, xo, k_l, cnt, err, c, P, LIMIT, fold, go, b_nw, eps, tr, nst, R: gl.constexpr,
+                         HEAD: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr, TRACE: gl.constexpr):
         """A product's input f(x) into shared memory, every load issued at once after count c
         (x, and the gate or up half, as one [R, HEAD] register tile), the norm weight b_nw
         (``_fold_weight``) already in registers, the norms' sums of squares reduced here from the
@@ -267,27 +224,18 @@ def _kernel():
         b_nw, the whole-row factor returned for the product's rows to take at the end (its sum
         reduced after the store); 2 each head's RMSNorm (a tile row a head), weight b_nw, times
         silu(gate), the gate at xs[go:]; 3 silu(x[:K]) * x[K:2K]; 0 x itself. Returns the factor
-        (1 for folds other than 1). LL: xs holds tagged words; x (stage c - 1's output) and the gate
-        (stage c - gs's) or up half are loaded until their tags say they are this launch's (LL 2:
-        after a relaxed count)."""
-        if WAIT and c > 0 and LL != 1:
-            _wait_count(cnt, err, c, need, LIMIT, LL == 2)
+        (1 for folds other than 1)."""
+        if WAIT and c > 0:
+            _wait_count(cnt, err, c, P, LIMIT)
         e = _entries(R, HEAD)
         # every input starts on 16 bytes and every K is a multiple of 8: vector loads
         mk = e < k_l // 8 * 8
         xo = xo // 8 * 8
-        if LL:
-            b_x = _unword(_ll_load(xs + xo + e, mk, _tag(ep0, nst, c - 1), WAIT and c > 0, err, LIMIT, 2))
-        else:
-            b_x = gl.load(xs + xo + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
+        b_x = gl.load(xs + xo + e, mask=mk, other=0., cache_modifier=".cg").to(gl.float32)
         r = eps * 0 + 1.0
         if FOLDS:
             o2 = gl.where(fold == 2, go // 8 * 8, xo + k_l // 8 * 8)  # the gate (2) or the up half (3)
-            if LL:
-                b_g = _unword(_ll_load(xs + o2 + e, mk & (fold >= 2), _tag(ep0, nst, gl.where(fold == 2, c - gs, c - 1)),
-                                       WAIT and c > 0, err, LIMIT, 2))
-            else:
-                b_g = gl.load(xs + o2 + e, mask=mk & (fold >= 2), other=0., cache_modifier=".cg").to(gl.float32)
+            b_g = gl.load(xs + o2 + e, mask=mk & (fold >= 2), other=0., cache_modifier=".cg").to(gl.float32)
         _stamp(tr, c, 0, nst, TRACE)
         if FOLDS:
             b_f = b_x
@@ -310,9 +258,9 @@ def _kernel():
         return gl.minimum(x, 0.) - gl.log(1. + gl.exp(-gl.abs(x)))
 
     @gluon.jit
-    def _state_stage(xs, qo, ao, st, wf, bf, scale, inv_norm, cnt, err, c, need, LIMIT, tr, nst, ep0, H: gl.constexpr,
+    def _state_stage(xs, qo, ao, st, wf, bf, scale, inv_norm, cnt, err, c, P, LIMIT, tr, nst, H: gl.constexpr,
                      K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, R: gl.constexpr, WAIT: gl.constexpr,
-                     TRACE: gl.constexpr, LL: gl.constexpr):
+                     TRACE: gl.constexpr):
         """A GLA layer's recurrent step (the library's ``fused_recurrent_gated_step_`` without the
         refining gate or key map): this program's [K, BV] tile of head h's state, the gate
         log_sigmoid(wf r + bf) * inv_norm of the low-rank factor r at xs[qo + 2HK + 2HV:], then
@@ -336,29 +284,17 @@ def _kernel():
         b_w = gl.load(wf + (h * K + kk)[:, None] * R + vv[None, :]).to(gl.float32)
         b_b = gl.load(bf + h * K + kk).to(gl.float32)
         qo = qo // 8 * 8
-        if LL:  # the in-proj's output, stage c - 1's
-            if WAIT and LL == 2:
-                _wait_count(cnt, err, c, need, LIMIT, True)
-            tg = _tag(ep0, nst, c - 1)
-            b_q = _unword(_ll_load(xs + qo + h * K + kk, kk < K, tg, WAIT, err, LIMIT, 1))
-            b_k = _unword(_ll_load(xs + qo + H * K + h * K + kk, kk < K, tg, WAIT, err, LIMIT, 1))
-            b_v = _unword(_ll_load(xs + qo + 2 * H * K + h * V + j * BV + vv, vv < BV, tg, WAIT, err, LIMIT, 1))
-            b_r = _unword(_ll_load(xs + qo + 2 * H * K + 2 * H * V + vv, vv < BV, tg, WAIT, err, LIMIT, 1))
-        else:
-            if WAIT:
-                _wait_count(cnt, err, c, need, LIMIT)
-            b_q = gl.load(xs + qo + h * K + kk, cache_modifier=".cg").to(gl.float32)
-            b_k = gl.load(xs + qo + H * K + h * K + kk, cache_modifier=".cg").to(gl.float32)
-            b_v = gl.load(xs + qo + 2 * H * K + h * V + j * BV + vv, cache_modifier=".cg").to(gl.float32)
-            b_r = gl.load(xs + qo + 2 * H * K + 2 * H * V + vv, cache_modifier=".cg").to(gl.float32)
+        if WAIT:
+            _wait_count(cnt, err, c, P, LIMIT)
+        b_q = gl.load(xs + qo + h * K + kk, cache_modifier=".cg").to(gl.float32)
+        b_k = gl.load(xs + qo + H * K + h * K + kk, cache_modifier=".cg").to(gl.float32)
+        b_v = gl.load(xs + qo + 2 * H * K + h * V + j * BV + vv, cache_modifier=".cg").to(gl.float32)
+        b_r = gl.load(xs + qo + 2 * H * K + 2 * H * V + vv, cache_modifier=".cg").to(gl.float32)
         _stamp(tr, c, 0, nst, TRACE)
         b_g = _log_sigmoid(gl.sum(b_w * b_r[None, :], axis=1) + b_b) * inv_norm
         b_s = gl.exp(b_g)[:, None] * b_s + b_k[:, None] * b_v[None, :]
         b_o = gl.sum((b_q * scale)[:, None] * b_s, axis=0)
-        if LL:
-            gl.store(xs + ao + h * V + j * BV + vv, _word(b_o, _tag(ep0, nst, c)), mask=has)
-        else:
-            gl.store(xs + ao + h * V + j * BV + vv, b_o.to(xs.dtype.element_ty), mask=has)
+        gl.store(xs + ao + h * V + j * BV + vv, b_o.to(xs.dtype.element_ty), mask=has)
         return ps, b_s, has
 
     @gluon.jit
@@ -450,25 +386,19 @@ def _kernel():
                      nwb, eps, stl, stq, st, wf, bf, scale, inv_norm, tr, nst, BN: gl.constexpr,
                      BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr,
                      HEAD: gl.constexpr, STATE: gl.constexpr, SH: gl.constexpr, SK: gl.constexpr,
-                     TRACE: gl.constexpr, LL: gl.constexpr):
+                     TRACE: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
         then each tile as its slot's barrier says it landed, the slot released after it is read.
         FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold
         (``_take_tile_input``) and adds the residual xs[roff[l]:] where roff[l] >= 0. STATE: where
         stl[l] >= 0, layer stl[l]'s recurrent step (``_state_stage``, from the in-proj's output at
-        xs[stq[l]:] into product l's input) comes before product l, a count of its own. LL 1: no
-        counts; every stage's output is written as tagged words (``_word``) that the next stages
-        load until their tags say they are this launch's (the epoch cnt[nst + 1], moved on by the
-        last program to finish; cnt[nst + 2] counts the programs finished). LL 2: the same words,
-        each stage first waiting on relaxed counts (no fence; not reset between launches)."""
+        xs[stq[l]:] into product l's input) comes before product l, a count of its own."""
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
         pid = gl.program_id(0)
         rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LT))
         LW: gl.constexpr = SH * SK * HEAD  # a layer's state entries (HEAD: the value head size)
         t = pid * 0
         c = pid * 0  # the stage (product or state step) whose count this program adds to next
-        ep0 = gl.load(cnt + nst + 1, volatile=True) if LL else 0
-        need = P * (ep0 + 1) if LL == 2 else P  # (LL 2: counts not reset between launches)
         for l in range(L):
             n_l = gl.load(ns + l)
             k_l = gl.load(ks + l)
@@ -482,26 +412,20 @@ def _kernel():
                 if sl >= 0:
                     ps, b_s, has = _state_stage(xs, gl.load(stq + l), xo, st + sl.to(gl.int64) * LW,
                                                 wf + sl * (SH * SK * 16), bf + sl * (SH * SK), scale, inv_norm, cnt,
-                                                err, c, need, LIMIT, tr, nst, ep0, SH, SK, HEAD, 16, 16, WAIT, TRACE,
-                                                LL)
+                                                err, c, P, LIMIT, tr, nst, SH, SK, HEAD, 16, 16, WAIT, TRACE)
                     barrier()  # every thread's stores of o before the count
                     _stamp(tr, c, 1, nst, TRACE)
-                    if LL != 1:
-                        _count_done(cnt, tr, c, nst, TRACE, LL == 2)
+                    _count_done(cnt, tr, c, nst, TRACE)
                     gl.store(ps, b_s, mask=has)
                     c += 1
             b_nw = _fold_weight(nwb, gl.load(nwoff + l), fold, k_l, NX * BK // HEAD, HEAD)
-            r = _take_tile_input(sx, xs, xo, k_l, cnt, err, c, need, LIMIT, fold, gl.load(goff + l), b_nw, eps, tr,
-                                 nst, ep0, 2 if STATE else 1, NX * BK // HEAD, HEAD, WAIT, FOLDS, TRACE, LL)
+            r = _take_tile_input(sx, xs, xo, k_l, cnt, err, c, P, LIMIT, fold, gl.load(goff + l), b_nw, eps, tr,
+                                 nst, NX * BK // HEAD, HEAD, WAIT, FOLDS, TRACE)
             barrier()
             for b in range((pid + P - bo_l) % P, gl.cdiv(n_l, BN), P):  # ``_first``
                 if FOLDS:  # the residual's load in flight during the tiles, not after them
-                    if LL:  # (an earlier stage's output, whose every word this program has seen tagged)
-                        b_res = _unword(gl.load(xs + gl.maximum(ro, 0) + b * BN + rr, mask=(rr < BN) & (ro >= 0),
-                                                other=0, cache_modifier=".cg"))
-                    else:
-                        b_res = gl.load(xs + gl.maximum(ro, 0) + b * BN + rr, mask=(rr < BN) & (ro >= 0), other=0.,
-                                        cache_modifier=".cg").to(gl.float32)
+                    b_res = gl.load(xs + gl.maximum(ro, 0) + b * BN + rr, mask=(rr < BN) & (ro >= 0), other=0.,
+                                    cache_modifier=".cg").to(gl.float32)
                 acc = gl.zeros([BN, BK], gl.float32, LT)
                 for kt in range(0, gl.cdiv(k_l, BK)):
                     slot = t % S
@@ -513,27 +437,18 @@ def _kernel():
                 b_y = gl.sum(acc, axis=1)
                 if FOLDS:
                     b_y = b_y * r + b_res
-                if LL:
-                    gl.store(xs + yo + b * BN + rr, _word(b_y, _tag(ep0, nst, c)))
-                else:
-                    gl.store(xs + yo + b * BN + rr, b_y.to(xs.dtype.element_ty))
+                gl.store(xs + yo + b * BN + rr, b_y.to(xs.dtype.element_ty))
             barrier()
             _stamp(tr, c, 1, nst, TRACE)
-            if LL != 1:
-                _count_done(cnt, tr, c, nst, TRACE, LL == 2)
+            _count_done(cnt, tr, c, nst, TRACE)
             c += 1
-        if LL:  # the last program to finish moves the epoch on for the next launch
-            if gl.atomic_add(cnt + nst + 2, 1, sem="acq_rel", scope="gpu") == P - 1:
-                gl.store(cnt + nst + 2, 0)
-                gl.store(cnt + nst + 1, ep0 + 1)
 
     @gluon.jit
     def _chain_ws_kernel(w, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
                          stl, stq, st, wf, bf, scale, inv_norm, tr, nst, BN: gl.constexpr, BK: gl.constexpr,
                          S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr,
                          EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr, STATE: gl.constexpr,
-                         SH: gl.constexpr, SK: gl.constexpr, TRACE: gl.constexpr = False, PF: gl.constexpr = 0,
-                         LL: gl.constexpr = 0):
+                         SH: gl.constexpr, SK: gl.constexpr, TRACE: gl.constexpr = False, PF: gl.constexpr = 0):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
         ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
         ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -547,7 +462,7 @@ def _kernel():
         barrier()
         gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin, folds,
                                             goff, roff, nwoff, nwb, eps, stl, stq, st, wf, bf, scale, inv_norm, tr,
-                                            nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE, LL)),
+                                            nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE)),
                             (_ws_producer, (ring, full, empty, w, ns, bo, ks, woff, L, P, BN, BK, S, PF))], [PW],
                            [48])
 
@@ -664,8 +579,6 @@ def trace_report(tr, kinds):
     count (median and fastest over the programs); a program's work after the count (median over
     programs, and the last program's); how far the last program finishes behind the median one."""
     wake, done, added = (tr[..., i].double() / 1e3 for i in range(3))
-    if not added.any():  # LL: no count to add to
-        added = torch.full_like(added, float("nan"))
     rows = {}
     for c in range(1, tr.shape[1]):
         lp = int(done[:, c - 1].argmax())
@@ -708,10 +621,6 @@ def main():
     ap.add_argument("--trace", action="store_true",
                     help="after timing a shape, launch it once more with each program's clock read at every stage "
                          "(count seen, work done) and print where a stage's time goes (copying-warp kernel)")
-    ap.add_argument("--ll", type=int, choices=[1, 2], default=0,
-                    help="copying-warp kernel: each stage's outputs written as 32-bit words, bf16 and a 16-bit tag of "
-                         "the stage and launch, that the next stages load until the tags are theirs; 1: no counts "
-                         "(no release fence, no atomic on the path), 2: after relaxed counts (no fence)")
     ap.add_argument("--no-deal", action="store_true",
                     help="every product's row blocks dealt from program 0 (the twelfth session's order), not on "
                          "from where the product before ended")
@@ -791,7 +700,7 @@ def main():
         print(f"the products' weights in one launch: {t:.0f} us ({flat.numel() * 2 / t / 1e3:.0f} GB/s)", flush=True)
     kernel, ws_kernel = _kernel()
     nst = L + (LAYERS if a.state else 0)  # stages: the products and the recurrent steps
-    cnt = torch.zeros(nst + 3, device=dev, dtype=torch.int32)  # the counts; --ll's epoch and programs finished
+    cnt = torch.zeros(nst + 1, device=dev, dtype=torch.int32)
     kinds = [k for _ in range(LAYERS) for k in (["in-proj", "state", "o", "gate+up", "down"] if a.state
                                                  else ["in-proj", "o", "gate+up", "down"])] + ["head"]
     err = torch.zeros(1, device=dev, dtype=torch.int32)
@@ -814,31 +723,21 @@ def main():
 
         tr = torch.zeros(P, nst, 3, device=dev, dtype=torch.int64)
 
-        ll = a.ll if PW else 0
-        xw = torch.zeros(xs.numel(), device=dev, dtype=torch.int32) if ll else None  # LL: tagged words
-
         def launch(trace=False):
-            if not ll:  # (LL: cnt holds the epoch, which the kernel moves on)
-                cnt.zero_()
-            args = (flat, xw if ll else xs, ns, bo, ks, woff, xoff, cnt, err, L, P, 1 << 18)
+            cnt.zero_()
+            args = (flat, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
                 ws_kernel[(P,)](*args, *fold_args, *state_args, tr, nst, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW,
                                 EMPTY_COUNT=1, FOLDS=a.folds, HEAD=D_HEAD, STATE=a.state, SH=SH, SK=SK, TRACE=trace,
-                                PF=PF, LL=ll, num_warps=warps)
+                                PF=PF, num_warps=warps)
             else:
                 kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
             err.zero_()
             xs[2048:] = 0
-            if ll:
-                cnt.zero_()
-                xw.zero_()
-                xw[:2048] = xs[:2048].view(torch.int16).to(torch.int32) & 0xFFFF
             s0 = st.clone() if a.state else None
             launch()
             torch.cuda.synchronize()
-            if ll:  # the words' bf16 halves, for the checks below
-                xs.view(torch.int16).copy_(xw.to(torch.int16))
             worst = 0.
             for j in range(LAYERS if a.state else 0):  # the recurrent steps: outputs and new states
                 o, s1 = state_reference(xs, int(stq[4 * j + 1]), s0[j], wf[j], bfb[j])
