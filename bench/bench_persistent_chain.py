@@ -61,7 +61,9 @@ faster, so not kept as options: L2 requests PF tiles ahead of the ring (CONFIGS[
 972 to 1,264 us against 956), and two ways around the release add, removed after 4f55637 ran them:
 each stage's outputs as 32-bit words (bf16 and a tag of the stage and launch) that the next stages
 load until the tags match, no counts (1,097 us), or the same after relaxed counts (1,086 against
-959).
+959); and the weight tiles copied by the TMA unit instead of cp.async (removed after 3b5e783 ran
+it): 985 against 960 us, the release add as long, so the latency is the loaded memory system's,
+not the SM's own copy queue.
 """
 import os
 import sys
@@ -314,7 +316,8 @@ def _kernel():
         pk = pid * 0
         kq, wb = _meta(pl, ks, woff, L)
         for i in gl.static_range(S - 1):
-            pl, pb, pk, kq, wb = _issue_next(ring, i, w, ns, bo, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN, BK)
+            pl, pb, pk, kq, wb = _issue_next(ring, i, w, ns, bo, ks, woff, kq, wb, pl, pb, pk, rr, ck, L, P, pid, BN,
+                                             BK)
         t = pid * 0  # tiles consumed
         for l in range(L):
             n_l = gl.load(ns + l)
@@ -339,8 +342,7 @@ def _kernel():
                 gl.store(xs + yo + b * BN + rr, gl.sum(acc, axis=1).to(xs.dtype.element_ty))
             barrier()  # every thread's stores before the count; and sx free for the next product
             gl.atomic_add(cnt + l + 1, 1, sem="release", scope="gpu")
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after 3.6
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
     @gluon.jit
     def _ws_producer(ring, full, empty, w, ns, bo, ks, woff, L, P, BN: gl.constexpr, BK: gl.constexpr,
@@ -387,7 +389,7 @@ def _kernel():
                      nwb, eps, stl, stq, st, wf, bf, scale, inv_norm, tr, nst, BN: gl.constexpr,
                      BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr,
                      HEAD: gl.constexpr, STATE: gl.constexpr, SH: gl.constexpr, SK: gl.constexpr,
-                     TRACE: gl.constexpr, TMA: gl.constexpr, TB: gl.constexpr):
+                     TRACE: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
         then each tile as its slot's barrier says it landed, the slot released after it is read.
         FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold
@@ -395,11 +397,8 @@ def _kernel():
         stl[l] >= 0, layer stl[l]'s recurrent step (``_state_stage``, from the in-proj's output at
         xs[stq[l]:] into product l's input) comes before product l, a count of its own."""
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
-        LB: gl.constexpr = gl.BlockedLayout([1, TB // 32], [1, 32], [gl.num_warps(), 1], [1, 0])  # TMA: a box
         pid = gl.program_id(0)
         rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LT))
-        if TMA:
-            rr = gl.convert_layout(rr, gl.SliceLayout(1, LB))
         LW: gl.constexpr = SH * SK * HEAD  # a layer's state entries (HEAD: the value head size)
         t = pid * 0
         c = pid * 0  # the stage (product or state step) whose count this program adds to next
@@ -430,25 +429,14 @@ def _kernel():
                 if FOLDS:  # the residual's load in flight during the tiles, not after them
                     b_res = gl.load(xs + gl.maximum(ro, 0) + b * BN + rr, mask=(rr < BN) & (ro >= 0), other=0.,
                                     cache_modifier=".cg").to(gl.float32)
-                if TMA:  # a slot is BK // TB boxes of [BN, TB], each its own [BN, TB] buffer
-                    acc = gl.zeros([BN, TB], gl.float32, LB)
-                    for kt in range(0, gl.cdiv(k_l, BK)):
-                        slot = t % S
-                        mbarrier.wait(full.index(slot), (t // S) & 1)
-                        for jb in gl.static_range(BK // TB):
-                            b_w = ring.index(slot * (BK // TB) + jb).load(LB).to(gl.float32)
-                            acc += b_w * sx.index(kt).slice(jb * TB, TB).load(gl.SliceLayout(0, LB))[None, :]
-                        mbarrier.arrive(empty.index(slot))
-                        t += 1
-                else:
-                    acc = gl.zeros([BN, BK], gl.float32, LT)
-                    for kt in range(0, gl.cdiv(k_l, BK)):
-                        slot = t % S
-                        mbarrier.wait(full.index(slot), (t // S) & 1)
-                        b_w = ring.index(slot).load(LT).to(gl.float32)
-                        mbarrier.arrive(empty.index(slot))
-                        acc += b_w * sx.index(kt).load(gl.SliceLayout(0, LT))[None, :]
-                        t += 1
+                acc = gl.zeros([BN, BK], gl.float32, LT)
+                for kt in range(0, gl.cdiv(k_l, BK)):
+                    slot = t % S
+                    mbarrier.wait(full.index(slot), (t // S) & 1)
+                    b_w = ring.index(slot).load(LT).to(gl.float32)
+                    mbarrier.arrive(empty.index(slot))
+                    acc += b_w * sx.index(kt).load(gl.SliceLayout(0, LT))[None, :]
+                    t += 1
                 b_y = gl.sum(acc, axis=1)
                 if FOLDS:
                     b_y = b_y * r + b_res
@@ -459,66 +447,26 @@ def _kernel():
             c += 1
 
     @gluon.jit
-    def _ws_tma_producer(ring, full, empty, wda, wdb, ns, bo, ks, trow, L, P, BN: gl.constexpr, BK: gl.constexpr,
-                         S: gl.constexpr, TB: gl.constexpr):
-        """``_ws_producer`` with bulk copies (TMA): each tile as BK / TB boxes of [BN, TB] (a box is at
-        most 256 wide), products with K = 2048 from the descriptor wda over their weights stacked,
-        the others (K = 5632) from wdb; trow[l] is product l's first row in its descriptor. The
-        copies go through the TMA unit, not the SM's load path that the multiplying warps' stores,
-        counts and polls take."""
-        pid = gl.program_id(0)
-        pl, pb = _skip(pid * 0, _first(bo, 0, L, pid, P), ns, bo, L, P, pid, BN)
-        pk = pid * 0
-        kq, rb = _meta(pl, ks, trow, L)
-        t = pid * 0
-        while pl < L:
-            slot = t % S
-            mbarrier.wait(empty.index(slot), ((t // S) & 1) ^ 1)  # the first round passes
-            mbarrier.expect(full.index(slot), BN * BK * 2)
-            row = (rb + pb * BN).to(gl.int32)
-            for jb in gl.static_range(BK // TB):
-                col = (pk * BK + jb * TB).to(gl.int32)
-                tma_load(wda, [row, col], full.index(slot), ring.index(slot * (BK // TB) + jb), pred=kq == 2048)
-                tma_load(wdb, [row, col], full.index(slot), ring.index(slot * (BK // TB) + jb), pred=kq != 2048)
-            pl, pb, pk, kq, rb = _advance(pl, pb, pk, kq, rb, ns, bo, ks, trow, L, P, pid, BN, BK)
-            t += 1
-
-    @gluon.jit
     def _chain_ws_kernel(w, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, LIMIT, xin, folds, goff, roff, nwoff, nwb, eps,
-                         stl, stq, st, wf, bf, scale, inv_norm, tr, nst, wda, wdb, trow, BN: gl.constexpr,
-                         BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr,
+                         stl, stq, st, wf, bf, scale, inv_norm, tr, nst, BN: gl.constexpr, BK: gl.constexpr,
+                         S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr,
                          EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr, STATE: gl.constexpr,
-                         SH: gl.constexpr, SK: gl.constexpr, TRACE: gl.constexpr = False, PF: gl.constexpr = 0,
-                         TMA: gl.constexpr = False, TB: gl.constexpr = 256):
+                         SH: gl.constexpr, SK: gl.constexpr, TRACE: gl.constexpr = False, PF: gl.constexpr = 0):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
-        ring slots handed over by per-slot barriers instead of a CTA barrier a tile. TMA: the copies
-        are bulk copies (``_ws_tma_producer``) from the descriptors wda, wdb."""
-        if TMA:
-            ring = gl.allocate_shared_memory(gl.bfloat16, [S * (BK // TB), BN, TB], wda.layout)
-        else:
-            ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
+        ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         # f(x), written as [NX BK / HEAD, HEAD] (``_take_tile_input``), read a K block at a time
         sx = gl.allocate_shared_memory(gl.float32, [NX, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         full = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(S):
-            # TMA: one arrival with the bytes expected; else one asynchronous arrival a copying thread
-            mbarrier.init(full.index(i), count=1 if TMA else 32 * PW)
+            mbarrier.init(full.index(i), count=32 * PW)  # one asynchronous arrival a copying thread
             mbarrier.init(empty.index(i), count=EMPTY_COUNT)
         barrier()
-        # (the consumer's arguments written out in both branches: a jit function cannot be bound to a name here)
-        if TMA:
-            gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin,
-                                                folds, goff, roff, nwoff, nwb, eps, stl, stq, st, wf, bf, scale, inv_norm,
-                                                tr, nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE, TMA, TB)),
-                                (_ws_tma_producer, (ring, full, empty, wda, wdb, ns, bo, ks, trow, L, P, BN, BK, S, TB))],
-                               [PW], [48])
-        else:
-            gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin,
-                                                folds, goff, roff, nwoff, nwb, eps, stl, stq, st, wf, bf, scale, inv_norm,
-                                                tr, nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE, TMA, TB)),
-                                (_ws_producer, (ring, full, empty, w, ns, bo, ks, woff, L, P, BN, BK, S, PF))],
-                               [PW], [48])
+        gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin,
+                                            folds, goff, roff, nwoff, nwb, eps, stl, stq, st, wf, bf, scale, inv_norm,
+                                            tr, nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE)),
+                            (_ws_producer, (ring, full, empty, w, ns, bo, ks, woff, L, P, BN, BK, S, PF))], [PW], [48])
 
     return _chain_kernel, _chain_ws_kernel
 
@@ -648,8 +596,8 @@ def trace_report(tr, kinds):
           "last behind median", flush=True)
     for kind, r in rows.items():
         m = torch.tensor(r).mean(0).tolist()
-        print(f"    {kind:9} {len(r):6}  {m[0]:11.2f}  {m[1]:10.2f}  {m[2]:14.2f} {m[3]:6.2f}  {m[4]:17.2f} {m[5]:5.2f}  "
-              f"{m[6]:18.2f}", flush=True)
+        print(f"    {kind:9} {len(r):6}  {m[0]:11.2f}  {m[1]:10.2f}  {m[2]:14.2f} {m[3]:6.2f}  {m[4]:17.2f} "
+              f"{m[5]:5.2f}  {m[6]:18.2f}", flush=True)
 
 
 def main():
@@ -675,9 +623,6 @@ def main():
     ap.add_argument("--trace", action="store_true",
                     help="after timing a shape, launch it once more with each program's clock read at every stage "
                          "(count seen, work done) and print where a stage's time goes (copying-warp kernel)")
-    ap.add_argument("--tma", action="store_true",
-                    help="copying-warp kernel: the weight tiles copied by the TMA unit (bulk tensor copies, "
-                         "``_ws_tma_producer``) instead of the copying warps' cp.async")
     ap.add_argument("--no-deal", action="store_true",
                     help="every product's row blocks dealt from program 0 (the twelfth session's order), not on "
                          "from where the product before ended")
@@ -756,18 +701,6 @@ def main():
         t = graph_us([lambda: grouped_gemv(x0, [flat.view(-1, 2048)])])
         print(f"the products' weights in one launch: {t:.0f} us ({flat.numel() * 2 / t / 1e3:.0f} GB/s)", flush=True)
     kernel, ws_kernel = _kernel()
-    # --tma: the K = 2048 products' weights stacked in one [rows, 2048] tensor, the K = 5632 ones in
-    # another, each product's first row in its own (the copies' descriptors need one row length)
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    w2048 = torch.cat([w for w in ws if w.shape[1] == 2048])
-    w5632 = torch.cat([w for w in ws if w.shape[1] != 2048])
-    seen = {2048: 0, 5632: 0}
-    trow = []
-    for n, k in shapes:
-        trow.append(seen[k])
-        seen[k] += n
-    trow = torch.tensor(trow, device=dev, dtype=torch.int64)
     nst = L + (LAYERS if a.state else 0)  # stages: the products and the recurrent steps
     cnt = torch.zeros(nst + 1, device=dev, dtype=torch.int32)
     kinds = [k for _ in range(LAYERS) for k in (["in-proj", "state", "o", "gate+up", "down"] if a.state
@@ -792,17 +725,13 @@ def main():
 
         tr = torch.zeros(P, nst, 3, device=dev, dtype=torch.int64)
 
-        box = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-        wda = TensorDescriptor.from_tensor(w2048, [BN, 256], box)
-        wdb = TensorDescriptor.from_tensor(w5632, [BN, 256], box)
-
         def launch(trace=False):
             cnt.zero_()
             args = (flat, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
-                ws_kernel[(P,)](*args, *fold_args, *state_args, tr, nst, wda, wdb, trow, BN=BN, BK=BK, S=S, NX=NX,
-                                WAIT=wait, PW=PW, EMPTY_COUNT=1, FOLDS=a.folds, HEAD=D_HEAD, STATE=a.state, SH=SH, SK=SK,
-                                TRACE=trace, PF=PF, TMA=a.tma, num_warps=warps)
+                ws_kernel[(P,)](*args, *fold_args, *state_args, tr, nst, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW,
+                                EMPTY_COUNT=1, FOLDS=a.folds, HEAD=D_HEAD, STATE=a.state, SH=SH, SK=SK, TRACE=trace,
+                                PF=PF, num_warps=warps)
             else:
                 kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
