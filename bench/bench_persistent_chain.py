@@ -57,8 +57,8 @@ blocks on across products (``--no-deal`` for the old order) gains 3-8 us.
 pass ~3-3.5 us, most of it that program's release add (2.3-3.4 us while the copies stream, 0.6 us
 after a recurrent step, when the ring is full and nothing is in flight); the ring (6 tiles, ~6 us
 of an SM's stream) hides that for a long product, not for the short ones in a row (state, o). Not
-faster, so not kept as options: L2 requests PF tiles ahead of the ring (CONFIGS[46:52], PF 2 to 8:
-972 to 1,264 us against 956), and two ways around the release add, removed after 4f55637 ran them:
+faster: L2 requests PF tiles ahead of the ring (kept, CONFIGS[46:52]; PF 2 to 8: 972 to 1,264 us
+against 956), and, removed after they ran, two ways around the release add (4f55637):
 each stage's outputs as 32-bit words (bf16 and a tag of the stage and launch) that the next stages
 load until the tags match, no counts (1,097 us), or the same after relaxed counts (1,086 against
 959); and the weight tiles copied by the TMA unit instead of cp.async (removed after 3b5e783 ran
