@@ -63,7 +63,8 @@ each stage's outputs as 32-bit words (bf16 and a tag of the stage and launch) th
 load until the tags match, no counts (1,097 us), or the same after relaxed counts (1,086 against
 959); and the weight tiles copied by the TMA unit instead of cp.async (removed after 3b5e783 ran
 it): 985 against 960 us, the release add as long, so the latency is the loaded memory system's,
-not the SM's own copy queue.
+not the SM's own copy queue. ``--split`` (each in-proj as two products, the recurrent step waiting
+for the first only): 975 against 959 us; the step's stage shortens, the extra product costs more.
 """
 import os
 import sys
@@ -217,9 +218,9 @@ def _kernel():
         return gl.load(nwb + no // 8 * 8 + idx, mask=mk & ((fold == 1) | (fold == 2)), other=1.).to(gl.float32)
 
     @gluon.jit
-    def _take_tile_input(sx, xs, xo, k_l, cnt, err, c, P, LIMIT, fold, go, b_nw, eps, tr, nst, R: gl.constexpr,
+    def _take_tile_input(sx, xs, xo, k_l, cnt, err, c, back, P, LIMIT, fold, go, b_nw, eps, tr, nst, R: gl.constexpr,
                          HEAD: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr, TRACE: gl.constexpr):
-        """A product's input f(x) into shared memory, every load issued at once after count c
+        """A product's input f(x) into shared memory, every load issued at once after count c - back
         (x, and the gate or up half, as one [R, HEAD] register tile), the norm weight b_nw
         (``_fold_weight``) already in registers, the norms' sums of squares reduced here from the
         tile (no other program adds them). Folds (``gemv.grouped_gemv``'s): 1 RMSNorm, its weight
@@ -227,8 +228,8 @@ def _kernel():
         reduced after the store); 2 each head's RMSNorm (a tile row a head), weight b_nw, times
         silu(gate), the gate at xs[go:]; 3 silu(x[:K]) * x[K:2K]; 0 x itself. Returns the factor
         (1 for folds other than 1)."""
-        if WAIT and c > 0:
-            _wait_count(cnt, err, c, P, LIMIT)
+        if WAIT and c - back > 0:
+            _wait_count(cnt, err, c - back, P, LIMIT)
         e = _entries(R, HEAD)
         # every input starts on 16 bytes and every K is a multiple of 8: vector loads
         mk = e < k_l // 8 * 8
@@ -262,7 +263,7 @@ def _kernel():
     @gluon.jit
     def _state_stage(xs, qo, ao, st, wf, bf, scale, inv_norm, cnt, err, c, P, LIMIT, tr, nst, H: gl.constexpr,
                      K: gl.constexpr, V: gl.constexpr, BV: gl.constexpr, R: gl.constexpr, WAIT: gl.constexpr,
-                     TRACE: gl.constexpr):
+                     TRACE: gl.constexpr, SPLIT: gl.constexpr):
         """A GLA layer's recurrent step (the library's ``fused_recurrent_gated_step_`` without the
         refining gate or key map): this program's [K, BV] tile of head h's state, the gate
         log_sigmoid(wf r + bf) * inv_norm of the low-rank factor r at xs[qo + 2HK + 2HV:], then
@@ -270,7 +271,9 @@ def _kernel():
         in-proj's output at xs[qo:]. The state tile and the gate's weights are read before the
         count's wait (the state was written a step ago); one tile a program (H V / BV programs).
         Returns where the new state tile goes, the tile and whether this program has one: the caller
-        stores it after its count (nothing in this step reads it)."""
+        stores it after its count (nothing in this step reads it). SPLIT: the in-proj is two
+        products, this step's inputs (q, k, v, r) the first's output, waited for as count c - 1
+        (the second, the output gate, is done by then or in flight)."""
         LS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [gl.num_warps(), 1], [1, 0])
         gl.static_assert(BV == 16, "a [K, 16] tile: 4 lanes of 4 columns")
         gl.static_assert(R == 16, "the gate's rank read on the tile's columns")
@@ -287,11 +290,11 @@ def _kernel():
         b_b = gl.load(bf + h * K + kk).to(gl.float32)
         qo = qo // 8 * 8
         if WAIT:
-            _wait_count(cnt, err, c, P, LIMIT)
+            _wait_count(cnt, err, c - (1 if SPLIT else 0), P, LIMIT)
         b_q = gl.load(xs + qo + h * K + kk, cache_modifier=".cg").to(gl.float32)
         b_k = gl.load(xs + qo + H * K + h * K + kk, cache_modifier=".cg").to(gl.float32)
         b_v = gl.load(xs + qo + 2 * H * K + h * V + j * BV + vv, cache_modifier=".cg").to(gl.float32)
-        b_r = gl.load(xs + qo + 2 * H * K + 2 * H * V + vv, cache_modifier=".cg").to(gl.float32)
+        b_r = gl.load(xs + qo + 2 * H * K + (1 if SPLIT else 2) * H * V + vv, cache_modifier=".cg").to(gl.float32)
         _stamp(tr, c, 0, nst, TRACE)
         b_g = _log_sigmoid(gl.sum(b_w * b_r[None, :], axis=1) + b_b) * inv_norm
         b_s = gl.exp(b_g)[:, None] * b_s + b_k[:, None] * b_v[None, :]
@@ -389,13 +392,15 @@ def _kernel():
                      nwb, eps, stl, stq, st, wf, bf, scale, inv_norm, tr, nst, BN: gl.constexpr,
                      BK: gl.constexpr, S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, FOLDS: gl.constexpr,
                      HEAD: gl.constexpr, STATE: gl.constexpr, SH: gl.constexpr, SK: gl.constexpr,
-                     TRACE: gl.constexpr):
+                     TRACE: gl.constexpr, SPLIT: gl.constexpr):
         """The multiplying warps: per product, wait for its input (the count), x into shared memory,
         then each tile as its slot's barrier says it landed, the slot released after it is read.
         FOLDS: product l reads xs[xin[l]:] (not the product before's output) with folds[l]'s fold
         (``_take_tile_input``) and adds the residual xs[roff[l]:] where roff[l] >= 0. STATE: where
         stl[l] >= 0, layer stl[l]'s recurrent step (``_state_stage``, from the in-proj's output at
-        xs[stq[l]:] into product l's input) comes before product l, a count of its own."""
+        xs[stq[l]:] into product l's input) comes before product l, a count of its own. SPLIT: five
+        products a layer (``layer_kinds``); the second waits on the count the first waited on (its
+        input is the first's, already complete)."""
         LT: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
         pid = gl.program_id(0)
         rr = gl.arange(0, BN, layout=gl.SliceLayout(1, LT))
@@ -415,14 +420,16 @@ def _kernel():
                 if sl >= 0:
                     ps, b_s, has = _state_stage(xs, gl.load(stq + l), xo, st + sl.to(gl.int64) * LW,
                                                 wf + sl * (SH * SK * 16), bf + sl * (SH * SK), scale, inv_norm, cnt,
-                                                err, c, P, LIMIT, tr, nst, SH, SK, HEAD, 16, 16, WAIT, TRACE)
+                                                err, c, P, LIMIT, tr, nst, SH, SK, HEAD, 16, 16, WAIT, TRACE, SPLIT)
                     barrier()  # every thread's stores of o before the count
                     _stamp(tr, c, 1, nst, TRACE)
                     _count_done(cnt, tr, c, nst, TRACE)
                     gl.store(ps, b_s, mask=has)
                     c += 1
             b_nw = _fold_weight(nwb, gl.load(nwoff + l), fold, k_l, NX * BK // HEAD, HEAD)
-            r = _take_tile_input(sx, xs, xo, k_l, cnt, err, c, P, LIMIT, fold, gl.load(goff + l), b_nw, eps, tr,
+            # SPLIT: a layer's second product (in-proj B) waits on the count the first waited on
+            back = ((l % 5 == 1) & (l < L - 1)).to(gl.int32) if SPLIT else 0
+            r = _take_tile_input(sx, xs, xo, k_l, cnt, err, c, back, P, LIMIT, fold, gl.load(goff + l), b_nw, eps, tr,
                                  nst, NX * BK // HEAD, HEAD, WAIT, FOLDS, TRACE)
             barrier()
             for b in range((pid + P - bo_l) % P, gl.cdiv(n_l, BN), P):  # ``_first``
@@ -451,7 +458,8 @@ def _kernel():
                          stl, stq, st, wf, bf, scale, inv_norm, tr, nst, BN: gl.constexpr, BK: gl.constexpr,
                          S: gl.constexpr, NX: gl.constexpr, WAIT: gl.constexpr, PW: gl.constexpr,
                          EMPTY_COUNT: gl.constexpr, FOLDS: gl.constexpr, HEAD: gl.constexpr, STATE: gl.constexpr,
-                         SH: gl.constexpr, SK: gl.constexpr, TRACE: gl.constexpr = False, PF: gl.constexpr = 0):
+                         SH: gl.constexpr, SK: gl.constexpr, TRACE: gl.constexpr = False, PF: gl.constexpr = 0,
+                         SPLIT: gl.constexpr = False):
         """``_chain_kernel`` with the copies in their own warps (PW of them, ``warp_specialize``),
         ring slots handed over by per-slot barriers instead of a CTA barrier a tile."""
         ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, BN, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -465,7 +473,7 @@ def _kernel():
         barrier()
         gl.warp_specialize([(_ws_consumer, (ring, full, empty, sx, xs, ns, bo, ks, xoff, cnt, err, L, P, LIMIT, xin,
                                             folds, goff, roff, nwoff, nwb, eps, stl, stq, st, wf, bf, scale, inv_norm,
-                                            tr, nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE)),
+                                            tr, nst, BN, BK, S, NX, WAIT, FOLDS, HEAD, STATE, SH, SK, TRACE, SPLIT)),
                             (_ws_producer, (ring, full, empty, w, ns, bo, ks, woff, L, P, BN, BK, S, PF))], [PW], [48])
 
     return _chain_kernel, _chain_ws_kernel
@@ -505,10 +513,11 @@ SH, SK, SR = 4, 256, 16  # --state: the GLA 1.3B shape's heads, key head size an
 GATE_NORMALIZER = 16.
 
 
-def state_reference(xs, qo, s0, wf, bfb):
-    """A GLA layer's recurrent step in float32 from the in-proj's output at xs[qo:] and the state s0
+def state_reference(xs, qo, s0, wf, bfb, split=False):
+    """A GLA layer's recurrent step in float32 from the in-proj's output at xs[qo:] (q, k, v, the
+    output gate, the gate's low-rank factor; split: without the output gate) and the state s0
     [SH, SK, D_HEAD]: (o [SH * D_HEAD], the new state)."""
-    x = xs[qo:qo + 2 * SH * SK + 2 * SH * D_HEAD + SR].float()
+    x = xs[qo:qo + 2 * SH * SK + (1 if split else 2) * SH * D_HEAD + SR].float()
     q, k = x[:SH * SK].view(SH, SK), x[SH * SK:2 * SH * SK].view(SH, SK)
     v = x[2 * SH * SK:2 * SH * SK + SH * D_HEAD].view(SH, D_HEAD)
     g = torch.nn.functional.logsigmoid(wf.float() @ x[-SR:] + bfb.float()).view(SH, SK) / GATE_NORMALIZER
@@ -516,31 +525,44 @@ def state_reference(xs, qo, s0, wf, bfb):
     return torch.einsum("hk,hkv->hv", q * SK ** -0.5, s).flatten(), s
 
 
-def folded_chain(shapes, xoff, dev, aoff=None):
+def layer_kinds(split):
+    """A layer's products in order (split: the in-proj as q, k, v and the gate's factor, then the
+    output gate, a product of its own)."""
+    return ["in-proj A", "in-proj B", "o", "gate+up", "down"] if split else ["in-proj", "o", "gate+up", "down"]
+
+
+def folded_chain(shapes, xoff, dev, aoff=None, split=False):
     """The folds of a decode step (bench_gemv.py's): per layer, in-proj of RMSNorm(h); o of the
     per-head RMSNorm of its output's first 2048 entries (or, given aoff, of layer j's recurrent
-    step's output at xs[aoff[j]:]) times silu(its entries 4096:6144), plus h; gate+up of RMSNorm(h');
-    down of silu(gate) * up, plus h'; then the head of RMSNorm(h''). Returns per product the input
-    offset into xs, the fold code (``_take_tile_input``), the gate and residual offsets (-1: none)
-    and the norm weight's offset into the norm weights returned last."""
+    step's output at xs[aoff[j]:]) times silu(its entries 4096:6144; split: the second in-proj's
+    output), plus h; gate+up of RMSNorm(h'); down of silu(gate) * up, plus h'; then the head of
+    RMSNorm(h''). Returns per product the input offset into xs, the fold code
+    (``_take_tile_input``), the gate and residual offsets (-1: none) and the norm weight's offset
+    into the norm weights returned last."""
     yout = [int(v) for v in xoff[1:]]
     xin, folds, goff, roff, nwoff, nws = [], [], [], [], [], []
+    kinds = layer_kinds(split)
 
     def weight(n):
         nws.append(torch.rand(n, device=dev) + 0.5)
         return sum(w.numel() for w in nws[:-1])
     for p in range(len(shapes) - 1):
-        kind = p % 4
-        if kind == 0:    # in-proj: the residual stream, normed
+        kind, j = kinds[p % len(kinds)], p // len(kinds)
+        if kind in ("in-proj", "in-proj A"):  # the residual stream, normed
             xin.append(0 if p == 0 else yout[p - 1])
             folds.append(1), goff.append(0), roff.append(-1), nwoff.append(weight(2048))
-        elif kind == 1:  # o: the head norm and gate; the residual stream added
-            xin.append(yout[p - 1] if aoff is None else aoff[p // 4])
-            folds.append(2), goff.append(yout[p - 1] + 4096), roff.append(xin[p - 1]), nwoff.append(weight(D_HEAD))
-        elif kind == 2:  # gate + up: the residual stream, normed
+        elif kind == "in-proj B":  # the same input and norm
+            xin.append(xin[p - 1])
+            folds.append(1), goff.append(0), roff.append(-1), nwoff.append(nwoff[p - 1])
+        elif kind == "o":  # the head norm and gate; the residual stream added
+            first = p - (2 if split else 1)  # the layer's (first) in-proj
+            xin.append(yout[first] if aoff is None else aoff[j])
+            folds.append(2), goff.append(yout[p - 1] if split else yout[p - 1] + 4096), roff.append(xin[first])
+            nwoff.append(weight(D_HEAD))
+        elif kind == "gate+up":  # the residual stream, normed
             xin.append(yout[p - 1])
             folds.append(1), goff.append(0), roff.append(-1), nwoff.append(weight(2048))
-        else:            # down: silu(gate) * up; the residual stream added
+        else:  # down: silu(gate) * up; the residual stream added
             xin.append(yout[p - 1])
             folds.append(3), goff.append(0), roff.append(yout[p - 2]), nwoff.append(0)
     xin.append(yout[-2])
@@ -623,17 +645,28 @@ def main():
     ap.add_argument("--trace", action="store_true",
                     help="after timing a shape, launch it once more with each program's clock read at every stage "
                          "(count seen, work done) and print where a stage's time goes (copying-warp kernel)")
+    ap.add_argument("--split", action="store_true",
+                    help="with --state, each in-proj as two products: q, k, v and the gate's factor (what the "
+                         "recurrent step reads), then the output gate, which the programs compute while that step's "
+                         "count travels (the step waits for the first product only)")
     ap.add_argument("--no-deal", action="store_true",
                     help="every product's row blocks dealt from program 0 (the twelfth session's order), not on "
                          "from where the product before ended")
     a = ap.parse_args()
     if a.state and not a.folds:
         ap.error("--state needs --folds (the o projection's input is the step's output, head-normed and gated)")
+    if a.split and not a.state:
+        ap.error("--split needs --state (it moves work between the in-proj and the recurrent step)")
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    shapes = STEP * LAYERS + [HEAD]
+    step = STEP if not a.split else [(STEP[0][0] - 2048, 2048), (2048, 2048)] + STEP[1:]
+    shapes = step * LAYERS + [HEAD]
     L = len(shapes)
+    NP = len(step)  # products a layer
     ws = [torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5 for n, k in shapes]
+    # the library's products: with --split, each layer's in-proj as one [q, k, v, output gate, factor]
+    lib_ws = ws if not a.split else [w for j in range(LAYERS) for w in (
+        torch.cat([ws[NP * j][:4096], ws[NP * j + 1], ws[NP * j][4096:]]), *ws[NP * j + 2:NP * j + 5])] + [ws[-1]]
     flat = torch.cat([w.flatten() for w in ws])
     woff = torch.tensor([0] + [n * k for n, k in shapes[:-1]], device=dev).cumsum(0)
     xoff = torch.tensor([0, 2048] + [n for n, _ in shapes[:-1]], device=dev).cumsum(0)
@@ -646,21 +679,24 @@ def main():
     xs[:2048] = torch.randn(2048, device=dev, dtype=bf)
     nbytes = sum(n * k * 2 for n, k in shapes)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    meta = folded_chain(shapes, xoff, dev, aoff) if a.folds else None
+    meta = folded_chain(shapes, xoff, dev, aoff, a.split) if a.folds else None
     if a.state:  # fp32 states, read and written once a step; the gates' second low-rank factors
         st = torch.randn(LAYERS, SH, SK, D_HEAD, device=dev) * 0.1
         wf = (torch.randn(LAYERS, SH * SK, SR, device=dev) / SR ** 0.5).to(bf)
         bfb = torch.randn(LAYERS, SH * SK, device=dev).to(bf)
         st_lib = st.clone()
-        stl = torch.tensor([p // 4 if p % 4 == 1 and p < L - 1 else -1 for p in range(L)], device=dev,
+        o_at = NP - 3  # the o product's place in a layer; the recurrent step comes before it
+        stl = torch.tensor([p // NP if p % NP == o_at and p < L - 1 else -1 for p in range(L)], device=dev,
                            dtype=torch.int32)
-        stq = xoff[:L].clone()  # product p's input offset: where p % 4 == 1, the in-proj's output
+        stq = xoff[torch.arange(L, device=dev) - (1 if a.split else 0)].clone()  # at o: the (first) in-proj's output
         state_args = (stl, stq, st, wf, bfb, SK ** -0.5, 1 / GATE_NORMALIZER)
         nbytes += 2 * st.numel() * 4 + wf.numel() * 2
     else:
         state_args = (ns, xoff, xs.new_zeros(1, dtype=torch.float32), xs, xs, 1., 1.)
     nw = ([meta[5][o:o + (D_HEAD if f == 2 else 2048)] for o, f in zip(meta[4].tolist(), meta[1].tolist())]
           if a.folds else None)  # the library's norm weights, before any ablation
+    if a.split:  # (in-proj B shares in-proj A's norm)
+        nw = [w for p, w in enumerate(nw) if p == L - 1 or p % NP != 1]
     if a.folds and a.fold_kinds is not None:  # an ablation: the library's baseline keeps every fold
         keep = torch.tensor(a.fold_kinds, device=dev, dtype=torch.int32)
         meta = (meta[0], torch.where(torch.isin(meta[1], keep), meta[1], 0)) + meta[2:]
@@ -674,7 +710,7 @@ def main():
 
     def library():
         x = x0
-        for w in ws:
+        for w in lib_ws:
             x = grouped_gemv(x[:, :w.shape[1]], [w])
         return x
 
@@ -682,7 +718,7 @@ def main():
         h = x0
         for j in range(LAYERS):
             p = 4 * j
-            o1 = grouped_gemv(h, [ws[p]], nw[p])
+            o1 = grouped_gemv(h, [lib_ws[p]], nw[p])
             att = o1[:, :2048]
             if a.state:
                 qk = SH * SK
@@ -690,21 +726,22 @@ def main():
                     o1[:, :qk].view(1, SH, SK), o1[:, qk:2 * qk].view(1, SH, SK),
                     o1[:, 2 * qk:2 * qk + SH * D_HEAD].view(1, SH, D_HEAD), o1[:, -SR:], wf[j], bfb[j],
                     st_lib[j].unsqueeze(0), SK ** -0.5, GATE_NORMALIZER).view(1, -1)
-            o2 = grouped_gemv(att, [ws[p + 1]], nw[p + 1], residual=h, head_dim=D_HEAD, gate=o1[:, 4096:6144])
-            o3 = grouped_gemv(o2, [ws[p + 2]], nw[p + 2])
-            h = grouped_gemv(o3, [ws[p + 3]], glu=True, residual=o2)
-        return grouped_gemv(h, [ws[-1]], nw[-1])
+            o2 = grouped_gemv(att, [lib_ws[p + 1]], nw[p + 1], residual=h, head_dim=D_HEAD, gate=o1[:, 4096:6144])
+            o3 = grouped_gemv(o2, [lib_ws[p + 2]], nw[p + 2])
+            h = grouped_gemv(o3, [lib_ws[p + 3]], glu=True, residual=o2)
+        return grouped_gemv(h, [lib_ws[-1]], nw[-1])
     if not a.no_baselines:
         t = graph_us([library_folded if a.folds else library])
-        print(f"library, {L + (LAYERS if a.state else 0)} launches (PDL): {t:.0f} us ({nbytes / t / 1e3:.0f} GB/s)",
-              flush=True)
+        print(f"library, {len(lib_ws) + (LAYERS if a.state else 0)} launches (PDL): {t:.0f} us "
+              f"({nbytes / t / 1e3:.0f} GB/s)", flush=True)
         t = graph_us([lambda: grouped_gemv(x0, [flat.view(-1, 2048)])])
         print(f"the products' weights in one launch: {t:.0f} us ({flat.numel() * 2 / t / 1e3:.0f} GB/s)", flush=True)
     kernel, ws_kernel = _kernel()
     nst = L + (LAYERS if a.state else 0)  # stages: the products and the recurrent steps
     cnt = torch.zeros(nst + 1, device=dev, dtype=torch.int32)
-    kinds = [k for _ in range(LAYERS) for k in (["in-proj", "state", "o", "gate+up", "down"] if a.state
-                                                 else ["in-proj", "o", "gate+up", "down"])] + ["head"]
+    kinds = [k for _ in range(LAYERS) for k in layer_kinds(a.split)] + ["head"]
+    if a.state:  # the recurrent step before each o
+        kinds = [k for kind in kinds for k in (["state", kind] if kind == "o" else [kind])]
     err = torch.zeros(1, device=dev, dtype=torch.int32)
     fold_args = meta[:5] + (meta[5], 1e-6) if a.folds else (xoff, ns, xoff, xoff, xoff, xs, 1e-6)
     for index in a.configs if a.configs is not None else range(len(CONFIGS)):
@@ -729,9 +766,9 @@ def main():
             cnt.zero_()
             args = (flat, xs, ns, bo, ks, woff, xoff, cnt, err, L, P, 1 << 18)
             if PW:  # the slots' barriers: one asynchronous arrival a copying thread; one a release
-                ws_kernel[(P,)](*args, *fold_args, *state_args, tr, nst, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, PW=PW,
-                                EMPTY_COUNT=1, FOLDS=a.folds, HEAD=D_HEAD, STATE=a.state, SH=SH, SK=SK, TRACE=trace,
-                                PF=PF, num_warps=warps)
+                ws_kernel[(P,)](*args, *fold_args, *state_args, tr, nst, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait,
+                                PW=PW, EMPTY_COUNT=1, FOLDS=a.folds, HEAD=D_HEAD, STATE=a.state, SH=SH, SK=SK,
+                                TRACE=trace, PF=PF, SPLIT=a.split, num_warps=warps)
             else:
                 kernel[(P,)](*args, BN=BN, BK=BK, S=S, NX=NX, WAIT=wait, num_warps=warps)
         try:
@@ -742,7 +779,7 @@ def main():
             torch.cuda.synchronize()
             worst = 0.
             for j in range(LAYERS if a.state else 0):  # the recurrent steps: outputs and new states
-                o, s1 = state_reference(xs, int(stq[4 * j + 1]), s0[j], wf[j], bfb[j])
+                o, s1 = state_reference(xs, int(stq[NP * j + NP - 3]), s0[j], wf[j], bfb[j], a.split)
                 y = xs[aoff[j]:aoff[j] + o.numel()].float()
                 worst = max(worst, float((y - o.to(bf).float()).norm() / o.norm()),
                             float((st[j] - s1).norm() / s1.norm()))
