@@ -644,7 +644,8 @@ def main():
                          "(fused_recurrent_gated_step_): a whole decode step but the embedding and the sampling")
     ap.add_argument("--trace", action="store_true",
                     help="after timing a shape, launch it once more with each program's clock read at every stage "
-                         "(count seen, work done) and print where a stage's time goes (copying-warp kernel)")
+                         "(count seen, work done, release add returned; the last makes each program wait for its "
+                         "add) and print where a stage's time goes (copying-warp kernel)")
     ap.add_argument("--split", action="store_true",
                     help="with --state, each in-proj as two products: q, k, v and the gate's factor (what the "
                          "recurrent step reads), then the output gate, which the programs compute while that step's "
