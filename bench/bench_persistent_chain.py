@@ -21,9 +21,10 @@ and ``_chain_ws_kernel``, where PW warps of their own copy (``warp_specialize``)
 barriers hand the slots over (the copies' completion fills a slot, the multiplying warps' release
 empties it). Written in Gluon (Triton's lower-level dialect: explicit shared memory and
 cp.async); GPU only (Hopper), it does not run in Triton's interpreter. Each launch shape is
-checked product by product against float32 products of the kernel's own inputs before it is
-timed; a count that never arrives (programs not all resident) ends its wait after a bounded
-number of polls and is reported. The slot barriers have no such bound: run new shapes of the
+checked product by product (and with --state each recurrent step) against float64 references
+from the kernel's own inputs (the folds and the step by regla.spec) before it is timed; a count
+that never arrives (programs not all resident) ends its wait after a bounded number of polls and
+is reported. The slot barriers have no such bound: run new shapes of the
 second kernel under ``timeout``. ``WAIT=False`` shapes drop the data dependency (no count waited
 on: the outputs are wrong, the time is the weight stream's alone).
 
@@ -513,16 +514,23 @@ SH, SK, SR = 4, 256, 16  # --state: the GLA 1.3B shape's heads, key head size an
 GATE_NORMALIZER = 16.
 
 
+def _f64(t):
+    """A torch tensor as float64 numpy, for regla.spec."""
+    return t.detach().double().cpu().numpy()
+
+
 def state_reference(xs, qo, s0, wf, bfb, split=False):
-    """A GLA layer's recurrent step in float32 from the in-proj's output at xs[qo:] (q, k, v, the
-    output gate, the gate's low-rank factor; split: without the output gate) and the state s0
-    [SH, SK, D_HEAD]: (o [SH * D_HEAD], the new state)."""
-    x = xs[qo:qo + 2 * SH * SK + (1 if split else 2) * SH * D_HEAD + SR].float()
-    q, k = x[:SH * SK].view(SH, SK), x[SH * SK:2 * SH * SK].view(SH, SK)
-    v = x[2 * SH * SK:2 * SH * SK + SH * D_HEAD].view(SH, D_HEAD)
-    g = torch.nn.functional.logsigmoid(wf.float() @ x[-SR:] + bfb.float()).view(SH, SK) / GATE_NORMALIZER
-    s = g.exp()[..., None] * s0 + k[..., None] * v[:, None, :]
-    return torch.einsum("hk,hkv->hv", q * SK ** -0.5, s).flatten(), s
+    """A GLA layer's recurrent step by regla.spec (float64: ``logsigmoid`` of the low-rank gate,
+    ``recurrent_gla``) from the in-proj's output at xs[qo:] (q, k, v, the output gate, the gate's
+    low-rank factor; split: without the output gate) and the state s0 [SH, SK, D_HEAD]:
+    (o [SH * D_HEAD], the new state), float32 on xs's device."""
+    from regla import spec
+    x = _f64(xs[qo:qo + 2 * SH * SK + (1 if split else 2) * SH * D_HEAD + SR])
+    q, k = x[:SH * SK].reshape(SH, SK), x[SH * SK:2 * SH * SK].reshape(SH, SK)
+    v = x[2 * SH * SK:2 * SH * SK + SH * D_HEAD].reshape(SH, D_HEAD)
+    g = spec.logsigmoid(spec.linear(x[-SR:], _f64(wf), _f64(bfb))).reshape(SH, SK) / GATE_NORMALIZER
+    o, s = spec.recurrent_gla(q[None, None], k[None, None], v[None, None], g[None, None], SK ** -0.5, _f64(s0)[None])
+    return (torch.from_numpy(o).flatten().float().to(xs.device), torch.from_numpy(s[0]).float().to(xs.device))
 
 
 def layer_kinds(split):
@@ -573,26 +581,24 @@ def folded_chain(shapes, xoff, dev, aoff=None, split=False):
 
 
 def folded_reference(w, xs, p, k, n, meta, eps=1e-6):
-    """Product p of the folded chain in float32 from the kernel's own inputs in xs."""
+    """Product p of the folded chain from the kernel's own inputs in xs: the fold by regla.spec
+    (``rms_norm``, ``silu``; float64), the product and residual in float64 on xs's device; float32."""
+    from regla import spec
     xin, fold, goff, roff, nwoff, nwb = (int(meta[i][p]) if i < 5 else meta[i] for i in range(6))
-    if fold == 0:
-        f = xs[xin:xin + k].float()
+    x = _f64(xs[xin:xin + k])
+    if fold == 1:
+        f = spec.rms_norm(x, _f64(nwb[nwoff:nwoff + k]), eps)
+    elif fold == 2:  # each D_HEAD-wide head normed, times silu(gate)
+        f = (spec.rms_norm(x.reshape(-1, D_HEAD), _f64(nwb[nwoff:nwoff + D_HEAD]), eps).flatten()
+             * spec.silu(_f64(xs[goff:goff + k])))
     elif fold == 3:
-        a, b = xs[xin:xin + k].float(), xs[xin + k:xin + 2 * k].float()
-        f = torch.nn.functional.silu(a) * b
+        f = spec.silu(x) * _f64(xs[xin + k:xin + 2 * k])
     else:
-        x = xs[xin:xin + k].float()
-        if fold == 1:
-            f = x * nwb[nwoff:nwoff + k].float() * torch.rsqrt(x.pow(2).mean() + eps)
-        else:
-            h = x.view(-1, D_HEAD)
-            g = xs[goff:goff + k].float()
-            f = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * nwb[nwoff:nwoff + D_HEAD].float()).flatten()
-            f = f * torch.nn.functional.silu(g)
-    y = w.float() @ f
+        f = x
+    y = w.double() @ torch.from_numpy(f).to(w.device)
     if roff >= 0:
-        y = y + xs[roff:roff + n].float()
-    return y
+        y = y + xs[roff:roff + n].double()
+    return y.float()
 
 
 def trace_report(tr, kinds):
@@ -789,8 +795,8 @@ def main():
                 if a.folds:
                     r = folded_reference(w, xs, i, k, n, meta).to(bf).float()
                 else:
-                    x = xs[int(xoff[i]):int(xoff[i]) + k].float()
-                    r = (w.float() @ x).to(bf).float()
+                    x = xs[int(xoff[i]):int(xoff[i]) + k].double()
+                    r = (w.double() @ x).to(bf).float()
                 worst = max(worst, float((y - r).norm() / r.norm()))
             if not wait:  # no data dependency kept: the outputs are not the products
                 worst = float("nan")
