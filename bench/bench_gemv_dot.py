@@ -78,9 +78,10 @@ def _smem_kernel():
     memory): each program copies its whole [BN, K] weight block into shared memory (cp.async)
     before the grid dependency wait, so those reads are in flight while the kernel before
     finishes, then multiplies from shared memory. None where this Triton has no Gluon."""
-    if _gluon() is None:
+    g = _gluon()
+    if g is None:
         return None
-    gluon, gl, cp, async_load = _gluon()
+    gluon, gl, cp, async_load = g
 
     @gluon.jit
     def _gemv_smem_kernel(x, w, y, N, K, BN: gl.constexpr, BK: gl.constexpr, NK: gl.constexpr):
@@ -116,9 +117,10 @@ def _smem_folds_kernel():
     fp32 divisions in the sigmoids); here f(x) is computed once a program, spread over all its
     threads, into shared memory, which the product loop reads. Written 2026-12-04 after the
     device time was spent; run the next session (the module docstring gives the result)."""
-    if _gluon() is None:
+    g = _gluon()
+    if g is None:
         return None
-    gluon, gl, cp, async_load = _gluon()
+    gluon, gl, cp, async_load = g
 
     @gluon.jit
     def _sigmoid(x):
