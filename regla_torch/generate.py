@@ -52,6 +52,57 @@ def _compiled_decode():
     return _COMPILED[0]
 
 
+def persistent_step(model, cache):
+    """The model's whole batch-1 decode step as one persistent kernel
+    (``ops.triton.persistent_step.PersistentStep``), built on first use and kept on the model
+    (it holds a second, repacked copy of the weights); None where it does not apply: not a
+    Hopper GPU, a layer other than regla/gla, short convolutions, grouped key heads, a map other
+    than identity or safe-exp, a head norm other than RMSNorm, no output gate, a full-rank gate,
+    a shape the kernel does not take, or ``REGLA_PERSISTENT=0`` (the per-layer launches)."""
+    import os
+
+    import torch
+
+    from .model import LinearAttention
+    from .ops.triton import persistent_step as ps
+
+    if os.environ.get("REGLA_PERSISTENT", "1") == "0":
+        return None
+    built = getattr(model, "_persistent_step", None)
+    if built is not None:
+        return built or None
+    a = model.config.args
+    blocks = model.model.layers
+    p = next(model.parameters())
+    ok = (ps.available(p.device) and p.dtype in (torch.bfloat16, torch.float16)
+          and all(isinstance(b.attn, LinearAttention) for b in blocks) and not a.use_short_conv
+          and a.num_kv_groups == 1 and a.feature_map in ("identity", "safe_exp") and a.attn_norm == "rmsnorm"
+          and a.use_output_gate and a.gate_low_rank_dim > 0
+          and not ps.StepShape(a.hidden_size, a.num_heads, a.head_k_dim, a.head_v_dim, a.gate_low_rank_dim,
+                               a.use_refining_gate, a.mlp_dim, a.vocab_size, len(blocks),
+                               torch.cuda.get_device_properties(p.device).multi_processor_count).problems())
+    step = None
+    if ok:
+        layers = []
+        for b in blocks:
+            at = b.attn
+            ly = dict(q=at.q_proj.weight, k=at.k_proj.weight, v=at.v_proj.weight, out_gate=at.g_proj.weight,
+                      gate_f=at.gk_proj[0].weight, gate_f2=at.gk_proj[1].weight, gate_f_bias=at.gk_proj[1].bias,
+                      o=at.o_proj.weight, head_norm=getattr(at, a.norm_name).weight, attn_norm=b.attn_norm.weight,
+                      mlp_norm=b.mlp_norm.weight, mlp_gate=b.mlp.gate_proj.weight, mlp_up=b.mlp.up_proj.weight,
+                      mlp_down=b.mlp.down_proj.weight)
+            if a.use_refining_gate:
+                ly.update(gate_r=at.gr_proj[0].weight, gate_r2=at.gr_proj[1].weight, gate_r_bias=at.gr_proj[1].bias)
+            layers.append({k: v.detach() for k, v in ly.items() if v is not None} | {"head_norm": ly["head_norm"]})
+        math = dict(eps=a.norm_eps, scale=a.scale, gate_logit_normalizer=a.gate_logit_normalizer,
+                    clamp_min=a.clamp_min, safe_exp=a.feature_map == "safe_exp")
+        with torch.no_grad():
+            step = ps.PersistentStep(layers, model.model.embeddings.weight.detach(), model.head_weight().detach(),
+                                     model.model.norm.weight.detach(), a.num_heads, math)
+    model._persistent_step = step or False
+    return step
+
+
 class GraphStep:
     """The model's one-token decode step, compiled and captured once as a CUDA graph, then
     replayed per token.
@@ -73,7 +124,9 @@ class GraphStep:
         device = next(model.parameters()).device
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.states = [tuple(st) for st in cache.states]
-        self.forward = _compiled_decode() if compile else _decode
+        # at batch 1, the whole step as one kernel where the model allows it (``persistent_step``)
+        self.persistent = persistent_step(model, cache) if batch_size == 1 else None
+        self.forward = _compiled_decode() if compile and self.persistent is None else _decode
         saved = [tuple(None if x is None else x.clone() for x in st) for st in self.states]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -100,6 +153,8 @@ class GraphStep:
     def _step(self):
         import torch
 
+        if self.persistent is not None:  # the states in place
+            return self.persistent(self.ids, self.states)
         with torch.no_grad():
             logits, new = self.forward(self.model, self.ids, self.states)
         for old, st in zip(self.states, new):

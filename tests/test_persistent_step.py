@@ -1,0 +1,123 @@
+"""The whole-step persistent decode kernel (regla_torch.ops.triton.persistent_step).
+
+Its packing (which program streams which weight rows, in which order) is checked here on any
+machine; the kernel itself is Gluon, which has no interpreter mode, so it runs only on a Hopper
+GPU (the device machine): there a regla and a gla model's decode steps through it are compared
+with the same model run in float64 on the CPU (regla's plain torch path, which tests/test_spec.py
+holds to regla.spec), from the same state, with weak gates and with log gates down to -1e4."""
+import numpy as np
+import pytest
+import torch
+
+from regla import spec
+from regla_torch.ops.triton.persistent_step import StepShape
+
+
+@pytest.mark.parametrize("refine", [False, True])
+@pytest.mark.parametrize("programs", [132, 80])
+def test_every_weight_row_streamed_once_in_stage_order(refine, programs):
+    sh = StepShape(2048, 4, 256, 512, 16, refine, 5632, 32000, 3, programs) if programs == 132 else \
+        StepShape(1024, 4, 128, 256, 12, refine, 2816, 1000, 2, programs)
+    assert not sh.problems()
+    idx, rows, start, a0, na, h0 = sh.layout()
+    per_layer = 2 * sh.h * sh.dk + 2 * sh.h * sh.dv + (sh.a_rows - 2 * sh.h * sh.dk) + sh.h * sh.dv + 3 * sh.inner
+    total = sh.layers * per_layer + sh.vocab
+    assert torch.equal(torch.sort(idx).values, torch.arange(total))  # each row once
+    assert rows.shape == (programs, sh.blocks) and int(rows.max()) <= 16
+    assert torch.equal(start[1:], torch.cumsum(rows.sum(1).long(), 0)[:-1]) and int(start[0]) == 0
+    # stage A's rows split over the programs in order, each program's run as its table says
+    assert int(na.sum()) == sh.a_rows and torch.equal(a0[1:].long(), torch.cumsum(na.long(), 0)[:-1])
+    per = sh.layers * (4 + 3 * sh.nsub)
+    for p in range(programs):
+        r = rows[p].numpy()
+        run = idx[int(start[p]):int(start[p]) + int(r.sum())].numpy()
+        assert r[0] == na[p]
+        assert list(r[1:4]) == ([16, 16, 16] if p < sh.slices else [0, 0, 0])
+        b = int(r[0])  # the v rows of this program's slice come right after its A rows
+        if p < sh.slices:
+            assert np.array_equal(run[b:b + 16], 2 * sh.h * sh.dk + 16 * p + np.arange(16))
+        assert int(r[per:].sum()) == int(h0[p + 1] - h0[p]) if p + 1 < programs else True
+
+
+@pytest.fixture(scope="module")
+def hopper():
+    from regla_torch.ops.triton.persistent_step import available
+    if not (torch.cuda.is_available() and available("cuda")):
+        pytest.skip("the persistent step is a Gluon kernel for Hopper (sm_90): run on the device machine")
+
+
+def _models(attn_type, strong):
+    """The same random weights as a bf16 CUDA model and a float64 CPU one."""
+    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+    torch.manual_seed(0)
+    args = spec.ModelArgs(attn_type=attn_type, vocab_size=1000, hidden_size=1024, num_hidden_layers=2, num_heads=4,
+                          expand_k=0.5)
+    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval()
+    for n, p in model.named_parameters():
+        p.data.normal_(0, 0.05 if "weight" in n and p.dim() == 2 else 0.3)
+    if strong:  # a third of each head's key channels with log gates near -1e4, the rest weak
+        for b in model.model.layers:
+            bias = b.attn.gk_proj[1].bias.data
+            bias[::3] = -1e4 * args.gate_logit_normalizer
+            bias[1::3] = 8.0
+    gpu = model.to("cuda", torch.bfloat16)
+    ref = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval().double()
+    ref.load_state_dict({k: v.double().cpu() for k, v in gpu.state_dict().items()})
+    return gpu, ref
+
+
+@pytest.mark.parametrize("strong", [False, True])
+@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+def test_persistent_step_equals_float64_model(hopper, attn_type, strong):
+    from regla_torch.generate import GraphStep, persistent_step
+    gpu, ref = _models(attn_type, strong)
+    prompt = torch.tensor([[3, 17, 99, 5, 200, 42, 7]])
+    cache, ref_cache = gpu.make_cache(), ref.make_cache()
+    with torch.no_grad():
+        ref(prompt, cache=ref_cache, use_cache=True)
+    cache.states = [tuple(None if x is None else x.float().cuda().contiguous() for x in st) for st in ref_cache.states]
+    cache.seen_tokens = ref_cache.seen_tokens
+    assert persistent_step(gpu, cache) is not None
+    step = GraphStep(gpu, cache, 1)
+    assert step.persistent is not None
+    for tok in (11, 400, 3, 999):
+        logits = step(torch.tensor([[tok]], device="cuda")).clone()
+        with torch.no_grad():
+            want = ref(torch.tensor([[tok]]), cache=ref_cache, use_cache=True).logits[:, -1]
+        err = float((logits.double().cpu() - want).norm() / want.norm())
+        assert err < 1e-4, (tok, err)
+        for (s, m, *_), (s_ref, m_ref, *_) in zip(cache.states, ref_cache.states):
+            assert float((s.double().cpu() - s_ref).norm() / s_ref.norm()) < 1e-4
+            if m_ref is not None:
+                torch.testing.assert_close(m.double().cpu(), m_ref.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_persistent_step_streams_the_same_tokens(hopper):
+    """The library's generation loop (what chat runs) through the persistent step: the tokens
+    of greedy steps of the captured step called one by one from the same prefill, the same
+    states after, and the step is the persistent one (REGLA_PERSISTENT=0 turns it off)."""
+    import os
+
+    from regla_torch.generate import GraphStep, persistent_step, stream_tokens
+    gpu, _ = _models("regla", False)
+    prompt = [3, 17, 99, 5, 200, 42, 7]
+    cache = gpu.make_cache()
+    got = list(stream_tokens(gpu, prompt, cache, 24, {"temp": 0.0}))
+    ref_cache = gpu.make_cache()
+    with torch.no_grad():
+        logits = gpu(torch.tensor([prompt], device="cuda"), cache=ref_cache, use_cache=True).logits[:, -1]
+    step = GraphStep(gpu, ref_cache, 1)
+    assert step.persistent is gpu._persistent_step
+    want = [int(logits.argmax())]
+    for _ in range(23):
+        want.append(int(step(torch.tensor([[want[-1]]], device="cuda")).argmax()))
+    assert got == want and len(set(got)) > 3
+    # the loop ran the token that reached max_tokens through no step; the manual loop did not either
+    for (s, m, *_), (s_ref, m_ref, *_) in zip(cache.states, ref_cache.states):
+        torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m, m_ref)
+    os.environ["REGLA_PERSISTENT"] = "0"
+    try:
+        assert persistent_step(gpu, ref_cache) is None
+    finally:
+        del os.environ["REGLA_PERSISTENT"]
