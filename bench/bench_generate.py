@@ -12,7 +12,9 @@ straight back on the GPU; "stream_tokens" is the library's generation loop (what
 generate`` and chat run: every token goes to the host, the next step queued before it
 arrives), timed from its 8th token
 to its last (the prefill and the graph's capture, paid once a turn, left out). The bandwidth
-bound reads every weight once per step: bytes of the parameters / 4.3 TB/s.
+bound reads every weight once per step: bytes of the parameters / 4.3 TB/s. At batch 1 on Hopper
+the graph columns and stream_tokens of regla and gla run the persistent step
+(``generate.persistent_step``); ``REGLA_PERSISTENT=0`` measures the per-layer launches instead.
 """
 import argparse
 import os

@@ -1,41 +1,24 @@
-"""Experiment for #20's decode bar: a whole GLA 1.3B decode step (but the embedding and the
-sampling) as one persistent kernel with three dependencies a layer instead of five, against
-the library's 121 launches.
+"""#20's decode bar: the library's persistent decode step (regla_torch.ops.triton.persistent_step:
+a regla/gla model's whole batch-1 step as one Gluon kernel, three dependencies a layer) against
+the library's per-layer launches, on the GLA 1.3B shape.
 
-bench_persistent_chain.py's kernel (one program an SM, copying warps streaming every weight
-tile through a shared-memory ring, the multiplying warps waiting per stage on a count in global
-memory) ran a step in 957 us against the launches' 1,028; its trace put the rest in the five
-dependencies a layer (in-proj, recurrent step, o, gate+up, down), each ~3-3.5 us from the last
-program's work to the others seeing the count, which a 6-tile ring cannot hide when short
-stages follow each other. This kernel removes two of them and overlaps a third:
+    python bench/bench_persistent_step.py [--configs 4 1] [--trace] [--no-baselines]
+    python bench/bench_persistent_step.py --attn regla --configs 4 --trace
 
-- **A** (a count): q, k and the gate's low-rank factor, 2064 rows over all programs.
-- **B**: program p < 128 owns 16 value channels of one head (p = 32 h + j). It computes its own
-  v and output-gate rows first (they need only the layer's input, no other program), then waits
-  for A's count: its work overlaps the count's latency. Then the gate, the state update of its
-  [256, 16] slice in place, its 16 outputs, and the o projection split over its input: its 16
-  rows of W_o^T times the normed, gated outputs, added (fp32 atomics) into its head's
-  accumulator. The head norm cannot be applied here (it needs the head's 512 outputs): each
-  program adds its outputs' sum of squares to the head's, and the next stage scales each head's
-  accumulator by rsqrt(mean + eps), since W_o (o_h * r_h) = r_h (W_o o_h). A count.
-- **C**: the MLP split over its inner dimension: each program 42-43 inner units, gate and up
-  rows then the same units' rows of W_down^T, silu(gate) * up times them added into the layer's
-  output accumulator. No dependency between gate+up and down. A count.
-- the head after the last layer.
+The GLA step runs from an embedding row to the logits on random bf16 weights, each launch shape
+checked first against the same step in float64 (regla.spec's rms_norm, silu, logsigmoid,
+recurrent_gla; logits and every layer's new state), then timed as a CUDA graph (with the memset
+of its counts and accumulators); the library's baseline is the embedding, the 97 grouped GEMVs
+and 24 gated step kernels under PDL. ``--attn regla`` times a random ReGLA 1.3B model's step
+through ``generate.persistent_step`` (refining gate, safe-exp maps, running max), unchecked here:
+tests/test_persistent_step.py checks that kernel against the float64 model. ``--trace`` reads
+each program's clock at every stage (inputs seen, work done) and prints where a layer's time
+goes. Gluon, Hopper only.
 
-Each program's weight rows are packed in the order it streams them (one contiguous run a
-program; built once here, as a model load would). The counts' release adds are issued by a warp
-of their own (a third partition, woken by a shared-memory barrier), so the multiplying warps do
-not wait for their stores to be acknowledged. The residual stream is kept in fp32 (written by
-program 0 once a stage), the accumulators are zeroed before each launch (one memset, in the
-timed graph).
-
-    python bench/bench_persistent_step.py [--configs 0 1] [--trace] [--no-baselines]
-
-Every launch shape is checked stage by stage against float64 references built from the kernel's
-own stored inputs (regla.spec's rms_norm, silu, logsigmoid, recurrent_gla) before it is timed.
-Gluon, GPU only (Hopper); does not run in Triton's interpreter. Run new shapes under ``timeout``:
-the ring's barriers have no bound.
+H200, 2026-12-04 (BENCHMARKS section 1, fourteenth session; bench/results/h200-2026-12-04-s14/):
+GLA 812 us against 1,044 for the launches (CONFIGS[4]: 6 slots, 8 multiplying and 2 copying
+warps, at most 2 tiles in flight; 845 with no cap, 885 with 1); ReGLA 867 us. The models through
+the library's loop: 1,195 (gla) and 1,106 (regla) tok/s.
 """
 import os
 import sys

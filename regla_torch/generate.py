@@ -68,9 +68,14 @@ def persistent_step(model, cache):
 
     if os.environ.get("REGLA_PERSISTENT", "1") == "0":
         return None
+    # the packed copy is of the weights as they were: rebuilt when any changed in place (an
+    # optimizer's step, load_state_dict) or moved
+    params = list(model.parameters())
+    key = (params[0].data_ptr(), sum(p._version for p in params))
     built = getattr(model, "_persistent_step", None)
-    if built is not None:
+    if built is not None and model._persistent_key == key:
         return built or None
+    model._persistent_step = None  # the old copy freed before a new one is made
     a = model.config.args
     blocks = model.model.layers
     p = next(model.parameters())
@@ -99,7 +104,7 @@ def persistent_step(model, cache):
         with torch.no_grad():
             step = ps.PersistentStep(layers, model.model.embeddings.weight.detach(), model.head_weight().detach(),
                                      model.model.norm.weight.detach(), a.num_heads, math)
-    model._persistent_step = step or False
+    model._persistent_step, model._persistent_key = step or False, key
     return step
 
 

@@ -17,7 +17,7 @@ from regla_torch.ops.triton.persistent_step import StepShape
 @pytest.mark.parametrize("programs", [132, 80])
 def test_every_weight_row_streamed_once_in_stage_order(refine, programs):
     sh = StepShape(2048, 4, 256, 512, 16, refine, 5632, 32000, 3, programs) if programs == 132 else \
-        StepShape(1024, 4, 128, 256, 12, refine, 2816, 1000, 2, programs)
+        StepShape(1024, 4, 128, 256, 16, refine, 2816, 1000, 2, programs)
     assert not sh.problems()
     idx, rows, start, a0, na, h0 = sh.layout()
     per_layer = 2 * sh.h * sh.dk + 2 * sh.h * sh.dv + (sh.a_rows - 2 * sh.h * sh.dk) + sh.h * sh.dv + 3 * sh.inner
@@ -37,6 +37,15 @@ def test_every_weight_row_streamed_once_in_stage_order(refine, programs):
         if p < sh.slices:
             assert np.array_equal(run[b:b + 16], 2 * sh.h * sh.dk + 16 * p + np.arange(16))
         assert int(r[per:].sum()) == int(h0[p + 1] - h0[p]) if p + 1 < programs else True
+
+
+def test_shapes_it_does_not_take_say_why():
+    assert StepShape(2048, 4, 256, 512, 16, True, 5632, 32000, 24, 132).problems() == []
+    assert "hidden size 4096" in StepShape(4096, 4, 256, 512, 16, False, 11008, 32000, 2, 132).problems()[0]
+    assert "key head size 64" in StepShape(1024, 8, 64, 128, 16, False, 2816, 1000, 2, 132).problems()[0]
+    assert "gate rank 8" in StepShape(1024, 4, 128, 256, 8, False, 2816, 1000, 2, 132).problems()[0]
+    # 128 value slices and 2064 stage-A rows need 129 programs
+    assert "too few" in StepShape(2048, 4, 256, 512, 16, False, 5632, 32000, 2, 114).problems()[0]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +130,10 @@ def test_persistent_step_streams_the_same_tokens(hopper):
         assert persistent_step(gpu, ref_cache) is None
     finally:
         del os.environ["REGLA_PERSISTENT"]
+    # built once a model, again after its weights change in place (its packed copy is of them)
+    built = persistent_step(gpu, ref_cache)
+    assert persistent_step(gpu, ref_cache) is built
+    with torch.no_grad():
+        gpu.model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    rebuilt = persistent_step(gpu, ref_cache)
+    assert rebuilt is not built and not torch.equal(rebuilt.w, built.w)
