@@ -139,6 +139,8 @@ class GraphStep:
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
+        if self.persistent is not None:  # its warm-up steps finished with every count seen
+            self.persistent.check()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()

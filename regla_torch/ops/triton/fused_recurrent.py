@@ -114,6 +114,21 @@ def _log_sigmoid(z):
 
 
 @triton.jit
+def _refined_log_gate(log_f, z_r):
+    """layer_math.refined_log_gate (ReGLA's refining gate from the log forget gate and the
+    refining projection z_r), each branch on its own side of -1; this kernel's and the
+    persistent decode step's."""
+    big = tl.maximum(log_f, -1.)
+    one_minus_f = -_expm1(big)
+    near_one = _log1p(-one_minus_f * (one_minus_f + 2. * tl.exp(big) * tl.sigmoid(-z_r)))
+    small = tl.minimum(log_f, -1.)
+    other = 0.6931471805599453 + _log_sigmoid(z_r) + _log1p(-tl.exp(small))
+    hi = tl.maximum(small, other)
+    far = small + hi + _log1p(tl.exp(-tl.abs(small - other)))
+    return tl.where(log_f > -1., near_one, far)
+
+
+@triton.jit
 def _low_rank_weights(w, b, i_h, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """This head's rows of a low-rank gate's second factor w [H*K, R] and its bias b [H*K], fp32."""
     kc, rc = tl.arange(0, BK), tl.arange(0, BR)
@@ -151,16 +166,8 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale
         m_prev = tl.load(m + i_bh).to(tl.float32)
     kc, mk, vc, mv, m_kv, p_s, b_h = _load_state(state, i_v, i_bh, K, V, BK, BV, PDL)
     b_g = _log_sigmoid(_low_rank(rf, b_wf, b_bf, i_b, R, BR)) * inv_norm
-    if REFINE:  # layer_math.refined_log_gate, each branch on its own side of -1
-        z_r = _low_rank(rr, b_wr, b_br, i_b, R, BR)
-        big = tl.maximum(b_g, -1.)
-        one_minus_f = -_expm1(big)
-        near_one = _log1p(-one_minus_f * (one_minus_f + 2. * tl.exp(big) * tl.sigmoid(-z_r)))
-        small = tl.minimum(b_g, -1.)
-        other = 0.6931471805599453 + _log_sigmoid(z_r) + _log1p(-tl.exp(small))
-        hi = tl.maximum(small, other)
-        far = small + hi + _log1p(tl.exp(-tl.abs(small - other)))
-        b_g = tl.where(b_g > -1., near_one, far)
+    if REFINE:
+        b_g = _refined_log_gate(b_g, _low_rank(rr, b_wr, b_br, i_b, R, BR))
     if CLAMP:
         b_g = tl.maximum(b_g, clamp_min)
     b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)

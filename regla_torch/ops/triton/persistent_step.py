@@ -52,7 +52,7 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-    from .fused_recurrent import _expm1, _log1p, _log_sigmoid
+    from .fused_recurrent import _log_sigmoid, _refined_log_gate
     async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
     barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after 3.6
 
@@ -260,16 +260,8 @@ def _kernel():
             _stamp(tr, 3 * j + 1, 0, NST, TRACE)
             # the forget gate (layer_math.log_forget_gate; fused_recurrent._gated_step_kernel's)
             b_g = _log_sigmoid(gl.sum(b_wf * b_rf[None, :], axis=1) + b_bf) * inv_norm
-            if REFINE:  # refined_log_gate, each branch on its own side of -1
-                z_r = gl.sum(b_wr * b_rr[None, :], axis=1) + b_br
-                big = gl.maximum(b_g, -1.)
-                one_minus_f = -_expm1(big)
-                near_one = _log1p(-one_minus_f * (one_minus_f + 2. * gl.exp(big) * _sigmoid(-z_r)))
-                small = gl.minimum(b_g, -1.)
-                other = 0.6931471805599453 + _log_sigmoid(z_r) + _log1p(-gl.exp(small))
-                hi = gl.maximum(small, other)
-                far = small + hi + _log1p(gl.exp(-gl.abs(small - other)))
-                b_g = gl.where(b_g > -1., near_one, far)
+            if REFINE:
+                b_g = _refined_log_gate(b_g, gl.sum(b_wr * b_rr[None, :], axis=1) + b_br)
             if CLAMP:
                 b_g = gl.maximum(b_g, clamp_min)
             if SAFE_EXP:  # safe-exp maps; the keys' running max folded into the gate
@@ -554,6 +546,15 @@ class PersistentStep:
         self.err = torch.zeros(1, device=dev, dtype=torch.int32)
         self.trace = torch.zeros(1, device=dev, dtype=torch.int64)
         self._ptrs = None
+
+    def check(self):
+        """Raise if a step so far found a count that never arrived: the kernel needs every
+        program resident at once (one an SM), and gave up waiting (its outputs are then wrong).
+        Synchronizes with the GPU: for after warm-up steps, not every step."""
+        if int(self.err):
+            raise RuntimeError("the persistent decode step's programs were not all resident at once (another "
+                               "process on the GPU's SMs?): its outputs are wrong; set REGLA_PERSISTENT=0 to decode "
+                               "with the per-layer launches")
 
     def logits(self):
         sh = self.shape
