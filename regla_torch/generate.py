@@ -88,24 +88,32 @@ def persistent_step(model, cache):
                                torch.cuda.get_device_properties(p.device).multi_processor_count).problems())
     step = None
     if ok:
-        layers = []
-        for b in blocks:
-            at = b.attn
-            ly = dict(q=at.q_proj.weight, k=at.k_proj.weight, v=at.v_proj.weight, out_gate=at.g_proj.weight,
-                      gate_f=at.gk_proj[0].weight, gate_f2=at.gk_proj[1].weight, gate_f_bias=at.gk_proj[1].bias,
-                      o=at.o_proj.weight, head_norm=getattr(at, a.norm_name).weight, attn_norm=b.attn_norm.weight,
-                      mlp_norm=b.mlp_norm.weight, mlp_gate=b.mlp.gate_proj.weight, mlp_up=b.mlp.up_proj.weight,
-                      mlp_down=b.mlp.down_proj.weight)
-            if a.use_refining_gate:
-                ly.update(gate_r=at.gr_proj[0].weight, gate_r2=at.gr_proj[1].weight, gate_r_bias=at.gr_proj[1].bias)
-            layers.append({k: v.detach() for k, v in ly.items() if v is not None} | {"head_norm": ly["head_norm"]})
-        math = dict(eps=a.norm_eps, scale=a.scale, gate_logit_normalizer=a.gate_logit_normalizer,
-                    clamp_min=a.clamp_min, safe_exp=a.feature_map == "safe_exp")
         with torch.no_grad():
-            step = ps.PersistentStep(layers, model.model.embeddings.weight.detach(), model.head_weight().detach(),
-                                     model.model.norm.weight.detach(), a.num_heads, math)
+            step = ps.PersistentStep(**persistent_weights(model))
     model._persistent_step, model._persistent_key = step or False, key
     return step
+
+
+def persistent_weights(model) -> dict:
+    """``PersistentStep``'s arguments from a regla/gla model: each layer's weights by the names
+    its kernel streams them under, the embedding, the head, the final norm, the heads and the
+    layer math (what ``persistent_step`` builds it from; any device)."""
+    a = model.config.args
+    layers = []
+    for b in model.model.layers:
+        at = b.attn
+        ly = dict(q=at.q_proj.weight, k=at.k_proj.weight, v=at.v_proj.weight, out_gate=at.g_proj.weight,
+                  gate_f=at.gk_proj[0].weight, gate_f2=at.gk_proj[1].weight, gate_f_bias=at.gk_proj[1].bias,
+                  o=at.o_proj.weight, head_norm=getattr(at, a.norm_name).weight, attn_norm=b.attn_norm.weight,
+                  mlp_norm=b.mlp_norm.weight, mlp_gate=b.mlp.gate_proj.weight, mlp_up=b.mlp.up_proj.weight,
+                  mlp_down=b.mlp.down_proj.weight)
+        if a.use_refining_gate:
+            ly.update(gate_r=at.gr_proj[0].weight, gate_r2=at.gr_proj[1].weight, gate_r_bias=at.gr_proj[1].bias)
+        layers.append({k: None if v is None else v.detach() for k, v in ly.items()})
+    math = dict(eps=a.norm_eps, scale=a.scale, gate_logit_normalizer=a.gate_logit_normalizer, clamp_min=a.clamp_min,
+                safe_exp=a.feature_map == "safe_exp")
+    return dict(layers=layers, emb=model.model.embeddings.weight.detach(), head=model.head_weight().detach(),
+                final_norm=model.model.norm.weight.detach(), heads=a.num_heads, math=math)
 
 
 class GraphStep:

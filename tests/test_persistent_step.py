@@ -48,6 +48,90 @@ def test_shapes_it_does_not_take_say_why():
     assert "too few" in StepShape(2048, 4, 256, 512, 16, False, 5632, 32000, 2, 114).problems()[0]
 
 
+def _emulate(step, args, tok, states):
+    """The kernel's schedule in float64 on the CPU: every program's row blocks read from the
+    packed copy in stream order and used as ``persistent_step._consumer`` uses them (A's rows by
+    ``a0``/``na``; a slice's v, output gate and W_o^T rows and its state columns; the deferred
+    head norm; the MLP's partial sums; the head's rows by ``h0``); the gate and maps by the
+    model's own ``maps_and_gate``. The states are updated in place; returns the logits."""
+    from regla_torch.model import maps_and_gate
+    sh, m = step.shape, step.math
+    H, DK, DV, R, per = sh.h, sh.dk, sh.dv, sh.r, 4 + 3 * sh.nsub
+    w, blocks = step.w.double(), []
+    for p in range(sh.programs):
+        off, mine = int(step.start[p]), []
+        for n in step.rows[p].tolist():
+            mine.append(w[off:off + n])
+            off += n
+        blocks.append(mine)
+    norm = lambda x, g: x * torch.rsqrt((x * x).mean() + m["eps"]) * g.double()  # noqa: E731
+    silu = torch.nn.functional.silu
+    x = step.emb[tok].double()
+    for j in range(sh.layers):
+        xn, qkr = norm(x, step.nw1[j]), torch.zeros(sh.a_rows, dtype=torch.float64)
+        for p in range(sh.programs):
+            qkr[int(step.a0[p]):int(step.a0[p]) + int(step.na[p])] = blocks[p][j * per] @ xn
+        f = 2 * H * DK
+        z = [(wt[j].double() @ qkr[f + i * R:f + (i + 1) * R] + b[j].double()).view(1, 1, H, DK)
+             for i, (wt, b) in enumerate([(step.wf, step.bf), (step.wr, step.br)][:2 if sh.refine else 1])]
+        S, m0 = states[j][0], states[j][1]
+        q, k, g, m_last = maps_and_gate(args, qkr[:H * DK].view(1, 1, H, DK), qkr[H * DK:f].view(1, 1, H, DK), z[0],
+                                        z[1] if sh.refine else None, None if m0 is None else m0.double())
+        acc, ss = torch.zeros(H, sh.d, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
+        for p in range(sh.slices):
+            h, c = p // (DV // 16), slice(p % (DV // 16) * 16, p % (DV // 16) * 16 + 16)
+            v, og = blocks[p][j * per + 1] @ xn, blocks[p][j * per + 2] @ xn
+            s = g[0, 0, h].exp()[:, None] * S[0, h, :, c].double() + k[0, 0, h][:, None] * v[None]
+            S[0, h, :, c] = s.to(S.dtype)
+            o = (q[0, 0, h] * m["scale"]) @ s
+            ss[h] += (o * o).sum()
+            acc[h] += (o * step.nwo[j][c].double() * silu(og)) @ blocks[p][j * per + 3]
+        if m0 is not None:
+            m0.copy_(m_last)
+        x = x + (torch.rsqrt(ss / DV + m["eps"])[:, None] * acc).sum(0)
+        xn, mlp = norm(x, step.nw2[j]), torch.zeros(sh.d, dtype=torch.float64)
+        for p in range(sh.programs):
+            for b in range(j * per + 4, (j + 1) * per, 3):
+                mlp += (silu(blocks[p][b] @ xn) * (blocks[p][b + 1] @ xn)) @ blocks[p][b + 2]
+        x = x + mlp
+    xn, logits = norm(x, step.nwf), torch.zeros(sh.vocab, dtype=torch.float64)
+    for p in range(sh.programs):
+        ho = int(step.h0[p])
+        for b in range(sh.layers * per, sh.blocks):
+            y = blocks[p][b] @ xn
+            logits[ho:ho + len(y)] = y
+            ho += len(y)
+    return logits
+
+
+@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+def test_packed_schedule_computes_the_model_step(attn_type):
+    """On any machine: the packed weights and tables ``PersistentStep`` builds from a model
+    (``generate.persistent_weights``), consumed in the kernel's order and decomposition, give
+    the model's own decode step (float64, from the same state), logits and states."""
+    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+    from regla_torch.generate import persistent_weights
+    from regla_torch.ops.triton.persistent_step import PersistentStep
+    torch.manual_seed(0)
+    args = spec.ModelArgs(attn_type=attn_type, vocab_size=300, hidden_size=1024, num_hidden_layers=2, num_heads=4,
+                          expand_k=0.5, intermediate_size=700)
+    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval().double()
+    for n, p in model.named_parameters():
+        p.data.normal_(0, 0.05 if "weight" in n and p.dim() == 2 else 0.3)
+    cache = model.make_cache()
+    with torch.no_grad():
+        model(torch.tensor([[3, 17, 99, 5]]), cache=cache, use_cache=True)
+        step = PersistentStep(**persistent_weights(model), programs=72)
+        states = [tuple(None if x is None else x.clone() for x in st) for st in cache.states]
+        got = _emulate(step, model.config.args, 11, states)
+        want = model(torch.tensor([[11]]), cache=cache, use_cache=True).logits[0, -1]
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    for (s, m, *_), (s_ref, m_ref, *_) in zip(states, cache.states):
+        assert float((s.double() - s_ref.double()).norm() / s_ref.double().norm()) < 1e-5
+        if m_ref is not None:
+            torch.testing.assert_close(m, m_ref)
+
+
 @pytest.fixture(scope="module")
 def hopper():
     from regla_torch.ops.triton.persistent_step import available

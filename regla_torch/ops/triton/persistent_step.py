@@ -32,8 +32,10 @@ no cap). Each program's weight rows are packed once, in the order it streams the
 (``PersistentStep`` keeps that copy: the model's weights twice in memory).
 
 Only Hopper (sm_90) runs it, and only on a real GPU: Gluon has no interpreter mode, so CI cannot
-run this file's kernel. tests/test_persistent_step.py checks the packing on any machine and the
-kernel on the GPU machine (regla and gla models against the same model in float64).
+run this file's kernel. tests/test_persistent_step.py checks on any machine the packing and,
+by a float64 emulation of the kernel's schedule over the packed weights, the decomposition
+(stage order, deferred head norm, split MLP) against the model's own step; and on the GPU
+machine the kernel (regla and gla models against the same model in float64).
 """
 from __future__ import annotations
 
