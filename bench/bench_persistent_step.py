@@ -156,8 +156,7 @@ def main():
     want, want_states = reference(emb[5].float(), layers, wh, nwf, s0)
     for index in a.configs if a.configs is not None else range(len(CONFIGS)):
         cfg = CONFIGS[index]
-        step.stages, step.warps, step.copy_warps, step.inflight = (cfg[k] for k in ("stages", "warps", "copy_warps",
-                                                                                    "inflight"))
+        vars(step).update(cfg)  # the launch shape: PersistentStep's attributes of these names
         try:
             step.err.zero_()
             for (s, _), s_ in zip(states, s0):
@@ -198,7 +197,7 @@ def regla_model(a):
     cache = model.make_cache()
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (1, 16), device="cuda"), cache=cache, use_cache=True)
-    step = persistent_step(model, cache)
+    step = persistent_step(model)
     states = [tuple(st) for st in cache.states]
     ids = torch.tensor([[5]], device="cuda")
     saved = [tuple(None if x is None else x.clone() for x in st) for st in states]
@@ -206,8 +205,7 @@ def regla_model(a):
     print(f"{torch.cuda.get_device_name()}, a random ReGLA 1.3B model's step through persistent_step", flush=True)
     for index in a.configs if a.configs is not None else range(len(CONFIGS)):
         cfg = CONFIGS[index]
-        step.stages, step.warps, step.copy_warps, step.inflight = (cfg[k] for k in ("stages", "warps", "copy_warps",
-                                                                                    "inflight"))
+        vars(step).update(cfg)  # the launch shape: PersistentStep's attributes of these names
         t = graph_us([lambda: step(ids, states)])
         print(f"  [{index}] persistent step {cfg}: {t:.0f} us", flush=True)
         if a.trace:

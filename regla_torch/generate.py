@@ -52,7 +52,7 @@ def _compiled_decode():
     return _COMPILED[0]
 
 
-def persistent_step(model, cache):
+def persistent_step(model):
     """The model's whole batch-1 decode step as one persistent kernel
     (``ops.triton.persistent_step.PersistentStep``), built on first use and kept on the model
     (it holds a second, repacked copy of the weights); None where it does not apply: not a
@@ -71,25 +71,22 @@ def persistent_step(model, cache):
     # the packed copy is of the weights as they were: rebuilt when any changed in place (an
     # optimizer's step, load_state_dict) or moved
     params = list(model.parameters())
-    key = (params[0].data_ptr(), sum(p._version for p in params))
+    p = params[0]
+    key = (p.data_ptr(), sum(q._version for q in params))
     built = getattr(model, "_persistent_step", None)
     if built is not None and model._persistent_key == key:
         return built or None
     model._persistent_step = None  # the old copy freed before a new one is made
     a = model.config.args
-    blocks = model.model.layers
-    p = next(model.parameters())
-    ok = (ps.available(p.device) and p.dtype in (torch.bfloat16, torch.float16)
-          and all(isinstance(b.attn, LinearAttention) for b in blocks) and not a.use_short_conv
-          and a.num_kv_groups == 1 and a.feature_map in ("identity", "safe_exp") and a.attn_norm == "rmsnorm"
-          and a.use_output_gate and a.gate_low_rank_dim > 0
-          and not ps.StepShape(a.hidden_size, a.num_heads, a.head_k_dim, a.head_v_dim, a.gate_low_rank_dim,
-                               a.use_refining_gate, a.mlp_dim, a.vocab_size, len(blocks),
-                               torch.cuda.get_device_properties(p.device).multi_processor_count).problems())
     step = None
-    if ok:
-        with torch.no_grad():
-            step = ps.PersistentStep(**persistent_weights(model))
+    if (ps.available(p.device) and p.dtype in (torch.bfloat16, torch.float16)
+            and all(isinstance(b.attn, LinearAttention) for b in model.model.layers) and not a.use_short_conv
+            and a.num_kv_groups == 1 and a.feature_map in ("identity", "safe_exp") and a.attn_norm == "rmsnorm"
+            and a.use_output_gate and a.gate_low_rank_dim > 0):
+        w = persistent_weights(model)
+        if not ps.StepShape.of(w["layers"], w["emb"], w["head"], w["heads"]).problems():
+            with torch.no_grad():
+                step = ps.PersistentStep(**w)
     model._persistent_step, model._persistent_key = step or False, key
     return step
 
@@ -138,7 +135,7 @@ class GraphStep:
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.states = [tuple(st) for st in cache.states]
         # at batch 1, the whole step as one kernel where the model allows it (``persistent_step``)
-        self.persistent = persistent_step(model, cache) if batch_size == 1 else None
+        self.persistent = persistent_step(model) if batch_size == 1 else None
         self.forward = _compiled_decode() if compile and self.persistent is None else _decode
         saved = [tuple(None if x is None else x.clone() for x in st) for st in self.states]
         side = torch.cuda.Stream()

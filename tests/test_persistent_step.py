@@ -170,7 +170,7 @@ def test_persistent_step_equals_float64_model(hopper, attn_type, strong):
         ref(prompt, cache=ref_cache, use_cache=True)
     cache.states = [tuple(None if x is None else x.float().cuda().contiguous() for x in st) for st in ref_cache.states]
     cache.seen_tokens = ref_cache.seen_tokens
-    assert persistent_step(gpu, cache) is not None
+    assert persistent_step(gpu) is not None
     step = GraphStep(gpu, cache, 1)
     assert step.persistent is not None
     for tok in (11, 400, 3, 999):
@@ -211,13 +211,13 @@ def test_persistent_step_streams_the_same_tokens(hopper):
         torch.testing.assert_close(m, m_ref)
     os.environ["REGLA_PERSISTENT"] = "0"
     try:
-        assert persistent_step(gpu, ref_cache) is None
+        assert persistent_step(gpu) is None
     finally:
         del os.environ["REGLA_PERSISTENT"]
     # built once a model, again after its weights change in place (its packed copy is of them)
-    built = persistent_step(gpu, ref_cache)
-    assert persistent_step(gpu, ref_cache) is built
+    built = persistent_step(gpu)
+    assert persistent_step(gpu) is built
     with torch.no_grad():
         gpu.model.layers[0].mlp.up_proj.weight.mul_(2.0)
-    rebuilt = persistent_step(gpu, ref_cache)
+    rebuilt = persistent_step(gpu)
     assert rebuilt is not built and not torch.equal(rebuilt.w, built.w)

@@ -437,6 +437,16 @@ class StepShape:
         self.zeroed = self.ncount + layers * self.aw
         self.words = self.zeroed + layers * self.dw + d + vocab
 
+    @staticmethod
+    def of(layers, emb, head, heads, programs=None):
+        """The shape of ``PersistentStep``'s weights (its arguments of those names) on this GPU's
+        SMs (or ``programs``)."""
+        l0 = layers[0]
+        programs = programs or torch.cuda.get_device_properties(emb.device).multi_processor_count
+        return StepShape(emb.shape[1], heads, l0["q"].shape[0] // heads, l0["v"].shape[0] // heads,
+                         l0["gate_f"].shape[0], l0.get("gate_r") is not None, l0["mlp_gate"].shape[0], head.shape[0],
+                         len(layers), programs)
+
     def problems(self):
         """Why the kernel cannot take this shape (empty: it can)."""
         p = self.programs
@@ -512,11 +522,8 @@ class PersistentStep:
     def __init__(self, layers, emb, head, final_norm, heads, math, programs=None, stages=6, warps=8, copy_warps=2,
                  inflight=2):
         dev = emb.device
-        self.programs = programs or torch.cuda.get_device_properties(dev).multi_processor_count
-        l0, h = layers[0], heads
-        self.shape = sh = StepShape(emb.shape[1], h, l0["q"].shape[0] // h, l0["v"].shape[0] // h,
-                                    l0["gate_f"].shape[0], "gate_r" in l0, l0["mlp_gate"].shape[0], head.shape[0],
-                                    len(layers), self.programs)
+        self.shape = sh = StepShape.of(layers, emb, head, heads, programs)
+        self.programs = sh.programs
         bad = sh.problems()
         if bad:
             raise ValueError("the persistent decode step cannot take this model: " + "; ".join(bad))
