@@ -18,7 +18,9 @@ goes. Gluon, Hopper only.
 H200, 2026-12-04 (BENCHMARKS section 1, fourteenth session; bench/results/h200-2026-12-04-s14/):
 GLA 812 us against 1,044 for the launches (CONFIGS[4]: 6 slots, 8 multiplying and 2 copying
 warps, at most 2 tiles in flight; 845 with no cap, 885 with 1); ReGLA 867 us. The models through
-the library's loop: 1,195 (gla) and 1,106 (regla) tok/s.
+the library's loop: 1,195 (gla) and 1,106 (regla) tok/s. Fifteenth session (stage B's gate on one
+key channel a thread, its weights read a stage ahead; bench/results/h200-2026-12-04-s15/ call4,
+the kernel before the committed poll fix): GLA 801 us, ReGLA 811; 1,216 and 1,196 tok/s.
 """
 import os
 import sys

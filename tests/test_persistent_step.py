@@ -221,3 +221,58 @@ def test_persistent_step_streams_the_same_tokens(hopper):
         gpu.model.layers[0].mlp.up_proj.weight.mul_(2.0)
     rebuilt = persistent_step(gpu)
     assert rebuilt is not built and not torch.equal(rebuilt.w, built.w)
+
+
+
+def _compile_for_hopper(attn_type):
+    """The kernel compiled for sm_90 (PTX and a cubin, by Triton's own ptxas; no GPU needed) with
+    the arguments ``PersistentStep`` launches it with for a small model of this attn_type."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from regla_torch import ReGLAConfig, ReGLAForCausalLM
+    from regla_torch.generate import persistent_weights
+    from regla_torch.ops.triton.persistent_step import PersistentStep, _kernel
+    torch.manual_seed(0)
+    args = spec.ModelArgs(attn_type=attn_type, vocab_size=300, hidden_size=1024, num_hidden_layers=2, num_heads=4,
+                          expand_k=0.5)
+    model = ReGLAForCausalLM(ReGLAConfig(**args.to_dict())).eval().to(torch.bfloat16)
+    cache = model.make_cache()
+    with torch.no_grad():
+        model(torch.tensor([[3, 17]]), cache=cache, use_cache=True)
+    step = PersistentStep(**persistent_weights(model), programs=72)
+    states = [tuple(None if x is None else x.float().contiguous() for x in st) for st in cache.states]
+    pos, kw = step.launch_args(torch.tensor([[5]]), states)
+    kernel, warps = _kernel(), kw.pop("num_warps")
+    kinds = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+    sig = {n: kinds[a.dtype] if torch.is_tensor(a) else "i32" if isinstance(a, int) else "fp32"
+           for n, a in zip(kernel.arg_names, pos)}
+    sig.update({n: "constexpr" for n in kw})
+    # as Triton's launcher specializes them: 16-byte aligned pointers and multiples of 16
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(pos)
+               if (a.data_ptr() if torch.is_tensor(a) else a if isinstance(a, int) else 1) % 16 == 0}
+    out = triton.compile(GluonASTSource(kernel, sig, kw, aligned), target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=warps))
+    assert ".target sm_90" in out.asm["ptx"] and out.asm["cubin"]
+    print(f"compiled: {attn_type}, {len(out.asm['cubin'])} bytes of cubin")
+
+
+@pytest.mark.parametrize("attn_type", ["regla", "gla"])
+def test_kernel_compiles_for_hopper(attn_type):
+    """On any machine with Triton: the kernel compiles for Hopper. CI cannot run it (Gluon has no
+    interpreter), so this is where a Gluon API or a layout the compiler refuses shows up before
+    the GPU. In a child process: here TRITON_INTERPRET=1 (conftest) makes the kernel's Triton
+    helpers interpreter functions, which Gluon cannot compile."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.experimental.gluon", reason="Gluon (Triton >= 3.4) compiles the kernel")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__, attn_type], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and f"compiled: {attn_type}" in run.stdout, run.stderr[-3000:]
+
+
+if __name__ == "__main__":  # test_kernel_compiles_for_hopper's child
+    import sys
+    _compile_for_hopper(sys.argv[1])

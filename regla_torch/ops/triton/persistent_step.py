@@ -12,8 +12,10 @@ A layer has three stages:
 - **B**: program p < H * DV / 16 owns 16 value channels of one head. It first computes its own v
   and output-gate rows (they need only the layer's input, so they overlap A), then reads its
   head's q, k and factors until every word carries its tag (the read that sees them brings
-  them: no count, no release before it), then the gate (second factors, refinement, clamp), the
-  key and query maps with the running max, the state update of its [DK, 16] slice in place, its
+  them: no count, no release before it; every word read by one thread, so that all warps agree
+  on the last read), then the gate (second factors, read during the layer before's MLP;
+  refinement, clamp), the key and query maps with the running max (one key channel a thread),
+  the state update of its [DK, 16] slice in place, its
   16 outputs, and the o projection split over its input: its 16 rows of W_o^T times the gated
   outputs, added with fp32 atomics into its head's accumulator. The per-head norm needs all DV
   outputs of a head, so each program adds its outputs' sum of squares to the head's and the
@@ -60,12 +62,12 @@ def _kernel():
 
     if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # renamed after 3.6
         @gluon.jit
-        def _as_tile(sx, NK: gl.constexpr):
-            return sx.reinterpret(gl.float32, [NK, 1024], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        def _as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
+            return sx.reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     else:
         @gluon.jit
-        def _as_tile(sx, NK: gl.constexpr):
-            return sx._reinterpret(gl.float32, [NK, 1024], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        def _as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
+            return sx._reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 
     @gluon.jit
     def _sigmoid(x):
@@ -111,7 +113,7 @@ def _kernel():
         e = _tile_index(NK, LA)
         gl.store(hout + e, x, mask=store_h & (e >= 0))
         r = gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / (NK * 1024) + eps)
-        _as_tile(sx, NK).store(x * r * b_nw)
+        _as_2d(sx, NK, 1024).store(x * r * b_nw)
 
     @gluon.jit
     def _rows(ring, full, empty, sx, t, S: gl.constexpr, NK: gl.constexpr, LT: gl.constexpr):
@@ -146,39 +148,48 @@ def _kernel():
     TAG = gl.constexpr(1 << 32)
 
     @gluon.jit
-    def _take_qkr(qkr, hh, kk, vv, err, LIMIT, H: gl.constexpr, DK: gl.constexpr, R: gl.constexpr,
-                  REFINE: gl.constexpr):
+    def _max2(a, b, c, d):
+        return gl.maximum(a, c), gl.maximum(b, d)
+
+    @gluon.jit
+    def _gate_weights(wf, bf, wr, br, pg, pb, mr, ok, REFINE: gl.constexpr):
+        """A layer's second factors (as stored) and biases of the gates, rows pg / pb; nothing read
+        where not ok (and the refining gate's only where REFINE)."""
+        b_wf = gl.load(wf + pg, mask=ok & mr[None, :], other=0.)
+        b_bf = gl.load(bf + pb, mask=ok & (pb >= 0), other=0.)
+        b_wr = gl.load(wr + pg, mask=REFINE & ok & mr[None, :], other=0.)
+        b_br = gl.load(br + pb, mask=REFINE & ok & (pb >= 0), other=0.)
+        return b_wf, b_bf, b_wr, b_br
+
+    @gluon.jit
+    def _take_qkr(qkr, qb, hh, err, LIMIT, H: gl.constexpr, DK: gl.constexpr, R: gl.constexpr,
+                  REFINE: gl.constexpr, LW: gl.constexpr):
         """Head hh's q and k and the gates' first factors, from A's tagged words (``qkr``), read
         again (volatile, from L2) until every one carries its tag: the read that sees them all
-        brings them, with no count's release and acquire before it. err set if LIMIT reads did
-        not (programs not all resident)."""
-        mr = vv < R
-        pq = qkr + hh * DK + kk
-        w_q = gl.load(pq, volatile=True)
-        w_k = gl.load(pq + H * DK, volatile=True)
-        w_f = gl.load(qkr + 2 * H * DK + vv, mask=mr, other=TAG, volatile=True)
-        w_r = w_f
-        if REFINE:
-            w_r = gl.load(qkr + 2 * H * DK + R + vv, mask=mr, other=TAG, volatile=True)
+        brings them, with no count's release and acquire before it. Their values go to qb (rows
+        q, k, f, r); err set if LIMIT reads did not (programs not all resident).
+
+        Column c of LW's [4, threads] holds q[c], k[c], f[c], r[c] in one thread, every word in
+        exactly one thread: the loop's test is then a reduction over all the warps, the same in
+        each. (Words held by several warps, each warp's copy read at its own time, let warps
+        disagree on leaving the loop, and a warp that leaves early meets the others' barriers
+        out of step: the kernel hung.)"""
+        gl.static_assert(DK <= 32 * gl.num_warps(), "a key channel a thread: DK at most 32 * num_warps")
+        row = gl.arange(0, 4, layout=gl.SliceLayout(1, LW))[:, None]
+        c = gl.arange(0, 32 * gl.num_warps(), layout=gl.SliceLayout(0, LW))[None, :]
+        p = qkr + gl.where(row < 2, row * H * DK + hh * DK + c, 2 * H * DK + (row - 2) * R + c)
+        m = gl.where(row < 2, c < DK, (c < R) & ((row == 2) | REFINE))
+        w = gl.load(p, mask=m, other=TAG, volatile=True)
         it = 0
-        while ((gl.min(gl.minimum(w_q, w_k), axis=0) < TAG) | (gl.min(gl.minimum(w_f, w_r), axis=0) < TAG)) & (
-                it < LIMIT):
-            w_q = gl.load(pq, volatile=True)
-            w_k = gl.load(pq + H * DK, volatile=True)
-            w_f = gl.load(qkr + 2 * H * DK + vv, mask=mr, other=TAG, volatile=True)
-            if REFINE:
-                w_r = gl.load(qkr + 2 * H * DK + R + vv, mask=mr, other=TAG, volatile=True)
-            else:
-                w_r = w_f
+        while (gl.min(gl.min(w, axis=0), axis=0) < TAG) & (it < LIMIT):
+            w = gl.load(p, mask=m, other=TAG, volatile=True)
             it += 1
         if it >= LIMIT:
             gl.store(err, 1)
-        # each value is its word's low half
-        return (w_q.to(gl.int32).to(gl.float32, bitcast=True), w_k.to(gl.int32).to(gl.float32, bitcast=True),
-                w_f.to(gl.int32).to(gl.float32, bitcast=True), w_r.to(gl.int32).to(gl.float32, bitcast=True))
+        _as_2d(qb, 4, 32 * gl.num_warps()).store(w.to(gl.int32).to(gl.float32, bitcast=True))  # words' low halves
 
     @gluon.jit
-    def _consumer(ring, full, empty, sig, sx, ws, cnt, ids, emb, sptr, mptr, wf, bf, wr, br, nw1, nw2, nwo, nwf, a0,
+    def _consumer(ring, full, empty, sig, sx, qb, ws, cnt, ids, emb, sptr, mptr, wf, bf, wr, br, nw1, nw2, nwo, nwf, a0,
                   na, rows, h0, err, tr, P, L, NB, LIMIT, eps, scale, inv_norm, clamp_min,
                   NK: gl.constexpr, H: gl.constexpr, DK: gl.constexpr, DV: gl.constexpr, R: gl.constexpr,
                   NSUB: gl.constexpr, REFINE: gl.constexpr, SAFE_EXP: gl.constexpr, CLAMP: gl.constexpr,
@@ -195,6 +206,13 @@ def _kernel():
         LR: gl.constexpr = gl.BlockedLayout([16, 4], [1, 32], [1, NW], [1, 0])  # [16, 1024]: a column in a thread
         LA: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, NW], [1, 0])  # [NK, 1024]: a D-vector
         LS: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])  # [DK, 16]: a state slice
+        # [DK, R]: the gates' second factors, a key channel's row in a thread: the gate and maps
+        # (ReGLA's refined gate: ~6 exact logs and exps) once a channel, then moved to the state's
+        # rows (on LS a channel's row is spread over 4 threads: 4 times the math on B's path)
+        LG: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [NW, 1], [1, 0])
+        # [4, threads]: A's words as B polls them (``_take_qkr``), a word a thread: each poll one
+        # read a thread (each thread holding all 2R factors was R reads, queued behind the stream)
+        LW: gl.constexpr = gl.BlockedLayout([4, 1], [1, 32], [1, NW], [0, 1])
         SPH: gl.constexpr = DV // 16  # slices a head
         NST = 3 * L + 1
         pid = gl.program_id(0)
@@ -202,6 +220,8 @@ def _kernel():
         rt = gl.arange(0, 16, layout=gl.SliceLayout(1, LT))
         kk = gl.arange(0, DK, layout=gl.SliceLayout(1, LS))
         vv = gl.arange(0, 16, layout=gl.SliceLayout(0, LS))
+        kg = gl.arange(0, DK, layout=gl.SliceLayout(1, LG))
+        rg = gl.arange(0, 16, layout=gl.SliceLayout(0, LG))
         e = _tile_index(NK, LA)
         has = pid < H * SPH  # a stage-B slice: head hh, value channels jj * 16 ...
         hh = gl.minimum(pid, H * SPH - 1) // SPH
@@ -215,6 +235,8 @@ def _kernel():
         data = accs + L * AW
         m_new = eps * 0.
         m_cur = gl.load(mptr).to(gl.pointer_type(gl.float32), bitcast=True)  # the running max's layer
+        pg = (hh * DK + kg)[:, None] * R + rg[None, :]
+        b_wf, b_bf, b_wr, b_br = _gate_weights(wf, bf, wr, br, pg, hh * DK + kg, rg < R, True, REFINE)
         for j in range(L):
             lw = data + j * DW
             la = accs + j * AW
@@ -245,12 +267,6 @@ def _kernel():
             m_cur = m_next
             ps = s_base + (hh * DK + kk)[:, None] * DV + jj * 16 + vv[None, :]
             b_s = gl.load(ps, mask=has & (vv[None, :] >= 0), other=0.)
-            pg = (j * H * DK + hh * DK + kk)[:, None] * R + vv[None, :]
-            b_wf = gl.load(wf + pg, mask=vv[None, :] < R, other=0.)
-            b_bf = gl.load(bf + j * H * DK + hh * DK + kk)
-            if REFINE:
-                b_wr = gl.load(wr + pg, mask=vv[None, :] < R, other=0.)
-                b_br = gl.load(br + j * H * DK + hh * DK + kk)
             if SAFE_EXP:
                 m_prev = gl.load(m_cur + hh)
             b_no = gl.load(nwo + j * DV + jj * 16 + vv)
@@ -258,21 +274,30 @@ def _kernel():
             yg, t = _rows(ring, full, empty, sx, t, S, NK, LT)
             b_v = gl.convert_layout(yv, gl.SliceLayout(0, LS))
             b_og = gl.convert_layout(yg, gl.SliceLayout(0, LS))
-            b_q, b_k, b_rf, b_rr = _take_qkr(qkr, hh, kk, vv, err, LIMIT, H, DK, R, REFINE)
+            _take_qkr(qkr, qb, hh, err, LIMIT, H, DK, R, REFINE, LW)
+            barrier()
+            b_q = qb.index(0).slice(0, DK).load(gl.SliceLayout(1, LG))
+            b_k = qb.index(1).slice(0, DK).load(gl.SliceLayout(1, LG))
+            b_rf = qb.index(2).slice(0, 16).load(gl.SliceLayout(0, LG))
+            b_rr = qb.index(3).slice(0, 16).load(gl.SliceLayout(0, LG))
             _stamp(tr, 3 * j + 1, 0, NST, TRACE)
             # the forget gate (layer_math.log_forget_gate; fused_recurrent._gated_step_kernel's)
-            b_g = _log_sigmoid(gl.sum(b_wf * b_rf[None, :], axis=1) + b_bf) * inv_norm
+            b_g = _log_sigmoid(gl.sum(b_wf.to(gl.float32) * b_rf[None, :], axis=1) + b_bf) * inv_norm
             if REFINE:
-                b_g = _refined_log_gate(b_g, gl.sum(b_wr * b_rr[None, :], axis=1) + b_br)
+                b_g = _refined_log_gate(b_g, gl.sum(b_wr.to(gl.float32) * b_rr[None, :], axis=1) + b_br)
             if CLAMP:
                 b_g = gl.maximum(b_g, clamp_min)
             if SAFE_EXP:  # safe-exp maps; the keys' running max folded into the gate
-                b_q = gl.exp(b_q - gl.max(b_q, axis=0))
-                m_new = gl.maximum(m_prev, gl.max(b_k, axis=0))
+                q_max, k_max = gl.reduce((b_q, b_k), 0, _max2)  # both in one exchange
+                b_q = gl.exp(b_q - q_max)
+                m_new = gl.maximum(m_prev, k_max)
                 b_k = gl.exp(b_k - m_new)
                 b_g = b_g - (m_new - m_prev)
-            b_s = gl.exp(b_g)[:, None] * b_s + b_k[:, None] * b_v[None, :]
-            b_o = gl.sum((b_q * scale)[:, None] * b_s, axis=0)
+            b_q = gl.convert_layout(b_q * scale, gl.SliceLayout(1, LS))
+            b_k = gl.convert_layout(b_k, gl.SliceLayout(1, LS))
+            b_a = gl.convert_layout(gl.exp(b_g), gl.SliceLayout(1, LS))
+            b_s = b_a[:, None] * b_s + b_k[:, None] * b_v[None, :]
+            b_o = gl.sum(b_q[:, None] * b_s, axis=0)
             gl.atomic_add(la + hh, gl.sum(b_o * b_o, axis=0), mask=has, sem="relaxed", scope="gpu")
             f = gl.convert_layout(b_o * b_no * (b_og * _sigmoid(b_og)), gl.SliceLayout(1, LR))
             acc, t = _cols(ring, full, empty, f, gl.zeros([NK, 1024], gl.float32, LA), t, S, NK, LR, LA)
@@ -280,6 +305,9 @@ def _kernel():
             _stamp(tr, 3 * j + 1, 1, NST, TRACE)
             _done(sig, 2 * j)
             gl.store(ps, b_s, mask=has & (vv[None, :] >= 0))
+            # the next layer's gate weights, read during this MLP (off B's path)
+            b_wf, b_bf, b_wr, b_br = _gate_weights(wf, bf, wr, br, pg + (j + 1) * H * DK * R,
+                                                   (j + 1) * H * DK + hh * DK + kg, rg < R, j + 1 < L, REFINE)
             # ---- C: the MLP, split over its inner units ----
             b_nw = gl.load(nw2 + j * D + e)
             _wait(cnt, err, 2 * j, P, LIMIT)
@@ -363,8 +391,10 @@ def _kernel():
                     NCOUNT: gl.constexpr, S: gl.constexpr, PW: gl.constexpr, TRACE: gl.constexpr,
                     IF: gl.constexpr = 0):
         ring = gl.allocate_shared_memory(w.dtype.element_ty, [S, 16, 1024], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        # the stage's input, written as one [NK, 1024] tile (``_as_tile``), read a tile's columns at a time
+        # the stage's input, written as one [NK, 1024] tile (``_as_2d``), read a tile's columns at a time
         sx = gl.allocate_shared_memory(gl.float32, [NK, 1024], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        # stage B's q, k and gate factors (``_take_qkr``), written as one tile, read a row at a time
+        qb = gl.allocate_shared_memory(gl.float32, [4, 32 * gl.num_warps()], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         full = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
         sig = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -374,7 +404,7 @@ def _kernel():
         for i in gl.static_range(2):
             mbarrier.init(sig.index(i), count=1)
         barrier()
-        gl.warp_specialize([(_consumer, (ring, full, empty, sig, sx, ws, cnt, ids, emb, sptr, mptr, wf, bf, wr, br,
+        gl.warp_specialize([(_consumer, (ring, full, empty, sig, sx, qb, ws, cnt, ids, emb, sptr, mptr, wf, bf, wr, br,
                                          nw1, nw2, nwo, nwf, a0, na, rows, h0, err, tr, P, L, NB, LIMIT, eps, scale,
                                          inv_norm, clamp_min, NK, H, DK, DV, R, NSUB, REFINE, SAFE_EXP, CLAMP, QKR,
                                          HMID, DW, ACCA, ACCM, AW, NCOUNT, S, TRACE)),
@@ -527,6 +557,8 @@ class PersistentStep:
         bad = sh.problems()
         if bad:
             raise ValueError("the persistent decode step cannot take this model: " + "; ".join(bad))
+        if sh.dk > 32 * warps:  # stage B holds a key channel a thread
+            raise ValueError(f"the persistent decode step needs warps >= {sh.dk // 32} for key heads of {sh.dk}")
         self.math, self.stages, self.warps, self.copy_warps, self.inflight = math, stages, warps, copy_warps, inflight
         idx, rows, start, a0, na, h0 = sh.layout()
         names = ["q", "k", "v", "out_gate", "gate_f"] + (["gate_r"] if sh.refine else [])
@@ -543,8 +575,12 @@ class PersistentStep:
             first += t.shape[0]
         self.rows, self.start, self.a0, self.na, self.h0 = (x.to(dev) for x in (rows, start, a0, na, h0))
         f32 = lambda n: torch.stack([ly[n].float() for ly in layers]).contiguous()  # noqa: E731
-        self.wf, self.bf = f32("gate_f2"), f32("gate_f_bias")
-        self.wr, self.br = (f32("gate_r2"), f32("gate_r_bias")) if sh.refine else (self.wf, self.bf)
+        # the gates' second factors as the model holds them: every stage-B program of a head reads
+        # its head's [dk, r] (in fp32, ReGLA's two were 32 KB a program a layer, beside 64 KB of
+        # its v and output-gate rows)
+        same = lambda n: torch.stack([ly[n] for ly in layers]).contiguous()  # noqa: E731
+        self.wf, self.bf = same("gate_f2"), f32("gate_f_bias")
+        self.wr, self.br = (same("gate_r2"), f32("gate_r_bias")) if sh.refine else (self.wf, self.bf)
         self.nw1, self.nw2 = f32("attn_norm"), f32("mlp_norm")
         self.nwo = torch.stack([ly["head_norm"].float() if ly["head_norm"] is not None
                                 else torch.ones(sh.dv, device=dev) for ly in layers]).contiguous()
@@ -569,10 +605,8 @@ class PersistentStep:
         sh = self.shape
         return self.ws[sh.words - sh.vocab:].view(1, -1)
 
-    def __call__(self, ids, states, trace=None):
-        """One step from the token ids [1, 1] (on the device) and the layers' states ``(S [1, h,
-        dk, dv], m [1, h] or None, ...)`` fp32, updated in place; returns the logits [1, vocab]
-        (fp32, a view of the workspace: the next step overwrites them)."""
+    def launch_args(self, ids, states, trace=None):
+        """The kernel's arguments for a step (positional, keyword), as ``__call__`` launches it."""
         sh, m = self.shape, self.math
         ptrs = [s[0].data_ptr() for s in states], [(s[1] if m["safe_exp"] else s[0]).data_ptr() for s in states]
         if self._ptrs is None or self._ptrs[0] != ptrs:  # the states' addresses, as the kernel reads them
@@ -580,14 +614,21 @@ class PersistentStep:
         for s in states:
             if s[0].dtype != torch.float32 or not s[0].is_contiguous() or s[0].shape != (1, sh.h, sh.dk, sh.dv):
                 raise ValueError(f"states must be contiguous float32 [1, {sh.h}, {sh.dk}, {sh.dv}]")
-        self.ws[:sh.zeroed].zero_()  # the counts and accumulators (the rest is overwritten)
-        tr = self.trace if trace is None else trace
-        _kernel()[(sh.programs,)](
-            self.w, self.rows, self.start, self.ws, self.cnt, ids, self.emb, self._ptrs[1], self._ptrs[2], self.wf,
-            self.bf, self.wr, self.br, self.nw1, self.nw2, self.nwo, self.nwf, self.a0, self.na, self.h0, self.err,
-            tr, sh.programs, sh.layers, sh.blocks, 1 << 20, m["eps"], m["scale"], 1.0 / m["gate_logit_normalizer"],
-            0.0 if m["clamp_min"] is None else float(m["clamp_min"]), NK=sh.d // TILE, H=sh.h, DK=sh.dk, DV=sh.dv,
-            R=sh.r, NSUB=sh.nsub, REFINE=sh.refine, SAFE_EXP=bool(m["safe_exp"]), CLAMP=m["clamp_min"] is not None,
-            QKR=sh.qkr, HMID=sh.hmid, DW=sh.dw, ACCA=sh.acca, ACCM=sh.accm, AW=sh.aw, NCOUNT=sh.ncount,
-            S=self.stages, PW=self.copy_warps, TRACE=trace is not None, IF=self.inflight, num_warps=self.warps)
+        args = (self.w, self.rows, self.start, self.ws, self.cnt, ids, self.emb, self._ptrs[1], self._ptrs[2], self.wf,
+                self.bf, self.wr, self.br, self.nw1, self.nw2, self.nwo, self.nwf, self.a0, self.na, self.h0, self.err,
+                self.trace if trace is None else trace, sh.programs, sh.layers, sh.blocks, 1 << 20, m["eps"],
+                m["scale"], 1.0 / m["gate_logit_normalizer"], 0.0 if m["clamp_min"] is None else float(m["clamp_min"]))
+        return args, dict(
+            NK=sh.d // TILE, H=sh.h, DK=sh.dk, DV=sh.dv, R=sh.r, NSUB=sh.nsub, REFINE=sh.refine,
+            SAFE_EXP=bool(m["safe_exp"]), CLAMP=m["clamp_min"] is not None, QKR=sh.qkr, HMID=sh.hmid, DW=sh.dw,
+            ACCA=sh.acca, ACCM=sh.accm, AW=sh.aw, NCOUNT=sh.ncount, S=self.stages, PW=self.copy_warps,
+            TRACE=trace is not None, IF=self.inflight, num_warps=self.warps)
+
+    def __call__(self, ids, states, trace=None):
+        """One step from the token ids [1, 1] (on the device) and the layers' states ``(S [1, h,
+        dk, dv], m [1, h] or None, ...)`` fp32, updated in place; returns the logits [1, vocab]
+        (fp32, a view of the workspace: the next step overwrites them)."""
+        args, kw = self.launch_args(ids, states, trace)
+        self.ws[:self.shape.zeroed].zero_()  # the counts and accumulators (the rest is overwritten)
+        _kernel()[(self.programs,)](*args, **kw)
         return self.logits()
