@@ -122,6 +122,8 @@ def test_packed_schedule_computes_the_model_step(attn_type):
     with torch.no_grad():
         model(torch.tensor([[3, 17, 99, 5]]), cache=cache, use_cache=True)
         step = PersistentStep(**persistent_weights(model), programs=72)
+        with pytest.raises(ValueError, match="warps >= 4 for key heads of 128"):  # a key channel a thread in B
+            PersistentStep(**persistent_weights(model), programs=72, warps=2)
         states = [tuple(None if x is None else x.clone() for x in st) for st in cache.states]
         got = _emulate(step, model.config.args, 11, states)
         want = model(torch.tensor([[11]]), cache=cache, use_cache=True).logits[0, -1]
