@@ -10,17 +10,17 @@ A layer has three stages:
 - **A**: q, k and the gates' low-rank first factors, their rows spread over all programs, each
   output stored as a 64-bit word tagged in its high half (one store each).
 - **B**: program p < H * DV / 16 owns 16 value channels of one head. It first computes its own v
-  and output-gate rows (they need only the layer's input, so they overlap A), then reads its
-  head's q, k and factors until every word carries its tag (the read that sees them brings
-  them: no count, no release before it; every word read by one thread, so that all warps agree
-  on the last read), then the gate (second factors, read during the layer before's MLP;
-  refinement, clamp), the key and query maps with the running max (one key channel a thread),
-  the state update of its [DK, 16] slice in place, its
-  16 outputs, and the o projection split over its input: its 16 rows of W_o^T times the gated
-  outputs, added with fp32 atomics into its head's accumulator. The per-head norm needs all DV
-  outputs of a head, so each program adds its outputs' sum of squares to the head's and the
-  next stage scales each head's accumulator: W_o (o_h r_h) = r_h (W_o o_h) for the head's
-  r_h = rsqrt(mean(o_h^2) + eps). Ends with a count in global memory.
+  rows (they need only the layer's input, so they overlap A), then reads its head's q, k and
+  factors until every word carries its tag (the read that sees them brings them: no count, no
+  release before it; every word read by one thread, so that all warps agree on the last read),
+  then the gate (second factors, read during the layer before's MLP; refinement, clamp), the key
+  and query maps with the running max (one key channel a thread), the state update of its
+  [DK, 16] slice in place and its 16 outputs, all while its output-gate and W_o^T tiles stream
+  in; then its output-gate rows, and the o projection split over its input: its 16 rows of
+  W_o^T times the gated outputs, added with fp32 atomics into its head's accumulator. The
+  per-head norm needs all DV outputs of a head, so each program adds its outputs' sum of squares
+  to the head's and the next stage scales each head's accumulator: W_o (o_h r_h) = r_h (W_o o_h)
+  for the head's r_h = rsqrt(mean(o_h^2) + eps). Ends with a count in global memory.
 - **C**: after B's count, the MLP split over its inner units (~INNER / P a program): gate and
   up rows, then the same units' rows of W_down^T times silu(gate) * up, added into the layer's
   output accumulator. Ends with a count, which the next layer's A waits on.
@@ -271,9 +271,9 @@ def _kernel():
                 m_prev = gl.load(m_cur + hh)
             b_no = gl.load(nwo + j * DV + jj * 16 + vv)
             yv, t = _rows(ring, full, empty, sx, t, S, NK, LT)
-            yg, t = _rows(ring, full, empty, sx, t, S, NK, LT)
             b_v = gl.convert_layout(yv, gl.SliceLayout(0, LS))
-            b_og = gl.convert_layout(yg, gl.SliceLayout(0, LS))
+            # A's outputs, the gate, maps and state before the output-gate rows: that math then
+            # runs while the copying warps bring those rows' and W_o^T's tiles in
             _take_qkr(qkr, qb, hh, err, LIMIT, H, DK, R, REFINE, LW)
             barrier()
             b_q = qb.index(0).slice(0, DK).load(gl.SliceLayout(1, LG))
@@ -299,6 +299,8 @@ def _kernel():
             b_s = b_a[:, None] * b_s + b_k[:, None] * b_v[None, :]
             b_o = gl.sum(b_q[:, None] * b_s, axis=0)
             gl.atomic_add(la + hh, gl.sum(b_o * b_o, axis=0), mask=has, sem="relaxed", scope="gpu")
+            yg, t = _rows(ring, full, empty, sx, t, S, NK, LT)
+            b_og = gl.convert_layout(yg, gl.SliceLayout(0, LS))
             f = gl.convert_layout(b_o * b_no * (b_og * _sigmoid(b_og)), gl.SliceLayout(1, LR))
             acc, t = _cols(ring, full, empty, f, gl.zeros([NK, 1024], gl.float32, LA), t, S, NK, LR, LA)
             gl.atomic_add(la + ACCA + hh * D + e, acc, mask=has & (e >= 0), sem="relaxed", scope="gpu")
