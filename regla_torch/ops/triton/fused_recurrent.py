@@ -129,6 +129,27 @@ def _refined_log_gate(log_f, z_r):
 
 
 @triton.jit
+def _log_gate(z_f, z_r, inv_norm, clamp_min, REFINE: tl.constexpr, CLAMP: tl.constexpr):
+    """layer_math.log_forget_gate from the gates' projections z_f (and ReGLA's refining z_r):
+    logsigmoid over the normalizer, refined, clamped; this kernel's and the persistent decode
+    step's."""
+    g = _log_sigmoid(z_f) * inv_norm
+    if REFINE:
+        g = _refined_log_gate(g, z_r)
+    if CLAMP:
+        g = tl.maximum(g, clamp_min)
+    return g
+
+
+@triton.jit
+def _safe_exp_maps(q, k, g, q_max, k_max, m_prev):
+    """layer_math's safe-exp feature maps at one token, the keys' running max folded into the
+    gate (MATH.md's causal form), from the maxima of q and k over the head: (q, k, g, new max)."""
+    m_new = tl.maximum(m_prev, k_max)
+    return tl.exp(q - q_max), tl.exp(k - m_new), g - (m_new - m_prev), m_new
+
+
+@triton.jit
 def _low_rank_weights(w, b, i_h, K: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """This head's rows of a low-rank gate's second factor w [H*K, R] and its bias b [H*K], fp32."""
     kc, rc = tl.arange(0, BK), tl.arange(0, BR)
@@ -165,18 +186,17 @@ def _gated_step_kernel(q, k, v, rf, wf, bf, rr, wr, br, m, done, state, o, scale
     if SAFE_EXP:
         m_prev = tl.load(m + i_bh).to(tl.float32)
     kc, mk, vc, mv, m_kv, p_s, b_h = _load_state(state, i_v, i_bh, K, V, BK, BV, PDL)
-    b_g = _log_sigmoid(_low_rank(rf, b_wf, b_bf, i_b, R, BR)) * inv_norm
+    z_f = _low_rank(rf, b_wf, b_bf, i_b, R, BR)
+    z_r = z_f
     if REFINE:
-        b_g = _refined_log_gate(b_g, _low_rank(rr, b_wr, b_br, i_b, R, BR))
-    if CLAMP:
-        b_g = tl.maximum(b_g, clamp_min)
+        z_r = _low_rank(rr, b_wr, b_br, i_b, R, BR)
+    b_g = _log_gate(z_f, z_r, inv_norm, clamp_min, REFINE, CLAMP)
     b_q = tl.load(q + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
     b_k = tl.load(k + i_bh * K + kc, mask=mk, other=0.).to(tl.float32)
     if SAFE_EXP:
-        b_q = tl.exp(b_q - tl.max(tl.where(mk, b_q, float("-inf")), 0))
-        m_new = tl.maximum(m_prev, tl.max(tl.where(mk, b_k, float("-inf")), 0))
-        b_k = tl.where(mk, tl.exp(b_k - m_new), 0.)
-        b_g = b_g - (m_new - m_prev)
+        b_q, b_k, b_g, m_new = _safe_exp_maps(b_q, b_k, b_g, tl.max(tl.where(mk, b_q, float("-inf")), 0),
+                                              tl.max(tl.where(mk, b_k, float("-inf")), 0), m_prev)
+        b_k = tl.where(mk, b_k, 0.)
     _update_state(state, p_s, b_h, m_kv, b_q, b_k, b_g, v, o, i_bh, vc, mv, scale, V)
     if SAFE_EXP:
         # in place without a second buffer (and, in a CUDA graph, the copy back a step): the

@@ -56,7 +56,7 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-    from .fused_recurrent import _log_sigmoid, _refined_log_gate
+    from .fused_recurrent import _log_gate, _safe_exp_maps
     async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
     barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after 3.6
 
@@ -281,18 +281,15 @@ def _kernel():
             b_rf = qb.index(2).slice(0, 16).load(gl.SliceLayout(0, LG))
             b_rr = qb.index(3).slice(0, 16).load(gl.SliceLayout(0, LG))
             _stamp(tr, 3 * j + 1, 0, NST, TRACE)
-            # the forget gate (layer_math.log_forget_gate; fused_recurrent._gated_step_kernel's)
-            b_g = _log_sigmoid(gl.sum(b_wf.to(gl.float32) * b_rf[None, :], axis=1) + b_bf) * inv_norm
+            # the forget gate and maps, as fused_recurrent._gated_step_kernel computes them
+            z_f = gl.sum(b_wf.to(gl.float32) * b_rf[None, :], axis=1) + b_bf
+            z_r = z_f
             if REFINE:
-                b_g = _refined_log_gate(b_g, gl.sum(b_wr.to(gl.float32) * b_rr[None, :], axis=1) + b_br)
-            if CLAMP:
-                b_g = gl.maximum(b_g, clamp_min)
-            if SAFE_EXP:  # safe-exp maps; the keys' running max folded into the gate
-                q_max, k_max = gl.reduce((b_q, b_k), 0, _max2)  # both in one exchange
-                b_q = gl.exp(b_q - q_max)
-                m_new = gl.maximum(m_prev, k_max)
-                b_k = gl.exp(b_k - m_new)
-                b_g = b_g - (m_new - m_prev)
+                z_r = gl.sum(b_wr.to(gl.float32) * b_rr[None, :], axis=1) + b_br
+            b_g = _log_gate(z_f, z_r, inv_norm, clamp_min, REFINE, CLAMP)
+            if SAFE_EXP:  # the maxima of q and k in one exchange
+                q_max, k_max = gl.reduce((b_q, b_k), 0, _max2)
+                b_q, b_k, b_g, m_new = _safe_exp_maps(b_q, b_k, b_g, q_max, k_max, m_prev)
             b_q = gl.convert_layout(b_q * scale, gl.SliceLayout(1, LS))
             b_k = gl.convert_layout(b_k, gl.SliceLayout(1, LS))
             b_a = gl.convert_layout(gl.exp(b_g), gl.SliceLayout(1, LS))
