@@ -18,10 +18,14 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from regla import spec  # noqa: E402
 from regla import layer_math as lm  # noqa: E402
 from regla_torch.ops.triton import (  # noqa: E402
     chunk_gla, fused_recurrent_gated_step_, fused_recurrent_gla, fused_recurrent_gla_step_, fused_recurrent_gsa_step_)
+from regla_torch.ops.triton.fused_recurrent import _log_gate  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -420,6 +424,36 @@ def test_gated_decode_step(kind, gates, dtype):
     ro, rs = spec.recurrent_gla(qm, km, f64(v), g, K ** -0.5, initial_state=f64(h0))
     assert rel(torch.cat(outs, 1), ro) <= TOL[dtype]
     assert rel(state, rs) <= TOL[dtype]
+
+
+@triton.jit
+def _gate_kernel(z_f, z_r, out, n, inv_norm, clamp_min, REFINE: tl.constexpr, CLAMP: tl.constexpr,
+                 B: tl.constexpr):
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    a = tl.load(z_f + i, mask=i < n, other=0.)
+    b = tl.load(z_r + i, mask=i < n, other=0.)
+    tl.store(out + i, _log_gate(a, b, inv_norm, clamp_min, REFINE, CLAMP), mask=i < n)
+
+
+@pytest.mark.parametrize("kind,norm", [("regla", 1.0), ("regla", 16.0), ("regla-clamped", 1.0), ("gla", 16.0)])
+def test_decode_gate_elementwise(kind, norm):
+    """The decode kernels' gate (fused_recurrent._log_gate: the gated step's and the persistent
+    step's) against layer_math.log_forget_gate in float64, elementwise over log gates from
+    about -1e4 to -1e-11 and refining logits across +-40: every value to 2e-6 relative (the
+    recurrence tests see it only through outputs, at 1e-5 RMS)."""
+    z_f = np.concatenate([-np.logspace(-3, 4, 200) * norm, np.linspace(-5, 25, 200)])
+    z_r = np.concatenate([np.linspace(-40, 40, 33), [-1e-3, 1e-3]])
+    zf, zr = (torch.from_numpy(x.astype(np.float32).ravel()) for x in np.meshgrid(z_f, z_r))
+    refine, clamp = kind != "gla", -20.0 if kind == "regla-clamped" else None
+    out = torch.empty_like(zf, device=DEV)
+    n = zf.numel()
+    _gate_kernel[(triton.cdiv(n, 1024),)](zf.to(DEV), zr.to(DEV), out, n, 1.0 / norm, clamp or 0.0,
+                                            REFINE=refine, CLAMP=clamp is not None, B=1024)
+    args = types.SimpleNamespace(gate_logit_normalizer=norm, use_refining_gate=refine, clamp_min=clamp)
+    ref = lm.log_forget_gate(lm.NUMPY, zf.double().numpy(), zr.double().numpy(), args)
+    assert ((ref < -1) & (ref > -2)).any() and (ref > -1e-9).any() and (ref <= (clamp or -5e3)).any()
+    err = np.abs(out.cpu().double().numpy() - ref) / np.abs(ref)
+    assert err.max() <= 2e-6, (err.max(), zf[err.argmax()].item(), zr[err.argmax()].item())
 
 
 @pytest.mark.parametrize("attn_type", ["regla", "gla", "gsa"])
