@@ -304,7 +304,6 @@ def _dv_part(q, k, gc, gc_lo, do, dh, dv, cu, cidx, scale, i_v, i_t, i_h,
              PREC: tl.constexpr, SPAN: tl.constexpr, F32OPS: tl.constexpr):
     """dv_j = scale * sum_{i>=j} A_ij do_i + (k_j exp(b_last - b_j)) @ dh."""
     bos, eos, t0 = _chunk_rows(cu, cidx, i_t, BT)
-    last = tl.minimum(t0 + BT, eos) - 1
     NC: tl.constexpr = BT // BC
     vc = i_v * BV + tl.arange(0, BV)
     mv = vc < V
