@@ -86,8 +86,8 @@ def _kernel():
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
-    barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after 3.6
+    from regla_torch.ops.triton.persistent_step import gluon_compat
+    async_load, barrier, _as_tile = gluon_compat()
 
     @gluon.jit
     def _first(bo, pl, L, pid, P):
@@ -192,15 +192,6 @@ def _kernel():
     @gluon.jit
     def _sigmoid(x):
         return 1.0 / (1.0 + gl.exp(-x))
-
-    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # renamed after 3.6
-        @gluon.jit
-        def _as_tile(sx, R: gl.constexpr, HEAD: gl.constexpr):
-            return sx.reinterpret(gl.float32, [R, HEAD], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    else:
-        @gluon.jit
-        def _as_tile(sx, R: gl.constexpr, HEAD: gl.constexpr):
-            return sx._reinterpret(gl.float32, [R, HEAD], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 
     @gluon.jit
     def _entries(R: gl.constexpr, HEAD: gl.constexpr):

@@ -122,10 +122,9 @@ def _refined_log_gate(log_f, z_r):
     one_minus_f = -_expm1(big)
     near_one = _log1p(-one_minus_f * (one_minus_f + 2. * tl.exp(big) * tl.sigmoid(-z_r)))
     small = tl.minimum(log_f, -1.)
-    # f <= 1/e here, so far <= log(0.6) and each log below takes an argument in [0.63, 2]: a
+    # f <= 1/e here, so far <= log(0.6) and the two logs below take arguments in [0.63, 2]: a
     # plain log's error (an ulp of 1) is an ulp or two of far; no need for _log1p's division
-    other = (0.6931471805599453 + tl.minimum(z_r, 0.) - tl.log(1. + tl.exp(-tl.abs(z_r)))
-             + tl.log(1. - tl.exp(small)))
+    other = 0.6931471805599453 + _log_sigmoid(z_r) + tl.log(1. - tl.exp(small))
     hi = tl.maximum(small, other)
     far = small + hi + tl.log(1. + tl.exp(-tl.abs(small - other)))
     return tl.where(log_f > -1., near_one, far)

@@ -50,6 +50,28 @@ TILE = 1024  # a weight tile's columns (its rows: 16)
 
 
 @functools.cache
+def gluon_compat():
+    """The Gluon calls Triton renamed after 3.6 (the device's), as the installed Triton names
+    them: ``(async_load, barrier, as_2d)``; ``as_2d(sx, N0, N1)`` views a flat fp32 shared buffer
+    as [N0, N1]. Gluon is imported here, on first use, not with this module."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+
+    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):
+        @gluon.jit
+        def as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
+            return sx.reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    else:
+        @gluon.jit
+        def as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
+            return sx._reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    return async_load, barrier, as_2d
+
+
+@functools.cache
 def _kernel():
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -57,17 +79,7 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
     from .fused_recurrent import _log_gate, _safe_exp_maps
-    async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed after 3.6
-    barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after 3.6
-
-    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # renamed after 3.6
-        @gluon.jit
-        def _as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
-            return sx.reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    else:
-        @gluon.jit
-        def _as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
-            return sx._reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    async_load, barrier, _as_2d = gluon_compat()
 
     @gluon.jit
     def _sigmoid(x):
