@@ -86,8 +86,8 @@ def _kernel():
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from regla_torch.ops.triton.persistent_step import gluon_compat
-    async_load, barrier, _as_tile = gluon_compat()
+    from regla_torch.ops.triton.persistent_step import gluon_common
+    async_load, barrier, _as_tile, _wait = gluon_common()
 
     @gluon.jit
     def _first(bo, pl, L, pid, P):
@@ -145,19 +145,6 @@ def _kernel():
         return pl, pb, pk, kq, wb
 
     @gluon.jit
-    def _wait_count(cnt, err, l, P, LIMIT):
-        """Until every program is done with stage l - 1: its count polled by acquire loads (an add
-        of 0 compiles to ld.acquire.gpu; the last poll orders the reads of its output after the
-        count); err set where LIMIT polls did not see it (programs not all resident)."""
-        seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-        it = 0
-        while (seen < P) & (it < LIMIT):
-            seen = gl.atomic_add(cnt + l, 0, sem="acquire", scope="gpu")
-            it += 1
-        if seen < P:
-            gl.store(err, 1)
-
-    @gluon.jit
     def _stamp(tr, c, i, nst, TRACE: gl.constexpr):
         """--trace: this program's clock (%globaltimer, ns) as tr[pid, c, i] (i 0: stage c's count
         seen, 1: its work done, before the program adds to the next count)."""
@@ -182,9 +169,9 @@ def _kernel():
     def _take_input(sx, xs, xo, k_l, cx, cnt, err, l, P, LIMIT, BK: gl.constexpr, NX: gl.constexpr,
                     WAIT: gl.constexpr):
         """Product l's input into shared memory: first (WAIT) every program done with product l - 1
-        (``_wait_count``), then all of x's loads in flight at once."""
+        (``_wait``), then all of x's loads in flight at once."""
         if WAIT and l > 0:
-            _wait_count(cnt, err, l, P, LIMIT)
+            _wait(cnt, err, l, P, LIMIT)
         for i in gl.static_range(NX):
             sx.index(i).store(gl.load(xs + xo + i * BK + cx, mask=i * BK + cx < k_l, other=0.,
                                       cache_modifier=".cg").to(gl.float32))
@@ -223,7 +210,7 @@ def _kernel():
         silu(gate), the gate at xs[go:]; 3 silu(x[:K]) * x[K:2K]; 0 x itself. Returns the factor
         (1 for folds other than 1)."""
         if WAIT and c - back > 0:
-            _wait_count(cnt, err, c - back, P, LIMIT)
+            _wait(cnt, err, c - back, P, LIMIT)
         e = _entries(R, HEAD)
         # every input starts on 16 bytes and every K is a multiple of 8: vector loads
         mk = e < k_l // 8 * 8
@@ -284,7 +271,7 @@ def _kernel():
         b_b = gl.load(bf + h * K + kk).to(gl.float32)
         qo = qo // 8 * 8
         if WAIT:
-            _wait_count(cnt, err, c - (1 if SPLIT else 0), P, LIMIT)
+            _wait(cnt, err, c - (1 if SPLIT else 0), P, LIMIT)
         b_q = gl.load(xs + qo + h * K + kk, cache_modifier=".cg").to(gl.float32)
         b_k = gl.load(xs + qo + H * K + h * K + kk, cache_modifier=".cg").to(gl.float32)
         b_v = gl.load(xs + qo + 2 * H * K + h * V + j * BV + vv, cache_modifier=".cg").to(gl.float32)

@@ -50,10 +50,12 @@ TILE = 1024  # a weight tile's columns (its rows: 16)
 
 
 @functools.cache
-def gluon_compat():
-    """The Gluon calls Triton renamed after 3.6 (the device's), as the installed Triton names
-    them: ``(async_load, barrier, as_2d)``; ``as_2d(sx, N0, N1)`` views a flat fp32 shared buffer
-    as [N0, N1]. Gluon is imported here, on first use, not with this module."""
+def gluon_common():
+    """What this kernel shares with bench_persistent_chain's: ``(async_load, barrier, as_2d,
+    wait_count)``. The first two are Gluon calls Triton renamed after 3.6 (the device's), as the
+    installed Triton names them; ``as_2d(sx, N0, N1)`` views a flat fp32 shared buffer as [N0,
+    N1]; ``wait_count(cnt, err, c, P, LIMIT)`` polls count c until every program has added to
+    it. Gluon is imported here, on first use, not with this module."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -68,7 +70,20 @@ def gluon_compat():
         @gluon.jit
         def as_2d(sx, N0: gl.constexpr, N1: gl.constexpr):
             return sx._reinterpret(gl.float32, [N0, N1], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    return async_load, barrier, as_2d
+
+    @gluon.jit
+    def wait_count(cnt, err, c, P, LIMIT):
+        """Until every program has counted itself done with stage c: acquire polls (an add of 0
+        compiles to ld.acquire.gpu; the last one orders this program's reads of the stage's
+        outputs after it); err set if LIMIT polls did not see it (programs not all resident)."""
+        seen = gl.atomic_add(cnt + c, 0, sem="acquire", scope="gpu")
+        it = 0
+        while (seen < P) & (it < LIMIT):
+            seen = gl.atomic_add(cnt + c, 0, sem="acquire", scope="gpu")
+            it += 1
+        if seen < P:
+            gl.store(err, 1)
+    return async_load, barrier, as_2d, wait_count
 
 
 @functools.cache
@@ -79,24 +94,11 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
     from .fused_recurrent import _log_gate, _safe_exp_maps
-    async_load, barrier, _as_2d = gluon_compat()
+    async_load, barrier, _as_2d, _wait = gluon_common()
 
     @gluon.jit
     def _sigmoid(x):
         return 1.0 / (1.0 + gl.exp(-x))
-
-    @gluon.jit
-    def _wait(cnt, err, c, P, LIMIT):
-        """Until every program has counted itself done with stage c (acquire polls: the last one
-        orders this program's reads of the stage's outputs after it); err set if LIMIT polls did
-        not see it (programs not all resident)."""
-        seen = gl.atomic_add(cnt + c, 0, sem="acquire", scope="gpu")
-        it = 0
-        while (seen < P) & (it < LIMIT):
-            seen = gl.atomic_add(cnt + c, 0, sem="acquire", scope="gpu")
-            it += 1
-        if seen < P:
-            gl.store(err, 1)
 
     @gluon.jit
     def _stamp(tr, c, i, NST, TRACE: gl.constexpr):
